@@ -1,0 +1,324 @@
+"""The engine's public face: one object holding a model, its tracked layers and how passes run.
+
+Typical use (the pipeline's tasks call exactly these)::
+
+    eng = InfluenceEngine.from_pretrained("path/to/model", layers="mlp")
+    docs = eng.encode(train_rows)                      # rows: dicts with id + text (or prompt/completion)
+    cov = merge([eng.fit_covariance(shard) for shard in shards])
+    basis = eigendecompose(cov)
+    lam = merge([eng.fit_lambda(shard, basis) for shard in shards])
+    factors = eng.finalize("ekfac", basis=basis, lambdas=lam, covariance=cov)
+    queries = eng.prepare_queries(eng.encode(query_rows, where="queries"), factors, rank=32)
+    result = eng.score(docs, queries, top_k=50)        # streaming top-k per query
+    expl = eng.explain(docs[:3], queries)              # per-layer and per-token breakdowns
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .data import Example, encode
+from .errors import ModelError, UserError
+from .factors import (CovariancePartial, CovarianceAccumulator, Eigenbasis, Factors, LambdaAccumulator,
+                      LambdaPartial, eigendecompose, finalize)
+from .layers import LayerSpec, layer_spec, select_layers
+from .passes import PassConfig, Progress, Runner
+from .queries import GradientAccumulator, PreparedQueries, precondition_queries
+from .scoring import ScoreAccumulator, SelfInfluenceAccumulator, TopK, check_scores
+
+PRECISIONS = ("fp32", "fp64", "bf16")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r}: not a device (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine", hint="use --device cpu")
+    return dev
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of the weights (names, shapes and float32 values): the same weights give the same print
+    whatever their path, dtype or device."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if not torch.is_floating_point(t):
+            continue
+        h.update(f"{name}:{tuple(t.shape)}".encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_pretrained(path: str | os.PathLike[str], *, trust_remote_code: bool = False):
+    """Load a local Hugging Face causal LM and its tokenizer, never touching the network."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path)
+    if not p.is_dir():
+        raise ModelError(f"--model {p}: no such directory", hint="give a local Hugging Face model directory")
+    if not (p / "config.json").exists():
+        raise ModelError(f"--model {p}: no config.json", hint="save the model with save_pretrained()")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"--model {p}: the model could not be loaded: {first[:300]}",
+                         hint="check that the weights are complete (re-save the model)") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"--model {p}: the tokenizer could not be loaded: {first[:300]}",
+                         hint="save the tokenizer into the model directory") from None
+    return model, tokenizer
+
+
+@dataclass
+class ScoreResult:
+    """Top-k (and optionally all) scores of ``query_ids`` x the scored documents."""
+
+    query_ids: list[str]
+    doc_ids: list[str]
+    top_scores: np.ndarray  # (Q, k), descending
+    top_index: np.ndarray  # (Q, k) into doc_ids
+    all_scores: np.ndarray | None  # (Q, N) in doc_ids order
+    n_tokens: int
+    paths: dict[str, str]
+
+    def top_rows(self) -> list[dict[str, Any]]:
+        """``query_id, train_id, score, rank`` rows; ties broken by document id so results are stable."""
+        rows = []
+        for q, qid in enumerate(self.query_ids):
+            pairs = sorted(zip(self.top_scores[q].tolist(), self.top_index[q].tolist(), strict=True),
+                           key=lambda p: (-p[0], self.doc_ids[p[1]]))
+            rows += [{"query_id": qid, "train_id": self.doc_ids[i], "score": s, "rank": r}
+                     for r, (s, i) in enumerate(pairs, start=1)]
+        return rows
+
+
+@dataclass
+class Explanation:
+    """Per-layer, per-token influence of one document on every query: ``layer_token_scores[layer]`` is
+    ``(n_tokens, Q)``; sums over tokens and layers give the document's scores."""
+
+    doc_id: str
+    token_ids: list[int]
+    query_ids: list[str]
+    layer_token_scores: dict[str, np.ndarray]
+
+    def per_layer(self, query: int) -> dict[str, float]:
+        return {n: float(s[:, query].sum()) for n, s in self.layer_token_scores.items()}
+
+    def per_token(self, query: int) -> np.ndarray:
+        return sum(s[:, query] for s in self.layer_token_scores.values())
+
+    def score(self, query: int) -> float:
+        return float(self.per_token(query).sum())
+
+
+class InfluenceEngine:
+    """A model with hooks on its tracked layers, and the passes that fit factors and score documents."""
+
+    def __init__(self, model: nn.Module, tokenizer=None, *, layers: str = "mlp", device: str = "auto",
+                 precision: str = "fp32", batch_size: int = 8, max_length: int = 512, seed: int = 0,
+                 on_long: str = "truncate", fisher: str = "sampled", padding_side: str = "right",
+                 pad_to_multiple: int = 1, fingerprint: str | None = None):
+        if precision not in PRECISIONS:
+            raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if fisher not in ("sampled", "empirical"):
+            raise UserError(f"fisher {fisher!r}: choose 'sampled' (true Fisher) or 'empirical'")
+        if batch_size < 1:
+            raise UserError(f"--batch-size {batch_size}: must be at least 1")
+        self.device = resolve_device(device)
+        self.precision = precision
+        self.fingerprint = fingerprint or model_fingerprint(model)
+        model = model.to(self.device, torch.float64 if precision == "fp64" else torch.float32)
+        self.model, self.tokenizer = model, tokenizer
+        self.layers = layers
+        self.tracked = select_layers(model, layers)
+        self.specs: dict[str, LayerSpec] = {n: layer_spec(n, m) for n, m in self.tracked.items()}
+        self.batch_size, self.max_length, self.seed = batch_size, max_length, seed
+        self.on_long, self.fisher, self.padding_side = on_long, fisher, padding_side
+        self.pad_to_multiple = pad_to_multiple
+        self.runner = Runner(model, self.tracked, self.specs, self.device)
+        if tokenizer is not None:
+            vocab = model.get_input_embeddings().num_embeddings
+            if len(tokenizer) > vocab:
+                raise ModelError(f"tokenizer has {len(tokenizer)} tokens but the model's embedding has {vocab} "
+                                 f"rows: they do not belong together", hint="use the model's own tokenizer")
+        pad = None if tokenizer is None else (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                              else tokenizer.eos_token_id)
+        self.pad_id = int(pad or 0)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], *, trust_remote_code: bool = False,
+                        **kwargs: Any) -> InfluenceEngine:
+        model, tokenizer = load_pretrained(path, trust_remote_code=trust_remote_code)
+        return cls(model, tokenizer, **kwargs)
+
+    # ------------------------------------------------------------------------------------------ plumbing
+    def _cfg(self, labels: str) -> PassConfig:
+        return PassConfig(batch_size=self.batch_size, labels=labels, seed=self.seed, precision=self.precision,
+                          padding_side=self.padding_side, pad_id=self.pad_id,
+                          pad_to_multiple=self.pad_to_multiple)
+
+    @property
+    def _fit_labels(self) -> str:
+        return "sampled" if self.fisher == "sampled" else "true"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float64 if self.precision == "fp64" else torch.float32
+
+    def settings(self) -> dict[str, Any]:
+        """What the factors depend on besides the data: recorded with them and checked on reuse."""
+        return {"model_fingerprint": self.fingerprint, "layer_selection": self.layers,
+                "layers": list(self.specs), "fisher": self.fisher, "seed": self.seed,
+                "max_length": self.max_length, "precision": self.precision, "library_version": __version__}
+
+    def encode(self, rows: Iterable[Mapping[str, str]], *, where: str = "input") -> list[Example]:
+        """Tokenise rows (``id`` + ``text``, or ``id`` + ``prompt`` + ``completion``)."""
+        if self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer; pass Examples directly")
+        return encode(self.tokenizer, rows, max_length=self.max_length, on_long=self.on_long, where=where)
+
+    # --------------------------------------------------------------------------------------------- factors
+    def fit_covariance(self, examples: Sequence[Example], progress: Progress | None = None) -> CovariancePartial:
+        """Partial sums of ``a a^T`` and ``g g^T`` over these examples (add partials with ``+``)."""
+        acc = CovarianceAccumulator(self.specs, self.device)
+        self.runner.run(examples, acc, self._cfg(self._fit_labels), progress)
+        return CovariancePartial(acc.total.specs, {n: t.cpu() for n, t in acc.total.A.items()},
+                                 {n: t.cpu() for n, t in acc.total.S.items()}, acc.total.n_tokens,
+                                 acc.total.n_docs)
+
+    def fit_lambda(self, examples: Sequence[Example], basis: Eigenbasis | None,
+                   progress: Progress | None = None) -> LambdaPartial:
+        """Partial eigenvalue corrections in ``basis`` (``None``: the diagonal of the Fisher)."""
+        acc = LambdaAccumulator(self.specs, basis, self.device, self.dtype)
+        self.runner.run(examples, acc, self._cfg(self._fit_labels), progress)
+        total = acc.total
+        return LambdaPartial(total.specs, {n: t.cpu() for n, t in total.sums.items()}, total.n_docs, total.rotated)
+
+    def finalize(self, strategy: str, *, basis: Eigenbasis | None = None, lambdas: LambdaPartial | None = None,
+                 covariance: CovariancePartial | None = None, damping: float | str | None = "auto",
+                 extra_meta: dict[str, Any] | None = None) -> Factors:
+        meta = self.settings() | {"strategy": strategy} | (extra_meta or {})
+        if covariance is not None:
+            meta |= {"covariance_tokens": covariance.n_tokens, "covariance_docs": covariance.n_docs}
+        if lambdas is not None:
+            meta |= {"lambda_docs": lambdas.n_docs}
+        meta["damping_setting"] = "auto" if damping in (None, "auto") else float(damping)
+        return finalize(strategy, self.specs, basis=basis, lambdas=lambdas, damping=damping, meta=meta)
+
+    def fit_factors(self, examples: Sequence[Example], strategy: str = "ekfac", *,
+                    damping: float | str | None = "auto", progress: Progress | None = None) -> Factors:
+        """All of fitting in one call: covariances, eigenbasis, eigenvalue correction as the strategy needs."""
+        basis = cov = lam = None
+        if strategy in ("kfac", "ekfac"):
+            cov = self.fit_covariance(examples, progress)
+            basis = eigendecompose(cov)
+        if strategy in ("ekfac", "diagonal"):
+            lam = self.fit_lambda(examples, basis if strategy == "ekfac" else None, progress)
+        return self.finalize(strategy, basis=basis, lambdas=lam, covariance=cov, damping=damping)
+
+    def check_factors(self, factors: Factors) -> None:
+        """Refuse factors made for another model or other layers."""
+        from .errors import FactorMismatchError
+
+        if factors.meta.get("model_fingerprint") not in (None, self.fingerprint):
+            raise FactorMismatchError("factors were fitted on another model (weights differ)",
+                                      hint="refit with `influence-audit fit-factors`")
+        if list(factors.specs) != list(self.specs):
+            raise FactorMismatchError("factors track other layers than this engine", hint="use the same --layers")
+
+    # ---------------------------------------------------------------------------------------------- scores
+    def query_gradients(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        """Per-layer gradients of each query's completion NLL, stacked in ``examples`` order."""
+        acc = GradientAccumulator(self.specs)
+        self.runner.run(examples, acc, self._cfg("true"))
+        return acc.stacked([e.id for e in examples])
+
+    def prepare_queries(self, examples: Sequence[Example], factors: Factors, rank: int = 32) -> PreparedQueries:
+        """Preconditioned (and, above ``rank``, compressed) query gradients."""
+        self.check_factors(factors)
+        ids = [e.id for e in examples]
+        if len(set(ids)) != len(ids):
+            raise UserError("query ids are not unique")
+        return precondition_queries(self.query_gradients(examples), ids, factors, rank)
+
+    def score(self, examples: Sequence[Example], queries: PreparedQueries, *, top_k: int = 50,
+              return_all: bool = False, progress: Progress | None = None) -> ScoreResult:
+        """Score every document against every query; keep the top ``top_k`` per query (0: all)."""
+        if list(queries.specs) != list(self.specs):
+            raise UserError("prepared queries track other layers than this engine")
+        n = len(examples)
+        doc_ids = [e.id for e in examples]
+        position = {d: i for i, d in enumerate(doc_ids)}
+        if len(position) != n:
+            raise UserError("document ids are not unique")
+        tokens_per_doc = float(np.mean([len(e.input_ids) for e in examples])) if n else 1.0
+        acc = ScoreAccumulator(queries, self.device, self.dtype, tokens_per_doc)
+        keep = n if top_k == 0 else top_k
+        topk = TopK(max(1, keep))
+        all_scores = torch.zeros(len(queries), n, dtype=torch.float64) if (return_all or top_k == 0) else None
+        tokens = 0
+
+        def end_batch(ctx) -> None:
+            nonlocal tokens
+            scores = sum(acc.layer_scores.values())
+            check_scores(scores, acc.layer_scores)
+            index = torch.tensor([position[d] for d in ctx.batch.ids])
+            topk.push(scores, index)
+            if all_scores is not None:
+                all_scores[:, index] = scores.T.double().cpu()
+            tokens += ctx.batch.n_tokens
+            acc.layer_scores = {}
+
+        acc.end_batch = end_batch  # type: ignore[method-assign]
+        self.runner.run(examples, acc, self._cfg("true"), progress)
+        if n == 0:
+            empty = np.zeros((len(queries), 0))
+            return ScoreResult(queries.ids, doc_ids, empty, empty.astype(int), None, 0, acc.paths)
+        return ScoreResult(queries.ids, doc_ids, topk.values.double().cpu().numpy(), topk.index.cpu().numpy(),
+                           None if all_scores is None else all_scores.numpy(), tokens, acc.paths)
+
+    def explain(self, examples: Sequence[Example], queries: PreparedQueries) -> list[Explanation]:
+        """Per-layer and per-token scores of these documents against every query."""
+        acc = ScoreAccumulator(queries, self.device, self.dtype, 1.0, per_token=True)
+        out: dict[str, Explanation] = {}
+        by_id = {e.id: e for e in examples}
+
+        def end_batch(ctx) -> None:
+            for b, doc_id in enumerate(ctx.batch.ids):
+                e = by_id[doc_id]
+                off = ctx.batch.offsets[b]
+                sl = slice(off, off + len(e.input_ids))
+                out[doc_id] = Explanation(doc_id, list(e.input_ids), list(queries.ids),
+                                          {n: s[b, sl].double().cpu().numpy() for n, s in acc.layer_scores.items()})
+            acc.layer_scores = {}
+
+        acc.end_batch = end_batch  # type: ignore[method-assign]
+        self.runner.run(examples, acc, self._cfg("true"))
+        return [out[e.id] for e in examples]
+
+    def self_influence(self, examples: Sequence[Example], factors: Factors,
+                       progress: Progress | None = None) -> dict[str, float]:
+        """``<∇L_d, (H + λI)^{-1} ∇L_d>`` per document (a common outlier screen)."""
+        self.check_factors(factors)
+        acc = SelfInfluenceAccumulator(factors)
+        self.runner.run(examples, acc, self._cfg("true"), progress)
+        return acc.values

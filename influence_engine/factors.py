@@ -1,0 +1,359 @@
+r"""Curvature factors: the (E)K-FAC approximation of the Gauss-Newton Hessian, layer by layer.
+
+Symbols (Grosse et al. 2023, section 2.2), per tracked layer with input ``a`` (bias column appended) and
+output pseudo-gradient ``g`` (from labels sampled from the model, so the Fisher is the true Fisher):
+
+* ``A = Σ_tok a a^T / n_tokens`` and ``S = Σ_tok g g^T / n_docs``: activation and gradient covariances.
+  K-FAC approximates the layer's per-document Fisher ``E_doc[vec(G) vec(G)^T]`` as ``A ⊗ S`` (treating
+  tokens as independent, ``Σ_t a_t a_t^T ⊗ g_t g_t^T ≈ (Σ_t a_t a_t^T / T) ⊗ Σ_t g_t g_t^T``), so K-FAC and
+  EK-FAC eigenvalues are on the same scale.
+* ``Q_A, Q_S``: their eigenbases (``eigh`` in float64); ``λ_A, λ_S`` their eigenvalues.
+* ``Λ = E_doc[(Q_S^T G Q_A)^2]``: EK-FAC's eigenvalue correction, the mean of squared per-document
+  gradients ``G = Σ_t g_t a_t^T`` rotated into the eigenbasis (K-FAC uses ``λ_S λ_A^T`` instead).
+* ``λ``: damping, ``0.1 × mean(Λ)`` per layer unless given.
+
+The preconditioned gradient is ``Q_S [(Q_S^T G Q_A) / (Λ + λ)] Q_A^T``. Strategy ``diagonal`` uses
+``E_doc[G^2]`` elementwise without rotation; ``identity`` is no preconditioning (gradient dot products).
+
+Fitting is split into additive partials (sums plus counts) so that shards or workers can be fitted apart
+and merged exactly: ``CovariancePartial`` then ``LambdaPartial``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_path, write_json_atomic
+from .errors import FactorMismatchError, NumericalError, UserError
+from .layers import LayerSpec
+from .passes import BaseAccumulator, PassContext, augment, masked
+
+STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
+FORMAT_VERSION = 1
+
+
+def _check_finite(name: str, what: str, t: torch.Tensor) -> None:
+    if not torch.isfinite(t).all():
+        raise NumericalError(f"layer {name}: {what} contains NaN or Inf",
+                             hint="check the model for overflow (try --precision fp32) or bad weights")
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata={"meta": json.dumps(meta, sort_keys=True)})
+
+
+def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {}).get("meta", "{}"))
+        return load_file(str(path)), meta
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found") from None
+    except Exception as exc:
+        raise UserError(f"{path}: not a readable factor file ({exc})",
+                        hint="delete it and fit the factors again") from None
+
+
+# ----------------------------------------------------------------------------------------------- partials
+@dataclass
+class CovariancePartial:
+    """Sums of ``a a^T`` and ``g g^T`` over tokens, with counts. Partials add up exactly."""
+
+    specs: dict[str, LayerSpec]
+    A: dict[str, torch.Tensor]
+    S: dict[str, torch.Tensor]
+    n_tokens: int = 0
+    n_docs: int = 0
+
+    @classmethod
+    def zeros(cls, specs: dict[str, LayerSpec], device: torch.device | str = "cpu") -> CovariancePartial:
+        f64 = torch.float64
+        return cls(dict(specs), {n: torch.zeros(s.a_dim, s.a_dim, dtype=f64, device=device) for n, s in specs.items()},
+                   {n: torch.zeros(s.out_features, s.out_features, dtype=f64, device=device) for n, s in specs.items()})
+
+    def __add__(self, other: CovariancePartial) -> CovariancePartial:
+        if list(self.specs) != list(other.specs):
+            raise FactorMismatchError("covariance partials track different layers; they cannot be merged")
+        return CovariancePartial(self.specs, {n: self.A[n] + other.A[n].to(self.A[n]) for n in self.A},
+                                 {n: self.S[n] + other.S[n].to(self.S[n]) for n in self.S},
+                                 self.n_tokens + other.n_tokens, self.n_docs + other.n_docs)
+
+    def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> None:
+        tensors = {f"A/{n}": t for n, t in self.A.items()} | {f"S/{n}": t for n, t in self.S.items()}
+        _save_tensors(Path(path), tensors, {"kind": "covariance", "n_tokens": self.n_tokens, "n_docs": self.n_docs,
+                                            "layers": [s.to_json() for s in self.specs.values()], **(meta or {})})
+
+    @classmethod
+    def load(cls, path: str | Path) -> CovariancePartial:
+        t, meta = _load_tensors(Path(path))
+        specs = {d["name"]: LayerSpec(**d) for d in meta["layers"]}
+        return cls(specs, {n: t[f"A/{n}"] for n in specs}, {n: t[f"S/{n}"] for n in specs},
+                   int(meta["n_tokens"]), int(meta["n_docs"]))
+
+
+def merge(partials: Iterable[Any]) -> Any:
+    """Sum partials (covariance or lambda) from shards or workers."""
+    it = iter(partials)
+    total = next(it)
+    for p in it:
+        total = total + p
+    return total
+
+
+@dataclass
+class Eigenbasis:
+    """``Q_A, λ_A, Q_S, λ_S`` per layer, from a merged :class:`CovariancePartial` (float64)."""
+
+    specs: dict[str, LayerSpec]
+    Q_A: dict[str, torch.Tensor]
+    lambda_A: dict[str, torch.Tensor]
+    Q_S: dict[str, torch.Tensor]
+    lambda_S: dict[str, torch.Tensor]
+
+
+def eigendecompose(cov: CovariancePartial) -> Eigenbasis:
+    """Eigendecompose the mean covariances in float64 (negative round-off eigenvalues clipped to 0)."""
+    if cov.n_tokens == 0:
+        raise UserError("no tokens were seen while fitting covariances", hint="the training data is empty")
+    out = Eigenbasis(cov.specs, {}, {}, {}, {})
+    for n in cov.specs:
+        for key, mat, count, qs, ls in (("A", cov.A[n], cov.n_tokens, out.Q_A, out.lambda_A),
+                                        ("S", cov.S[n], cov.n_docs, out.Q_S, out.lambda_S)):
+            m = mat.double().cpu() / count
+            _check_finite(n, f"covariance {key}", m)
+            m = 0.5 * (m + m.T)
+            vals, vecs = torch.linalg.eigh(m)
+            ls[n], qs[n] = vals.clamp_min(0.0), vecs
+    return out
+
+
+@dataclass
+class LambdaPartial:
+    """Sums over documents of squared (rotated) per-document gradients, with the document count."""
+
+    specs: dict[str, LayerSpec]
+    sums: dict[str, torch.Tensor]  # (out, a_dim)
+    n_docs: int = 0
+    rotated: bool = True
+
+    def __add__(self, other: LambdaPartial) -> LambdaPartial:
+        if list(self.specs) != list(other.specs) or self.rotated != other.rotated:
+            raise FactorMismatchError("eigenvalue-correction partials differ in layers or basis; cannot merge")
+        return LambdaPartial(self.specs, {n: self.sums[n] + other.sums[n].to(self.sums[n]) for n in self.sums},
+                             self.n_docs + other.n_docs, self.rotated)
+
+    def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> None:
+        _save_tensors(Path(path), {f"L/{n}": t for n, t in self.sums.items()},
+                      {"kind": "lambda", "n_docs": self.n_docs, "rotated": self.rotated,
+                       "layers": [s.to_json() for s in self.specs.values()], **(meta or {})})
+
+    @classmethod
+    def load(cls, path: str | Path) -> LambdaPartial:
+        t, meta = _load_tensors(Path(path))
+        specs = {d["name"]: LayerSpec(**d) for d in meta["layers"]}
+        return cls(specs, {n: t[f"L/{n}"] for n in specs}, int(meta["n_docs"]), bool(meta["rotated"]))
+
+
+# ------------------------------------------------------------------------------------------- accumulators
+class CovarianceAccumulator(BaseAccumulator):
+    """Accumulates ``Σ a a^T`` (forward) and ``Σ g g^T`` (backward) over real tokens."""
+
+    def __init__(self, specs: dict[str, LayerSpec], device: torch.device):
+        self.total = CovariancePartial.zeros(specs, device)
+        self._pending: list[tuple[dict[str, torch.Tensor], str, torch.Tensor]] = []
+
+    def begin_batch(self, ctx: PassContext) -> None:
+        self._pending = []
+
+    def forward(self, spec: LayerSpec, a: torch.Tensor, ctx: PassContext) -> None:
+        a = augment(masked(a, ctx.mask, ctx.dtype), spec, ctx.mask).flatten(0, 1)
+        self._pending.append((self.total.A, spec.name, a.T @ a))
+
+    def backward(self, spec: LayerSpec, state: Any, g: torch.Tensor, ctx: PassContext) -> None:
+        g = masked(g, ctx.mask, ctx.dtype).flatten(0, 1)
+        self._pending.append((self.total.S, spec.name, g.T @ g))
+
+    def end_batch(self, ctx: PassContext) -> None:
+        for store, name, value in self._pending:
+            store[name] += value.double()
+        self._pending = []
+        self.total.n_tokens += ctx.batch.n_tokens
+        self.total.n_docs += len(ctx.batch)
+
+    def abort_batch(self) -> None:
+        self._pending = []
+
+
+def per_document_gradient(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``G_b = Σ_t g_{b,t} a_{b,t}^T`` for each document: ``(B, out, a_dim)``."""
+    return torch.bmm(g.transpose(1, 2), a)
+
+
+class LambdaAccumulator(BaseAccumulator):
+    """Accumulates ``Σ_doc (Q_S^T G Q_A)^2`` (or ``Σ_doc G^2`` without a basis, for ``diagonal``)."""
+
+    def __init__(self, specs: dict[str, LayerSpec], basis: Eigenbasis | None, device: torch.device,
+                 dtype: torch.dtype):
+        self.specs = specs
+        self.basis = None
+        if basis is not None:
+            self.basis = {n: (basis.Q_A[n].to(device, dtype), basis.Q_S[n].to(device, dtype)) for n in specs}
+        self.total = LambdaPartial(dict(specs), {n: torch.zeros(s.out_features, s.a_dim, dtype=torch.float64,
+                                                                  device=device) for n, s in specs.items()},
+                                   0, rotated=basis is not None)
+        self._pending: dict[str, torch.Tensor] = {}
+
+    def begin_batch(self, ctx: PassContext) -> None:
+        self._pending = {}
+
+    def forward(self, spec: LayerSpec, a: torch.Tensor, ctx: PassContext) -> torch.Tensor:
+        a = augment(masked(a, ctx.mask, ctx.dtype), spec, ctx.mask)
+        return a @ self.basis[spec.name][0] if self.basis is not None else a
+
+    def backward(self, spec: LayerSpec, a: torch.Tensor, g: torch.Tensor, ctx: PassContext) -> None:
+        g = masked(g, ctx.mask, ctx.dtype)
+        if self.basis is not None:
+            g = g @ self.basis[spec.name][1]
+        grad = per_document_gradient(a, g)
+        self._pending[spec.name] = grad.square().sum(0)
+
+    def end_batch(self, ctx: PassContext) -> None:
+        for name, value in self._pending.items():
+            self.total.sums[name] += value.double()
+        self._pending = {}
+        self.total.n_docs += len(ctx.batch)
+
+    def abort_batch(self) -> None:
+        self._pending = {}
+
+
+# ------------------------------------------------------------------------------------------------ factors
+@dataclass
+class Factors:
+    """Finalised factors for one strategy: everything needed to precondition gradients."""
+
+    strategy: str
+    specs: dict[str, LayerSpec]
+    tensors: dict[str, dict[str, torch.Tensor]]  # layer -> {"Q_A","Q_S","eigen"} or {"diag"} or {}
+    damping: dict[str, float]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # -- maths
+    def precondition(self, name: str, G: torch.Tensor) -> torch.Tensor:
+        """``(H + λI)^{-1} G`` for gradients ``G`` of shape ``(..., out, a_dim)`` of layer ``name``."""
+        t = {k: v.to(G.device, G.dtype) for k, v in self.tensors[name].items()}
+        lam = self.damping[name]
+        if self.strategy == "identity":
+            return G
+        if self.strategy == "diagonal":
+            return G / (t["diag"] + lam)
+        rotated = t["Q_S"].T @ G @ t["Q_A"]
+        return t["Q_S"] @ (rotated / (t["eigen"] + lam)) @ t["Q_A"].T
+
+    def self_product(self, name: str, G: torch.Tensor) -> torch.Tensor:
+        """``<G, (H + λI)^{-1} G>`` per leading index: self-influence without forming the inverse."""
+        t = {k: v.to(G.device, G.dtype) for k, v in self.tensors[name].items()}
+        lam = self.damping[name]
+        if self.strategy == "identity":
+            return G.square().sum((-2, -1))
+        if self.strategy == "diagonal":
+            return (G.square() / (t["diag"] + lam)).sum((-2, -1))
+        rotated = t["Q_S"].T @ G @ t["Q_A"]
+        return (rotated.square() / (t["eigen"] + lam)).sum((-2, -1))
+
+    # -- store
+    def save(self, directory: str | Path) -> Path:
+        """Write ``factors.safetensors`` and ``factors.json`` (metadata) atomically."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        flat = {f"{layer}/{key}": v for layer, ts in self.tensors.items() for key, v in ts.items()}
+        meta = {**self.meta, "format_version": FORMAT_VERSION, "strategy": self.strategy,
+                "layers": [s.to_json() for s in self.specs.values()], "damping": self.damping}
+        _save_tensors(d / "factors.safetensors", flat, {"strategy": self.strategy})
+        write_json_atomic(d / "factors.json", meta)
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path, *, model_fingerprint: str | None = None,
+             layers: Sequence[str] | None = None, strategy: str | None = None) -> Factors:
+        """Load factors, refusing them if they were made for another model, other layers or strategy."""
+        d = Path(directory)
+        meta_path = d / "factors.json"
+        if not meta_path.exists():
+            raise UserError(f"{d}: no factors.json here", hint="run `influence-audit fit-factors` first")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{meta_path}: corrupt ({exc})", hint="delete the directory and refit") from None
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise FactorMismatchError(f"{meta_path}: format version {meta.get('format_version')} is not "
+                                      f"{FORMAT_VERSION}", hint="refit the factors with this version")
+        if model_fingerprint is not None and meta.get("model_fingerprint") != model_fingerprint:
+            raise FactorMismatchError(
+                f"{d}: factors were fitted on another model (fingerprint {str(meta.get('model_fingerprint'))[:12]}, "
+                f"this model {model_fingerprint[:12]})", hint="refit with `influence-audit fit-factors`")
+        names = [s["name"] for s in meta["layers"]]
+        if layers is not None and list(layers) != names:
+            missing = sorted(set(layers) - set(names))
+            raise FactorMismatchError(
+                f"{d}: factors track {len(names)} layers, not the {len(list(layers))} asked for"
+                + (f" (missing e.g. {missing[0]})" if missing else ""), hint="use the same --layers or refit")
+        if strategy is not None and meta["strategy"] != strategy:
+            raise FactorMismatchError(f"{d}: factors are for strategy {meta['strategy']!r}, not {strategy!r}",
+                                      hint="pass the same --strategy or refit")
+        flat, _ = _load_tensors(d / "factors.safetensors")
+        specs = {s["name"]: LayerSpec(**s) for s in meta["layers"]}
+        tensors: dict[str, dict[str, torch.Tensor]] = {n: {} for n in specs}
+        for key, v in flat.items():
+            layer, sub = key.rsplit("/", 1)
+            _check_finite(layer, f"stored factor {sub}", v)
+            tensors[layer][sub] = v
+        return cls(meta["strategy"], specs, tensors, {k: float(v) for k, v in meta["damping"].items()}, meta)
+
+
+def finalize(strategy: str, specs: dict[str, LayerSpec], *, basis: Eigenbasis | None = None,
+             lambdas: LambdaPartial | None = None, damping: float | str | None = "auto",
+             damping_scale: float = 0.1, meta: dict[str, Any] | None = None) -> Factors:
+    """Assemble :class:`Factors` from the fitted pieces a strategy needs and choose damping per layer."""
+    if strategy not in STRATEGIES:
+        raise UserError(f"--strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    tensors: dict[str, dict[str, torch.Tensor]] = {n: {} for n in specs}
+    eigen: dict[str, torch.Tensor] = {}
+    for n in specs:
+        if strategy in ("kfac", "ekfac"):
+            if basis is None:
+                raise ValueError(f"{strategy} needs an eigenbasis")
+            tensors[n] = {"Q_A": basis.Q_A[n], "Q_S": basis.Q_S[n]}
+        if strategy == "kfac":
+            eigen[n] = basis.lambda_S[n][:, None] * basis.lambda_A[n][None, :]
+        elif strategy in ("ekfac", "diagonal"):
+            if lambdas is None or lambdas.n_docs == 0:
+                raise ValueError(f"{strategy} needs fitted eigenvalue corrections")
+            if lambdas.rotated != (strategy == "ekfac"):
+                raise FactorMismatchError("eigenvalue corrections were fitted for another strategy")
+            eigen[n] = lambdas.sums[n].double().cpu() / lambdas.n_docs
+        if n in eigen:
+            _check_finite(n, "eigenvalues", eigen[n])
+            tensors[n]["eigen" if strategy != "diagonal" else "diag"] = eigen[n]
+    damp: dict[str, float] = {}
+    for n in specs:
+        if strategy == "identity":
+            damp[n] = 0.0
+        elif damping in (None, "auto"):
+            damp[n] = damping_scale * float(eigen[n].mean())
+            if damp[n] <= 0:
+                damp[n] = 1e-8  # a layer that saw no signal: keep the inverse finite
+        else:
+            damp[n] = float(damping)
+    return Factors(strategy, dict(specs), tensors, damp, dict(meta or {}))
