@@ -95,13 +95,19 @@ def augment(a: torch.Tensor, spec: LayerSpec, mask: torch.Tensor) -> torch.Tenso
     return torch.cat([a, ones], dim=-1)
 
 
-def _sample_targets(logits: torch.Tensor, counts: Sequence[int], ids: Sequence[str], seed: int) -> torch.Tensor:
-    """Labels drawn from the model's predictive distribution, one uniform per target, seeded per document."""
+def _sample_targets(logits: torch.Tensor, counts: Sequence[int], ids: Sequence[str], seed: int,
+                    chunk: int = 2048) -> torch.Tensor:
+    """Labels drawn from the model's predictive distribution by inverse CDF, one uniform per target, seeded
+    per document (so samples never depend on batching). Rows are done in chunks to bound memory."""
     u = torch.cat([torch.rand(n, generator=torch.Generator().manual_seed(example_seed(seed, i)),
-                              dtype=torch.float64) for n, i in zip(counts, ids, strict=True)])
-    cdf = torch.softmax(logits.double(), dim=-1).cumsum(-1)
-    u = u.to(cdf.device) * cdf[:, -1]
-    return torch.searchsorted(cdf, u.unsqueeze(-1)).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
+                              dtype=torch.float64) for n, i in zip(counts, ids, strict=True)]).to(logits.device)
+    cdf_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    for s in range(0, logits.shape[0], chunk):
+        cdf = torch.softmax(logits[s:s + chunk].to(cdf_dtype), dim=-1).cumsum_(-1)
+        v = (u[s:s + chunk].to(cdf_dtype) * cdf[:, -1]).unsqueeze(-1)
+        out[s:s + chunk] = torch.searchsorted(cdf, v).squeeze(-1)
+    return out.clamp_(max=logits.shape[-1] - 1)
 
 
 def objective(logits: torch.Tensor, batch: Batch, labels: str, seed: int) -> torch.Tensor:
