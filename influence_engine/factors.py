@@ -122,6 +122,20 @@ class Eigenbasis:
     lambda_S: dict[str, torch.Tensor]
 
 
+def save_basis(basis: Eigenbasis, path: str | Path) -> None:
+    tensors = {}
+    for n in basis.specs:
+        tensors |= {f"Q_A/{n}": basis.Q_A[n], f"lambda_A/{n}": basis.lambda_A[n], f"Q_S/{n}": basis.Q_S[n],
+                    f"lambda_S/{n}": basis.lambda_S[n]}
+    _save_tensors(Path(path), tensors, {"kind": "eigenbasis", "layers": [s.to_json() for s in basis.specs.values()]})
+
+
+def load_basis(path: str | Path) -> Eigenbasis:
+    t, meta = _load_tensors(Path(path))
+    specs = {d["name"]: LayerSpec(**d) for d in meta["layers"]}
+    return Eigenbasis(specs, *({n: t[f"{key}/{n}"] for n in specs} for key in ("Q_A", "lambda_A", "Q_S", "lambda_S")))
+
+
 def eigendecompose(cov: CovariancePartial) -> Eigenbasis:
     """Eigendecompose the mean covariances in float64 (negative round-off eigenvalues clipped to 0)."""
     if cov.n_tokens == 0:

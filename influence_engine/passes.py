@@ -12,6 +12,7 @@ document's tokens is the gradient of that document's own loss.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -139,6 +140,7 @@ class Runner:
         self.tracked = tracked
         self.specs = specs
         self.device = device
+        self._lock = threading.Lock()  # hooks live on the shared model: one pass at a time per model
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
@@ -150,6 +152,10 @@ class Runner:
             progress: Progress | None = None) -> None:
         """Process every example once. Out of memory halves the batch and retries; nothing is double-counted
         because accumulators only commit at ``end_batch``."""
+        with self._lock:
+            self._run(examples, acc, cfg, progress)
+
+    def _run(self, examples: Sequence[Example], acc: Accumulator, cfg: PassConfig, progress: Progress | None) -> None:
         order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
         bs = max(1, cfg.batch_size)
         pos = docs = tokens = 0
