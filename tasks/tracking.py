@@ -373,3 +373,11 @@ def finish_audit_run(run_id: str, *, succeeded: bool, validation_passed: bool | 
     ``validation_passed=None`` (validation never ran) leaves ``validation.status`` as it was.
     """
     _call("finish run", _finish, run_id, succeeded, validation_passed, error)
+
+
+def record_validation_failure(run_id: str, validation_reports: Mapping[str, Mapping[str, Any]]) -> None:
+    """Log the validation reports of an audit whose inputs were refused (nothing else exists to log)."""
+    client = MlflowClient()
+    for suite, report in validation_reports.items():
+        _call(f"log validation report {suite}", client.log_dict, run_id, dict(report),
+              f"validation/{_safe_name(suite)}.json")

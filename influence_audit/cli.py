@@ -1,0 +1,192 @@
+"""`influence-audit`: one entry point for every command. Thin: parse, call tasks/flows, print.
+
+User errors (bad files, flags, models, stale factors) print one line and exit non-zero, no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (weight-loading bars, config warnings) off the user's terminal."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover
+        pass
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Which training documents made our language model say this? EK-FAC influence audits.")
+err = Console(stderr=True)
+out = Console()
+
+
+class _Bar:
+    """A rich progress bar fed by the engine's (documents, tokens) callback."""
+
+    def __init__(self, label: str, total: int):
+        self.progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=err,
+                                 transient=True, disable=not err.is_terminal and total < 1)
+        self.task = self.progress.add_task(label, total=total, rate="")
+        self.t0 = time.perf_counter()
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def __call__(self, docs: int, tokens: int) -> None:
+        rate = tokens / max(time.perf_counter() - self.t0, 1e-9)
+        self.progress.update(self.task, completed=docs, rate=f"{rate:,.0f} tok/s")
+
+
+ModelOpt = Annotated[Path, typer.Option("--model", help="Local Hugging Face causal LM directory.")]
+TrainOpt = Annotated[list[Path], typer.Option("--train", help="Training JSONL/Parquet file(s) or a directory.")]
+StrategyOpt = Annotated[str, typer.Option(help="identity | diagonal | kfac | ekfac")]
+LayersOpt = Annotated[str, typer.Option(help="mlp | attention | all | a regex on module names")]
+DampingOpt = Annotated[str, typer.Option(help="'auto' (0.1 x mean eigenvalue per layer) or a number")]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
+PrecisionOpt = Annotated[str, typer.Option(help="fp32 | bf16 (autocast, fp32 accumulation) | fp64")]
+OnLongOpt = Annotated[str, typer.Option("--on-long", help="truncate (and count) or error on sequences over --max-length")]
+
+
+def _engine(model: Path, layers: str, device: str, precision: str, batch_size: int, max_length: int, seed: int,
+            on_long: str, trust_remote_code: bool):
+    from tasks.engine_io import get_engine
+
+    return get_engine(str(model.resolve()), layers, device, precision, batch_size, max_length, seed, on_long,
+                      trust_remote_code)
+
+
+@app.command("fit-factors")
+def fit_factors(model: ModelOpt, train: TrainOpt,
+                out_dir: Annotated[Path, typer.Option("--out", help="Directory for factors.safetensors + factors.json")],
+                strategy: StrategyOpt = "ekfac", layers: LayersOpt = "mlp", damping: DampingOpt = "auto",
+                device: DeviceOpt = "auto", precision: PrecisionOpt = "fp32", seed: int = 0,
+                batch_size: Annotated[int, typer.Option(help="Documents per batch (halved on out-of-memory)")] = 8,
+                max_length: int = 512, on_long: OnLongOpt = "truncate", trust_remote_code: bool = False) -> None:
+    """Fit (E)K-FAC factors on training documents and store them."""
+    from tasks.data import data_fingerprint, read_rows
+    from tasks.engine_io import encode_frame, factor_settings, fit_factors_to
+
+    df = read_rows(train, "train")
+    eng = _engine(model, layers, device, precision, batch_size, max_length, seed, on_long, trust_remote_code)
+    docs = encode_frame(eng, df, "train")
+    meta = factor_settings(eng, strategy, damping, data_fingerprint(df))
+    passes = {"identity": 0, "diagonal": 1, "kfac": 1, "ekfac": 2}[strategy] if strategy in (
+        "identity", "diagonal", "kfac", "ekfac") else 1
+    with _Bar(f"fitting {strategy} factors", passes * len(docs)) as bar:
+        done = [0]
+
+        def progress(d: int, t: int) -> None:
+            bar(done[0] + d, t)
+            if d == len(docs):
+                done[0] += d
+
+        factors = fit_factors_to(out_dir, eng, docs, strategy, damping, meta, progress)
+    truncated = sum(e.truncated for e in docs)
+    err.print(f"factors for {len(factors.specs)} layers from {len(docs)} documents"
+              f"{f' ({truncated} truncated to {max_length} tokens)' if truncated else ''} -> {out_dir}")
+
+
+@app.command()
+def score(model: ModelOpt, train: TrainOpt,
+          queries: Annotated[Path, typer.Option(help="Queries JSONL/Parquet: id, prompt, completion")],
+          out_path: Annotated[Path, typer.Option("--out", help="Output Parquet: query_id, train_id, score, rank")],
+          factors: Annotated[Path | None, typer.Option(help="Factors directory (fitted here and stored if empty)")] = None,
+          strategy: StrategyOpt = "ekfac", layers: LayersOpt = "mlp",
+          top_k: Annotated[int, typer.Option(help="Candidates per query; 0 writes every pair")] = 50,
+          query_rank: Annotated[int, typer.Option(help="Low-rank query compression; 0 keeps them exact")] = 32,
+          damping: DampingOpt = "auto", device: DeviceOpt = "auto", precision: PrecisionOpt = "fp32",
+          seed: int = 0, batch_size: int = 8, max_length: int = 512, on_long: OnLongOpt = "truncate",
+          trust_remote_code: bool = False) -> None:
+    """Rank training documents by influence on each query's completion."""
+    from tasks.data import data_fingerprint, read_rows
+    from tasks.engine_io import (encode_frame, factor_settings, fit_factors_to, load_factors_if_fresh, score_frame,
+                                 write_parquet_atomic)
+
+    if top_k < 0:
+        raise typer.BadParameter("must be >= 0", param_hint="--top-k")
+    if out_path.suffix != ".parquet":
+        raise typer.BadParameter(f"{out_path}: the output must be a .parquet file", param_hint="--out")
+    train_df = read_rows(train, "train")
+    query_df = read_rows(queries, "queries")
+    eng = _engine(model, layers, device, precision, batch_size, max_length, seed, on_long, trust_remote_code)
+    docs = encode_frame(eng, train_df, "train")
+    qs = encode_frame(eng, query_df, "queries")
+    t0 = time.perf_counter()
+    fitted = None
+    if factors is not None:
+        fitted = load_factors_if_fresh(factors, eng, strategy)
+        if fitted is not None:
+            err.print(f"reusing factors in {factors}")
+    if fitted is None:
+        meta = factor_settings(eng, strategy, damping, data_fingerprint(train_df))
+        with _Bar(f"fitting {strategy} factors", len(docs)) as bar:
+            fitted = (fit_factors_to(factors, eng, docs, strategy, damping, meta, bar) if factors is not None
+                      else eng.fit_factors(docs, strategy, damping=_as_damping(damping), progress=bar))
+    prepared = eng.prepare_queries(qs, fitted, rank=query_rank)
+    with _Bar(f"scoring {len(qs)} queries", len(docs)) as bar:
+        result = eng.score(docs, prepared, top_k=top_k, progress=bar)
+    write_parquet_atomic(score_frame(result.top_rows()), out_path)
+    seconds = time.perf_counter() - t0
+    err.print(f"{len(qs)} queries x {len(docs)} documents ({result.n_tokens:,} tokens) in {seconds:.1f} s "
+              f"-> {out_path}")
+
+
+def _as_damping(damping: str):
+    from tasks.engine_io import _damping
+
+    return _damping(damping)
+
+
+def main() -> None:
+    """Entry point: user errors print one line, no traceback, exit non-zero."""
+    from influence_engine.errors import UserError
+
+    _quiet_libraries()
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err.print("interrupted: finished stages are kept; rerun the same command to resume")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The audit's typed parameters: a pydantic model, so Prefect renders a form and deployments validate input."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class AuditParams(BaseModel):
+    """Everything an audit depends on. Same parameters and inputs = same audit id = resumable."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Local Hugging Face model directory, or models:/NAME/VERSION, runs:/ID/PATH")
+    train: list[str] = Field(description="Training JSONL/Parquet files or directories of shards", min_length=1)
+    queries: str = Field(description="Query source: JSONL/Parquet with id, prompt, completion")
+    n_queries: int | None = Field(None, ge=1, description="How many queries to sample (all if empty)")
+    sampling: Literal["random", "stratified"] = "random"
+    stratify_by: str | None = Field(None, description="Column to stratify query sampling by")
+    strategy: Literal["identity", "diagonal", "kfac", "ekfac"] = "ekfac"
+    layers: str = Field("mlp", description="mlp | attention | all | regex on module names")
+    top_k: int = Field(50, ge=0, description="Candidates per query (0 = every document)")
+    query_rank: int = Field(32, ge=0, description="Low-rank query compression (0 = exact)")
+    damping: str = Field("auto", description="'auto' (0.1 x mean eigenvalue) or a number")
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp64"] = "fp32"
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(512, ge=2)
+    on_long: Literal["truncate", "error"] = "truncate"
+    shard_size: int = Field(1000, ge=1, description="Training documents per shard (unit of mapping and resume)")
+    seed: int = 0
+    explain_top: int = Field(5, ge=0, description="Candidates per query given per-layer and per-token breakdowns")
+    output_dir: str | None = Field(None, description="Where audits and the factor cache live "
+                                                     "(default: $INFLUENCE_AUDIT_HOME or ./.influence-audit)")
+    experiment: str = "influence-audit"
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
+                                                       "a sqlite store in the output directory)")
+    planted: str | None = Field(None, description="JSON {query_id: [train ids]} of known culprits: logs "
+                                                  "planted_recall_at_10")
+    trust_remote_code: bool = False
+
+    @field_validator("damping")
+    @classmethod
+    def _damping(cls, v: str) -> str:
+        if v != "auto":
+            try:
+                if float(v) < 0:
+                    raise ValueError
+            except ValueError:
+                raise ValueError("damping must be 'auto' or a non-negative number") from None
+        return v
+
+    def identity(self) -> dict:
+        """The parameters that define the audit's result (not where it is written or recorded)."""
+        return self.model_dump(exclude={"output_dir", "experiment", "tracking_uri", "device", "batch_size"})

@@ -1,0 +1,98 @@
+"""Recording stages: MLflow run, plots, HTML report, and the review hand-off (a Prefect artifact)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from prefect import task
+
+from .params import AuditParams
+from .stages import Inputs, planted_metrics
+
+
+def run_params(p: AuditParams, inputs: Inputs | None) -> dict[str, Any]:
+    params = {"model": p.model, "strategy": p.strategy, "layers": p.layers, "damping": p.damping,
+              "query_rank": p.query_rank, "top_k": p.top_k, "seed": p.seed, "precision": p.precision,
+              "max_length": p.max_length, "n_queries": p.n_queries or "all", "sampling": p.sampling,
+              "train": ",".join(p.train), "queries": p.queries}
+    if inputs is not None:
+        params |= {"model_fingerprint": inputs.model_fingerprint, "data_fingerprint": inputs.data_fingerprint,
+                   "query_fingerprint": inputs.query_fingerprint, "shard_count": len(inputs.shards),
+                   "shard_size": p.shard_size, "model_dir": inputs.model_dir}
+    return params
+
+
+@task(name="start-mlflow-run", retries=2, retry_delay_seconds=2)
+def start_run(p: AuditParams, inputs: Inputs | None, audit_id: str) -> str:
+    from .tracking import start_audit_run
+
+    return start_audit_run(p.experiment, run_name=f"audit-{audit_id}", params=run_params(p, inputs),
+                           tags={"audit.id": audit_id, "audit.dir": inputs.audit_dir if inputs else ""})
+
+
+@task(name="record-in-mlflow", retries=2, retry_delay_seconds=2)
+def record_results(p: AuditParams, inputs: Inputs, run_id: str, candidates_path: str, validation: dict[str, dict],
+                   stage_seconds: dict[str, float], factors_cached: bool) -> dict[str, float]:
+    """Plots, the HTML page, metrics and the candidate table on the audit's MLflow run."""
+    from .report import plot_layer_share, plot_score_distribution, render_html_report
+    from .tracking import record_audit_results
+
+    audit_dir = Path(inputs.audit_dir)
+    cands = pl.read_parquet(candidates_path)
+    scores = cands["score"]
+    n_queries = cands["query_id"].n_unique()
+    score_seconds = stage_seconds.get("score_shards", 0.0)
+    metrics = {"documents": inputs.n_docs, "tokens": inputs.n_tokens, "truncated_documents": inputs.n_truncated,
+               "queries": n_queries, "candidates": cands.height, "factors_cached": float(factors_cached),
+               "score_mean": float(scores.mean() or 0.0), "score_max": float(scores.max() or 0.0),
+               "score_min": float(scores.min() or 0.0), "score_std": float(scores.std() or 0.0)}
+    metrics |= {f"seconds_{k}": v for k, v in stage_seconds.items()}
+    if score_seconds > 0:
+        metrics["scoring_tokens_per_s"] = inputs.n_tokens / score_seconds
+    metrics |= planted_metrics(cands, p.planted)
+    plots = [plot_score_distribution(cands, audit_dir / "plots" / "score_distribution.png"),
+             plot_layer_share(cands, audit_dir / "plots" / "layer_share.png")]
+    html = render_html_report(cands, audit_dir / "report.html", title=f"Influence audit {inputs.audit_id}",
+                              meta={"audit id": inputs.audit_id, "MLflow run": run_id, "model": p.model,
+                                    "model fingerprint": inputs.model_fingerprint[:16], "strategy": p.strategy,
+                                    "layers": p.layers, "documents": str(inputs.n_docs),
+                                    "queries": str(n_queries)})
+    record_audit_results(run_id, candidates=cands, candidates_parquet=Path(candidates_path), metrics=metrics,
+                         validation_reports=validation, plots=plots, html_report=html,
+                         extra_artifacts=[audit_dir / "manifest.json"] if (audit_dir / "manifest.json").exists()
+                         else [])
+    return metrics
+
+
+@task(name="finish-mlflow-run", retries=2, retry_delay_seconds=2)
+def finish_run(run_id: str, succeeded: bool, validation_passed: bool | None, error: str | None = None) -> None:
+    from .tracking import finish_audit_run
+
+    finish_audit_run(run_id, succeeded=succeeded, validation_passed=validation_passed, error=error)
+
+
+@task(name="open-review")
+def open_review(p: AuditParams, inputs: Inputs, run_id: str, candidates_path: str) -> str:
+    """Hand the candidate list to people: a Prefect markdown artifact linking the MLflow run."""
+    from prefect.artifacts import create_markdown_artifact
+
+    cands = pl.read_parquet(candidates_path).filter(pl.col("rank") <= 3)
+    lines = [f"# Influence audit `{inputs.audit_id}`: review open", "",
+             f"MLflow run `{run_id}` (experiment `{p.experiment}`): the candidate table `candidates.json` and "
+             f"`report.html` are in its artifacts. Candidates are a first screen, not a verdict.", "",
+             f"Review in a terminal: `influence-audit review show {inputs.audit_id}`", "",
+             "| query | rank | document | score |", "|---|---|---|---|"]
+    for r in cands.iter_rows(named=True):
+        lines.append(f"| {r['query_id']} | {r['rank']} | {r['train_id']} | {r['score']:.4g} |")
+    return str(create_markdown_artifact(key=f"audit-{inputs.audit_id}-review", markdown="\n".join(lines),
+                                        description=f"Review influence audit {inputs.audit_id}"))
+
+
+def validation_passed(report: dict) -> bool:
+    return bool(report.get("success"))
+
+
+__all__ = ["finish_run", "open_review", "record_results", "start_run", "validation_passed", "json"]
