@@ -155,6 +155,91 @@ def score(model: ModelOpt, train: TrainOpt,
               f"-> {out_path}")
 
 
+def _run_audit(params) -> dict:
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from flows.audit import influence_audit
+
+    return influence_audit(params)
+
+
+def _print_summary(result: dict) -> None:
+    m = result["metrics"]
+    out.print(f"[bold green]audit {result['audit_id']} succeeded[/]  MLflow run [bold]{result['run_id']}[/]")
+    out.print(f"  {int(m['documents'])} documents, {int(m['tokens']):,} tokens, {int(m['queries'])} queries; "
+              f"factors {'reused from cache' if result['factors_cached'] else 'fitted'}")
+    out.print("  stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
+    if "planted_recall_at_10" in m:
+        out.print(f"  planted_recall_at_10 = [bold]{m['planted_recall_at_10']:.3f}[/]   "
+                  f"planted_mrr = {m['planted_mrr']:.3f}")
+    out.print(f"  candidates: {result['candidates']}")
+
+
+@app.command()
+def audit(model: Annotated[str, typer.Option(help="Local model directory, or models:/NAME/VERSION, runs:/ID/PATH")],
+          train: TrainOpt,
+          queries: Annotated[Path, typer.Option(help="Query source: JSONL/Parquet with id, prompt, completion")],
+          n_queries: Annotated[int | None, typer.Option(help="How many queries to sample (default all)")] = None,
+          sampling: Annotated[str, typer.Option(help="random | stratified")] = "random",
+          stratify_by: Annotated[str | None, typer.Option(help="Column for stratified sampling")] = None,
+          strategy: StrategyOpt = "ekfac", layers: LayersOpt = "mlp", top_k: int = 50, query_rank: int = 32,
+          damping: DampingOpt = "auto", device: DeviceOpt = "auto", precision: PrecisionOpt = "fp32",
+          batch_size: int = 8, max_length: int = 512, on_long: OnLongOpt = "truncate",
+          shard_size: Annotated[int, typer.Option(help="Documents per shard (unit of mapping and resume)")] = 1000,
+          seed: int = 0, explain_top: int = 5,
+          output_dir: Annotated[Path | None, typer.Option(help="Audits and factor cache (default ./.influence-audit)")] = None,
+          experiment: str = "influence-audit",
+          tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default: sqlite in --output-dir)")] = None,
+          planted: Annotated[Path | None, typer.Option(help="JSON {query_id: [train ids]} of known culprits")] = None
+          ) -> None:
+    """Run the full audit flow: validate, sample, fit, score, merge, validate, record in MLflow, open review."""
+    from pydantic import ValidationError
+
+    from tasks.params import AuditParams
+
+    try:
+        params = AuditParams(model=model, train=[str(t) for t in train], queries=str(queries), n_queries=n_queries,
+                             sampling=sampling, stratify_by=stratify_by, strategy=strategy, layers=layers,
+                             top_k=top_k, query_rank=query_rank, damping=damping, device=device,
+                             precision=precision, batch_size=batch_size, max_length=max_length, on_long=on_long,
+                             shard_size=shard_size, seed=seed, explain_top=explain_top,
+                             output_dir=str(output_dir) if output_dir else None, experiment=experiment,
+                             tracking_uri=tracking_uri, planted=str(planted) if planted else None)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        from influence_engine.errors import UserError
+
+        raise UserError(f"--{'-'.join(str(x) for x in first['loc']).replace('_', '-')}: {first['msg']}") from None
+    _print_summary(_run_audit(params))
+
+
+@app.command()
+def demo(output_dir: Annotated[Path | None, typer.Option(help="Project data directory (default ./.influence-audit)")] = None,
+         strategy: StrategyOpt = "ekfac", seed: int = 0) -> None:
+    """The embedded demo: train a tiny GPT-2 on the shipped corpus with planted facts, then audit it."""
+    from importlib import resources
+
+    from influence_audit.demo.model import ensure_demo_model
+    from tasks.params import AuditParams
+    from tasks.stages import home_dir
+
+    data = resources.files("influence_audit.demo") / "data"
+    probe = AuditParams(model=".", train=["."], queries=".", output_dir=str(output_dir) if output_dir else None)
+    home = home_dir(probe)
+    err.print("training the demo model on the shipped corpus (reused when already trained)...")
+    model_dir = ensure_demo_model(home / "demo-model", seed=seed)
+    params = AuditParams(model=str(model_dir), train=[str(data / "corpus.jsonl")], queries=str(data / "queries.jsonl"),
+                         strategy=strategy, top_k=10, max_length=128, shard_size=100, seed=seed,
+                         output_dir=str(home), planted=str(data / "planted.json"))
+    result = _run_audit(params)
+    _print_summary(result)
+    from tasks.tracking import configure_tracking
+
+    uri = configure_tracking(None, home)
+    out.print(f"\nOpen the MLflow UI:  mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000, "
+              f"experiment 'influence-audit', run {result['run_id']})")
+
+
 def _as_damping(damping: str):
     from tasks.engine_io import _damping
 
