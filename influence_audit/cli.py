@@ -240,6 +240,11 @@ def demo(output_dir: Annotated[Path | None, typer.Option(help="Project data dire
               f"experiment 'influence-audit', run {result['run_id']})")
 
 
+from influence_audit.cli_review import review_app  # noqa: E402
+
+app.add_typer(review_app, name="review")
+
+
 def _as_damping(damping: str):
     from tasks.engine_io import _damping
 

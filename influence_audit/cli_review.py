@@ -1,0 +1,93 @@
+"""`influence-audit review ...`: list audits, show candidates, submit decisions, re-sync MLflow.
+
+Thin: every rule lives in :mod:`tasks.review`; errors are UserErrors (one line, non-zero exit).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+review_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                         help="Human review of audit candidates: culprit / not-culprit / unsure.")
+out = Console()
+err = Console(stderr=True)
+
+HomeOpt = Annotated[Path | None, typer.Option("--home", help="Audit home (default $INFLUENCE_AUDIT_HOME or "
+                                                             "./.influence-audit)")]
+UriOpt = Annotated[str | None, typer.Option("--tracking-uri", help="MLflow URI (default: the audit's)")]
+
+
+@review_app.command("list")
+def list_cmd(home: HomeOpt = None, tracking_uri: UriOpt = None) -> None:
+    """Audits and their review status."""
+    from tasks.review import list_audits, resolve_home
+
+    rows = list_audits(home, tracking_uri=tracking_uri)
+    if not rows:
+        err.print(f"no audits in {resolve_home(home) / 'audits'}")
+        return
+    table = Table("audit", "status", "queries", "candidates", "review", "decisions", "MLflow run")
+    for r in rows:
+        table.add_row(r["audit_id"], r["status"], str(r["n_queries"]), str(r["n_candidates"]), r["review_status"],
+                      str(r["decisions"]), r["mlflow_run_id"] or "")
+    out.print(table)
+
+
+@review_app.command("show")
+def show_cmd(audit_id: Annotated[str, typer.Argument(help="Audit id (see `review list`)")], home: HomeOpt = None,
+             snippet_chars: Annotated[int, typer.Option(help="Characters of each snippet")] = 80) -> None:
+    """Candidates per query (rank, document, score, snippet) with the decisions so far."""
+    from tasks.review import audit_summary, latest_verdicts
+
+    s = audit_summary(home, audit_id)
+    latest = {(r["query_id"], r["train_id"]): r for r in latest_verdicts(s["decisions"]).iter_rows(named=True)}
+    out.print(f"[bold]audit {audit_id}[/]  MLflow run {s['manifest'].get('mlflow_run_id')}  review "
+              f"[bold]{s['status']}[/] ({s['decided']} decided, {s['undecided']} open; "
+              f"reviewers: {', '.join(s['reviewers']) or '-'})")
+    for (qid,), group in s["candidates"].sort(["query_id", "rank"]).group_by(["query_id"], maintain_order=True):
+        first = group.row(0, named=True)
+        table = Table("rank", "train_id", "score", "snippet", "verdict", "reviewer", "comment",
+                      title=f"{qid}: {first['query_prompt']!r} -> {first['query_completion']!r}", title_justify="left")
+        for r in group.iter_rows(named=True):
+            d = latest.get((qid, r["train_id"])) or {}
+            snippet = " ".join(str(r["snippet"]).split())
+            table.add_row(str(r["rank"]), r["train_id"], f"{r['score']:.4g}", snippet[:snippet_chars],
+                          d.get("verdict", ""), d.get("reviewer", ""), d.get("comment", ""))
+        out.print(table)
+
+
+@review_app.command("submit")
+def submit_cmd(audit_id: Annotated[str, typer.Argument(help="Audit id (see `review list`)")],
+               reviewer: Annotated[str, typer.Option("--reviewer", help="Your name or handle")],
+               decision: Annotated[list[str] | None, typer.Option(
+                   "--decision", help="QUERY_ID:TRAIN_ID:VERDICT[:comment], verdict culprit | not-culprit | unsure "
+                                      "(repeatable)")] = None,
+               file: Annotated[Path | None, typer.Option(
+                   "--file", help="JSONL: {query_id, train_id, verdict, comment?} per line")] = None,
+               home: HomeOpt = None, tracking_uri: UriOpt = None) -> None:
+    """Record decisions: flagged-documents Parquet, the audit's decisions, its MLflow run."""
+    from tasks.review import parse_decision, read_decisions_file, submit_review
+
+    decisions = [parse_decision(spec) for spec in decision or []]
+    if file is not None:
+        decisions += read_decisions_file(file)
+    r = submit_review(home, audit_id, reviewer, decisions, tracking_uri=tracking_uri)
+    c = r["counts"]
+    out.print(f"recorded {r['submitted']} decision(s) on audit {audit_id} (MLflow run {r['run_id']}): review "
+              f"[bold]{r['status']}[/], {c['culprit']} culprit, {c['not-culprit']} not-culprit, {c['unsure']} unsure, "
+              f"{r['undecided']} open -> {r['flagged_path']}")
+
+
+@review_app.command("sync")
+def sync_cmd(audit_id: Annotated[str, typer.Argument(help="Audit id")], home: HomeOpt = None,
+             tracking_uri: UriOpt = None) -> None:
+    """Rewrite the MLflow run's review table and tags from the decisions on disk."""
+    from tasks.review import record_review_in_mlflow
+
+    r = record_review_in_mlflow(home, audit_id, tracking_uri=tracking_uri)
+    out.print(f"audit {audit_id}: review {r['status']} recorded on MLflow run {r['run_id']}")
