@@ -1,0 +1,113 @@
+"""prefect.yaml checked offline: names, entrypoint, schedule, trigger spec (pydantic, as `prefect deploy`
+does), and that the trigger's parameters, rendered for a model.retrained event the way the server renders
+them, are valid AuditParams for the event's model."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import TypeAdapter
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {"INFLUENCE_AUDIT_MODEL": "models:/lm@champion", "INFLUENCE_AUDIT_TRAIN": "/data/train",
+       "INFLUENCE_AUDIT_QUERIES": "/data/queries.jsonl"}
+
+
+@pytest.fixture
+def deployments(monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, Any]]:
+    """The deployments as `prefect deploy` sees them after its environment templating."""
+    from prefect.utilities.templating import apply_values
+
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    return {d["name"]: apply_values(d, {}, remove_notset=False) for d in doc["deployments"]}
+
+
+def _render(parameters: dict[str, Any], model: str) -> dict[str, Any]:
+    """Render trigger parameters for a model.retrained event exactly as the server's RunDeployment action."""
+    from prefect.server.events.actions import RunDeployment
+    from prefect.server.events.schemas.events import ReceivedEvent
+    from prefect.utilities.schema_tools.hydration import HydrationContext, hydrate
+
+    params = copy.deepcopy(parameters)
+    RunDeployment._upgrade_v1_templates(params)
+    event = ReceivedEvent(id=uuid.uuid4(), event="model.retrained", occurred=datetime.now(timezone.utc),
+                          resource={"prefect.resource.id": f"model.{model}"}, payload={"model": model})
+    ctx = HydrationContext(raise_on_error=True, render_jinja=True, jinja_context={"event": event})
+    return hydrate(params, ctx)
+
+
+def test_deployments_run_the_audit_flow(deployments: dict[str, dict[str, Any]]) -> None:
+    from tasks.params import AuditParams
+
+    assert set(deployments) == {"scheduled-audit", "post-retrain-audit"}
+    for d in deployments.values():
+        assert d["entrypoint"] == "flows/audit.py:influence_audit"
+        assert d["work_pool"]["name"] == "influence-cpu"
+        assert (REPO / d["entrypoint"].split(":")[0]).is_file()
+        params = AuditParams.model_validate(d["parameters"]["params"])  # env placeholders were applied
+        assert params.model == ENV["INFLUENCE_AUDIT_MODEL"] and params.train == [ENV["INFLUENCE_AUDIT_TRAIN"]]
+
+
+def test_flow_signature_takes_params() -> None:
+    import inspect
+
+    from flows.audit import influence_audit
+
+    assert list(inspect.signature(influence_audit.fn).parameters) == ["params"]
+
+
+def test_scheduled_audit_is_weekly_utc(deployments: dict[str, dict[str, Any]]) -> None:
+    from prefect.client.schemas.schedules import CronSchedule
+
+    (spec,) = deployments["scheduled-audit"]["schedules"]
+    schedule = CronSchedule(cron=spec["cron"], timezone=spec["timezone"])
+    assert schedule.timezone == "UTC"
+    assert spec.get("active", True)
+    fields = schedule.cron.split()
+    assert fields[2:4] == ["*", "*"] and fields[4] not in ("*",), "weekly: one day of the week"
+
+
+@pytest.mark.parametrize("model", ["/models/run 7/lm.v2", "models:/lm/3", "runs:/0a1b/model"])
+def test_post_retrain_trigger_takes_the_model_from_the_event(deployments: dict[str, dict[str, Any]],
+                                                             model: str) -> None:
+    from prefect.events import DeploymentEventTrigger, DeploymentTriggerTypes
+
+    from tasks.params import AuditParams
+
+    (spec,) = deployments["post-retrain-audit"]["triggers"]
+    trigger = TypeAdapter(DeploymentTriggerTypes).validate_python(spec)
+    assert isinstance(trigger, DeploymentEventTrigger)
+    assert trigger.expect == {"model.retrained"}
+    assert trigger.enabled
+    rendered = _render(trigger.parameters or {}, model)
+    params = AuditParams.model_validate(rendered["params"])
+    assert params.model == model
+    assert params.train == [ENV["INFLUENCE_AUDIT_TRAIN"]] and params.queries == ENV["INFLUENCE_AUDIT_QUERIES"]
+
+
+def test_trigger_matches_what_emit_retrained_sends(deployments: dict[str, dict[str, Any]]) -> None:
+    """The trigger's resource pattern and event name match the event tasks.events builds."""
+    from prefect.events import DeploymentTriggerTypes
+
+    from tasks.events import RETRAINED_EVENT
+
+    (spec,) = deployments["post-retrain-audit"]["triggers"]
+    trigger = TypeAdapter(DeploymentTriggerTypes).validate_python(spec)
+    assert RETRAINED_EVENT in trigger.expect
+    pattern = trigger.match.model_dump()["prefect.resource.id"]
+    assert pattern == "model.*"  # emit_retrained uses prefect.resource.id = "model.<model>"
+
+
+def test_pull_step_sets_the_working_directory() -> None:
+    doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    (step,) = doc["pull"]
+    directory = step["prefect.deployments.steps.set_working_directory"]["directory"]
+    assert directory == "{{ $INFLUENCE_AUDIT_REPO }}"
