@@ -251,6 +251,11 @@ def _as_damping(damping: str):
     return _damping(damping)
 
 
+from influence_audit.cli_ops import notify_retrained, webhook_app  # noqa: E402
+app.command("notify-retrained")(notify_retrained)
+app.add_typer(webhook_app, name="webhook")
+
+
 def main() -> None:
     """Entry point: user errors print one line, no traceback, exit non-zero."""
     from influence_engine.errors import UserError
