@@ -252,6 +252,7 @@ def _as_damping(damping: str):
 
 
 from influence_audit.cli_ops import notify_retrained, webhook_app  # noqa: E402
+
 app.command("notify-retrained")(notify_retrained)
 app.add_typer(webhook_app, name="webhook")
 
