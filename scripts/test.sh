@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The test command: the whole suite (unit + integration tests with real Prefect and MLflow servers on 127.0.0.1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/pytest ] && .venv/bin/python -c "import influence_audit" 2>/dev/null || bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export MLFLOW_DISABLE_TELEMETRY=true PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120
+export PREFECT_HOME="${PREFECT_HOME:-$(mktemp -d)/prefect}"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

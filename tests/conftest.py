@@ -1,0 +1,34 @@
+"""Shared fixtures: the demo model (trained once per session), quiet and offline settings."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+sys.path.insert(0, str(Path(__file__).parent))
+
+DEMO_DATA = Path(__file__).resolve().parents[1] / "influence_audit" / "demo" / "data"
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory) -> Path:
+    """The demo's tiny GPT-2, trained on the shipped corpus (cached across sessions when
+    INFLUENCE_AUDIT_TEST_CACHE names a directory)."""
+    from influence_audit.demo.model import ensure_demo_model
+
+    cache = os.environ.get("INFLUENCE_AUDIT_TEST_CACHE")
+    root = Path(cache) if cache else tmp_path_factory.mktemp("demo-model")
+    return ensure_demo_model(root, seed=0, log=None)
+
+
+@pytest.fixture(scope="session")
+def demo_data() -> Path:
+    return DEMO_DATA
