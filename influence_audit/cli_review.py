@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -31,10 +32,13 @@ def list_cmd(home: HomeOpt = None, tracking_uri: UriOpt = None) -> None:
     if not rows:
         err.print(f"no audits in {resolve_home(home) / 'audits'}")
         return
-    table = Table("audit", "status", "queries", "candidates", "review", "decisions", "MLflow run")
+    wide = out.width >= 110  # the 32-character MLflow run id fits
+    table = Table(box=box.SIMPLE)
+    for name in ("audit", "status", "queries", "candidates", "review", "decisions") + (("MLflow run",) if wide else ()):
+        table.add_column(name, no_wrap=True)
     for r in rows:
         table.add_row(r["audit_id"], r["status"], str(r["n_queries"]), str(r["n_candidates"]), r["review_status"],
-                      str(r["decisions"]), r["mlflow_run_id"] or "")
+                      str(r["decisions"]), *([r["mlflow_run_id"] or ""] if wide else []))
     out.print(table)
 
 

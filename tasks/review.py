@@ -430,9 +430,13 @@ def submit_review(home: str | os.PathLike[str] | None, audit_id: str, reviewer: 
 # ------------------------------------------------------------------------------------------ Prefect
 
 
-def review_markdown(summary: dict[str, Any], *, message: str = "", max_snippet: int = 160) -> str:
-    """The candidate list (per query: rank, document, score, snippet, latest verdict) as markdown."""
+def review_markdown(summary: dict[str, Any], *, message: str = "", max_snippet: int = 160,
+                    max_rank: int | None = None) -> str:
+    """The candidate list (per query: rank, document, score, snippet, latest verdict) as markdown;
+    ``max_rank`` keeps the top candidates of each query only."""
     cands: pl.DataFrame = summary["candidates"]
+    if max_rank is not None and cands["rank"].max() > max_rank:
+        cands = cands.filter(pl.col("rank") <= max_rank)
     latest = {(r["query_id"], r["train_id"]): r for r in latest_verdicts(summary["decisions"]).iter_rows(named=True)}
     aid = summary["audit_id"]
     lines = [f"# Review influence audit `{aid}`", ""]
@@ -468,13 +472,16 @@ def artifact_key(audit_id: str) -> str:
 
 
 @task(name="publish-review-form")
-def publish_review_form(home: str, audit_id: str, message: str = "") -> str:
-    """Render the candidates as a Prefect markdown artifact; returns the markdown (also the form text)."""
+def publish_review_form(home: str, audit_id: str, message: str = "", form_max_rank: int = 10) -> str:
+    """Render all candidates as a Prefect markdown artifact; returns the text shown above the input form
+    (the top ``form_max_rank`` candidates of each query)."""
     from prefect.artifacts import create_markdown_artifact
 
-    md = review_markdown(audit_summary(home, audit_id), message=message)
-    create_markdown_artifact(key=artifact_key(audit_id), markdown=md, description=f"Review audit {audit_id}")
-    return md
+    summary = audit_summary(home, audit_id)
+    create_markdown_artifact(key=artifact_key(audit_id), markdown=review_markdown(summary, message=message),
+                             description=f"Review audit {audit_id}")
+    return review_markdown(summary, message=message, max_rank=form_max_rank) + (
+        f"\n\nThe full list is the artifact `{artifact_key(audit_id)}`.")
 
 
 @task(name="check-review-input")

@@ -144,6 +144,16 @@ def audit(prefect_api, tmp_path_factory) -> Audit:
             result = influence_audit(params)
             cands = pl.read_parquet(result["candidates"])
             yield Audit(home, result["audit_id"], result["run_id"], prefect_api, cands)
+            _drain_prefect_workers()  # send queued logs/events while the server is still up
+
+
+def _drain_prefect_workers() -> None:
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):
+            worker.drain_all(timeout=10)
 
 
 def _tags(a: Audit) -> dict[str, str]:
