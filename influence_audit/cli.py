@@ -45,7 +45,7 @@ class _Bar:
     def __init__(self, label: str, total: int):
         self.progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=err,
-                                 transient=True, disable=not err.is_terminal and total < 1)
+                                 transient=True, disable=not err.is_terminal or total < 1)
         self.task = self.progress.add_task(label, total=total, rate="")
         self.t0 = time.perf_counter()
 
@@ -71,6 +71,17 @@ PrecisionOpt = Annotated[str, typer.Option(help="fp32 | bf16 (autocast, fp32 acc
 OnLongOpt = Annotated[str, typer.Option("--on-long", help="truncate (and count) or error on sequences over --max-length")]
 
 
+def _check_flags(strategy: str, damping: str, on_long: str) -> None:
+    """Refuse bad flag values before any data or model is read."""
+    from influence_engine.errors import UserError
+
+    if strategy not in ("identity", "diagonal", "kfac", "ekfac"):
+        raise UserError(f"--strategy {strategy!r}: choose one of identity, diagonal, kfac, ekfac")
+    if on_long not in ("truncate", "error"):
+        raise UserError(f"--on-long {on_long!r}: choose 'truncate' (and count) or 'error'")
+    _as_damping(damping)
+
+
 def _engine(model: Path, layers: str, device: str, precision: str, batch_size: int, max_length: int, seed: int,
             on_long: str, trust_remote_code: bool):
     from tasks.engine_io import get_engine
@@ -89,6 +100,8 @@ def fit_factors(model: ModelOpt, train: TrainOpt,
     """Fit (E)K-FAC factors on training documents and store them."""
     from tasks.data import data_fingerprint, read_rows
     from tasks.engine_io import encode_frame, factor_settings, fit_factors_to
+
+    _check_flags(strategy, damping, on_long)
 
     df = read_rows(train, "train")
     eng = _engine(model, layers, device, precision, batch_size, max_length, seed, on_long, trust_remote_code)
@@ -128,6 +141,7 @@ def score(model: ModelOpt, train: TrainOpt,
 
     if top_k < 0:
         raise typer.BadParameter("must be >= 0", param_hint="--top-k")
+    _check_flags(strategy, damping, on_long)
     if out_path.suffix != ".parquet":
         raise typer.BadParameter(f"{out_path}: the output must be a .parquet file", param_hint="--out")
     train_df = read_rows(train, "train")
@@ -151,8 +165,27 @@ def score(model: ModelOpt, train: TrainOpt,
         result = eng.score(docs, prepared, top_k=top_k, progress=bar)
     write_parquet_atomic(score_frame(result.top_rows()), out_path)
     seconds = time.perf_counter() - t0
-    err.print(f"{len(qs)} queries x {len(docs)} documents ({result.n_tokens:,} tokens) in {seconds:.1f} s "
+    truncated = sum(e.truncated for e in docs) + sum(q.truncated for q in qs)
+    err.print(f"{len(qs)} queries x {len(docs)} documents ({result.n_tokens:,} tokens"
+              f"{f'; {truncated} truncated to {max_length}' if truncated else ''}) in {seconds:.1f} s "
               f"-> {out_path}")
+
+
+def _hide_user_error_tracebacks() -> None:
+    """Prefect logs a failed task or flow with its traceback; on the terminal a user error keeps only its
+    one-line message (the Prefect API's copy of the log keeps the traceback)."""
+    import logging
+
+    from influence_engine.errors import UserError
+
+    def one_line(record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+    for handler in logging.getLogger().handlers:
+        if one_line not in handler.filters:
+            handler.addFilter(one_line)
 
 
 def _run_audit(params) -> dict:
@@ -160,6 +193,7 @@ def _run_audit(params) -> dict:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from flows.audit import influence_audit
 
+    _hide_user_error_tracebacks()
     return influence_audit(params)
 
 
@@ -255,33 +289,68 @@ from influence_audit.cli_ops import notify_retrained, webhook_app  # noqa: E402
 
 app.command("notify-retrained")(notify_retrained)
 app.add_typer(webhook_app, name="webhook")
+from influence_audit.cli_sync import sync as _sync  # noqa: E402
+app.command("sync")(_sync)
+
+
+def _usage_error_types() -> tuple[type[Exception], ...]:
+    """Usage errors of typer's vendored click (typer >= 0.26) and of click itself."""
+    import importlib
+
+    kinds = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            kinds.append(importlib.import_module(module).ClickException)
+        except (ImportError, AttributeError):  # pragma: no cover
+            pass
+    return tuple(kinds)
+
+
+def _show_usage_error(exc: Exception) -> None:
+    """One line (plus a hint) for a bad flag or command; help text when no command was given."""
+    from rich.markup import escape
+
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        exc.show()  # type: ignore[attr-defined]
+        return
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    err.print(f"[bold red]error:[/] {escape(exc.format_message())}{escape(hint)}",  # type: ignore[attr-defined]
+              highlight=False, soft_wrap=True)
 
 
 def main() -> None:
     """Entry point: user errors print one line, no traceback, exit non-zero."""
+    from rich.markup import escape
+
     from influence_engine.errors import UserError
 
     _quiet_libraries()
+    interrupted = "interrupted: finished stages are kept; rerun the same command to resume"
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
     except UserError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except typer.Abort:
         err.print("aborted")
         sys.exit(130)
     except KeyboardInterrupt:
-        err.print("interrupted: finished stages are kept; rerun the same command to resume")
+        err.print(interrupted)
         sys.exit(130)
-    except Exception as exc:  # click usage errors
+    except _usage_error_types() as exc:
+        _show_usage_error(exc)
+        sys.exit(getattr(exc, "exit_code", 2))
+    except Exception as exc:
         import click
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Exit):
+        if isinstance(exc, (click.exceptions.Exit, typer.Exit)):
             sys.exit(exc.exit_code)
         raise
+    if isinstance(rc, int) and rc:  # typer turns Ctrl-C into exit code 130 when not standalone
+        if rc == 130:
+            err.print(interrupted)
+        sys.exit(rc)
 
 
 if __name__ == "__main__":

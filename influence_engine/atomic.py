@@ -33,15 +33,22 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, target)
-    except OSError as exc:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
+        if _disk_full(exc):
             raise UserError(f"{target}: disk full while writing; nothing was written",
                             hint="free space on that disk and rerun: finished stages are reused") from exc
         raise
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC / EDQUOT, also when a library wraps it (polars raises ComputeError "... (os error 28)",
+    safetensors SafetensorError "I/O error: No space left on device (os error 28)")."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(exc)
+    return any(s in text for s in ("No space left on device", "Disk quota exceeded", "(os error 28)",
+                                   "(os error 122)"))
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

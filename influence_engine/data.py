@@ -72,6 +72,7 @@ def encode(tokenizer, rows: Iterable[Mapping[str, str]], *, max_length: int,
     out: list[Example] = []
     for i, row in enumerate(rows):
         doc_id = row["id"]
+        at = row.get("source") or f"{where} row {i + 1}"  # "file:line" when the reader recorded it
         if "text" in row and row.get("text") is not None:
             ids = list(tokenizer(row["text"])["input_ids"])
             start = 1
@@ -79,17 +80,17 @@ def encode(tokenizer, rows: Iterable[Mapping[str, str]], *, max_length: int,
             prompt_ids = list(tokenizer(row["prompt"])["input_ids"])
             completion_ids = list(tokenizer(row["completion"], add_special_tokens=False)["input_ids"])
             if not completion_ids:
-                raise DataError(f"{where} row {i + 1} (id {doc_id!r}): completion has no tokens",
+                raise DataError(f"{at} (id {doc_id!r}): completion has no tokens",
                                 hint="give a non-empty completion")
             ids = prompt_ids + completion_ids
             start = len(prompt_ids)
         n_original = len(ids)
         if n_original < 2:
-            raise DataError(f"{where} row {i + 1} (id {doc_id!r}): {n_original} token(s); at least 2 are "
+            raise DataError(f"{at} (id {doc_id!r}): {n_original} token(s); at least 2 are "
                             f"needed to score a next-token prediction", hint="drop or lengthen the row")
         if n_original > max_length:
             if on_long == "error":
-                raise DataError(f"{where} row {i + 1} (id {doc_id!r}): {n_original} tokens exceed "
+                raise DataError(f"{at} (id {doc_id!r}): {n_original} tokens exceed "
                                 f"--max-length {max_length}", hint="raise --max-length or allow truncation")
             if start > 1:
                 cut = min(n_original - max_length, start - 1)  # drop the prompt's start first

@@ -84,6 +84,9 @@ def load_pretrained(path: str | os.PathLike[str], *, trust_remote_code: bool = F
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"--model {p}: the tokenizer could not be loaded: {first[:300]}",
                          hint="save the tokenizer into the model directory") from None
+    if len(tokenizer) < 2:  # transformers builds an empty tokenizer when the directory has no tokenizer files
+        raise ModelError(f"--model {p}: no usable tokenizer ({len(tokenizer)} tokens)",
+                         hint="save the tokenizer into the model directory (tokenizer.save_pretrained)")
     return model, tokenizer
 
 
@@ -143,6 +146,8 @@ class InfluenceEngine:
             raise UserError(f"fisher {fisher!r}: choose 'sampled' (true Fisher) or 'empirical'")
         if batch_size < 1:
             raise UserError(f"--batch-size {batch_size}: must be at least 1")
+        if on_long not in ("truncate", "error"):
+            raise UserError(f"--on-long {on_long!r}: choose 'truncate' (and count) or 'error'")
         self.device = resolve_device(device)
         self.precision = precision
         self.fingerprint = fingerprint or model_fingerprint(model)

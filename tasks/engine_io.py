@@ -34,7 +34,7 @@ def get_engine(model: str, layers: str = "mlp", device: str = "auto", precision:
 
 
 def rows_of(df: pl.DataFrame) -> list[dict[str, Any]]:
-    cols = [c for c in ("id", "text", "prompt", "completion") if c in df.columns]
+    cols = [c for c in ("id", "text", "prompt", "completion", "source") if c in df.columns]
     return df.select(cols).to_dicts()
 
 

@@ -192,8 +192,10 @@ def merge_and_eigendecompose(paths: list[str], out_dir: str) -> str:
     path = Path(out_dir) / "eigenbasis.safetensors"
     if not path.exists():
         cov = merge(CovariancePartial.load(p) for p in paths)
-        save_basis(eigendecompose(cov), path)
+        basis = eigendecompose(cov)
+        # counts first: the basis is what marks this step done, so a kill in between redoes both
         write_json_atomic(Path(out_dir) / "covariance-counts.json", {"n_tokens": cov.n_tokens, "n_docs": cov.n_docs})
+        save_basis(basis, path)
     return str(path)
 
 

@@ -1,0 +1,155 @@
+"""``influence-audit sync``: record in MLflow what audits left on disk while MLflow was unreachable.
+
+An audit computes everything into ``<home>/audits/<audit_id>/`` before and independently of MLflow; its
+``manifest.json`` says how it ended (``status``: ``succeeded`` / ``failed``; absent while running or after a
+kill) and whether MLflow has it (``mlflow``: ``pending`` / ``recorded``). :func:`sync_audits` walks the
+manifests and, per audit:
+
+* finished and succeeded, but its MLflow run is missing or not marked succeeded with a candidate table: reopens
+  (or creates) the run by ``audit.id``, logs the results from the audit's files, marks it succeeded;
+* failed, but MLflow shows no run or a run still ``running``: records it as failed (never as succeeded);
+* unfinished (no ``status``): left alone; rerunning the same audit resumes it.
+
+Plain functions (the Prefect tasks of :mod:`tasks.record` are called through ``.fn``), so sync needs no
+Prefect server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from influence_engine.atomic import write_json_atomic
+from influence_engine.errors import UserError
+
+__all__ = ["SyncOutcome", "home_of", "sync_audits"]
+
+
+@dataclass(frozen=True)
+class SyncOutcome:
+    """What sync did with one audit directory."""
+
+    audit_id: str
+    action: str  # recorded | marked-failed | up-to-date | unfinished | skipped
+    run_id: str | None = None
+    detail: str = ""
+
+
+def home_of(output_dir: str | os.PathLike[str] | None) -> Path:
+    """The project home: ``output_dir``, else ``$INFLUENCE_AUDIT_HOME``, else ``./.influence-audit``."""
+    return Path(output_dir or os.environ.get("INFLUENCE_AUDIT_HOME") or ".influence-audit").resolve()
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _inputs(manifest: dict[str, Any]):
+    from .stages import Inputs, Shard
+
+    raw = dict(manifest["inputs"])
+    raw["shards"] = [Shard(**s) for s in raw["shards"]]
+    raw["validation"] = {}
+    return Inputs(**raw)
+
+
+def _validation_reports(audit_dir: Path) -> dict[str, dict]:
+    reports = {}
+    for path in sorted((audit_dir / "validation").glob("*.json")):
+        report = _read_manifest(path)
+        if report is not None:
+            reports[path.stem] = report
+    return reports
+
+
+def _run_state(run_id: str) -> tuple[str | None, bool]:
+    """(``audit.status`` tag, whether the candidate table is logged) of an MLflow run."""
+    from mlflow import MlflowClient
+
+    from .tracking import CANDIDATES_TABLE, _call
+
+    client = MlflowClient()
+    run = _call("get run", client.get_run, run_id)
+    names = {f.path for f in _call("list artifacts", client.list_artifacts, run_id)}
+    return run.data.tags.get("audit.status"), CANDIDATES_TABLE in names
+
+
+def _record_succeeded(manifest: dict[str, Any], audit_dir: Path, params: Any) -> str:
+    from .record import finish_run, record_results, start_run
+
+    inputs = _inputs(manifest)
+    run_id = start_run.fn(params, inputs, inputs.audit_id)
+    record_results.fn(params, inputs, run_id, str(audit_dir / "candidates.parquet"), _validation_reports(audit_dir),
+                      dict(manifest.get("seconds") or {}), bool(manifest.get("factors_cached", False)))
+    finish_run.fn(run_id, succeeded=True, validation_passed=True)
+    return run_id
+
+
+def _record_failed(manifest: dict[str, Any], audit_id: str, run_id: str | None, params: Any) -> str:
+    from .record import finish_run, start_run
+
+    if run_id is None:
+        run_id = start_run.fn(params, _inputs(manifest) if "inputs" in manifest else None, audit_id)
+    finish_run.fn(run_id, succeeded=False, validation_passed=manifest.get("validation_passed"),
+                  error=str(manifest.get("error") or "the audit failed (see its manifest.json)"))
+    return run_id
+
+
+def sync_one(manifest_path: Path, *, tracking_uri: str | None = None, experiment: str | None = None,
+             home: Path | None = None) -> SyncOutcome:
+    """Bring MLflow up to date with one audit directory (see the module docstring)."""
+    from .params import AuditParams
+    from .tracking import configure_tracking, find_audit_run
+
+    audit_dir = manifest_path.parent
+    manifest = _read_manifest(manifest_path)
+    if manifest is None:
+        return SyncOutcome(audit_dir.name, "skipped", detail=f"{manifest_path}: unreadable manifest")
+    audit_id = str(manifest.get("audit_id") or audit_dir.name)
+    status = manifest.get("status")
+    if status not in ("succeeded", "failed"):
+        return SyncOutcome(audit_id, "unfinished", manifest.get("mlflow_run_id"),
+                           "not finished (running, or killed): rerun the same audit to resume it")
+    params = AuditParams(**manifest["params"])
+    configure_tracking(tracking_uri or params.tracking_uri, home or home_of(params.output_dir))
+    exp = experiment or params.experiment
+    if experiment and experiment != params.experiment:
+        params = params.model_copy(update={"experiment": experiment})
+    run_id = find_audit_run(exp, audit_id)
+    state, has_table = _run_state(run_id) if run_id else (None, False)
+    if status == "succeeded":
+        if state == "succeeded" and has_table:
+            action, detail = "up-to-date", "already recorded"
+        elif "inputs" not in manifest:
+            return SyncOutcome(audit_id, "skipped", run_id, "manifest predates sync: rerun the same audit "
+                                                            "(finished stages are reused) to record it")
+        else:
+            run_id, action, detail = _record_succeeded(manifest, audit_dir, params), "recorded", "results logged"
+    elif state in (None, "running"):
+        run_id, action, detail = _record_failed(manifest, audit_id, run_id, params), "marked-failed", \
+            "recorded as failed"
+    else:
+        action, detail = "up-to-date", f"already recorded as {state}"
+    if manifest.get("mlflow") != "recorded" or manifest.get("mlflow_run_id") != run_id:
+        write_json_atomic(manifest_path, manifest | {"mlflow": "recorded", "mlflow_run_id": run_id})
+    return SyncOutcome(audit_id, action, run_id, detail)
+
+
+def sync_audits(home: Path, *, tracking_uri: str | None = None, experiment: str | None = None,
+                audit_id: str | None = None) -> list[SyncOutcome]:
+    """Sync every audit under ``home/audits`` (or only ``audit_id``); MLflow errors stop the walk."""
+    root = Path(home) / "audits"
+    paths = sorted(root.glob("*/manifest.json"))
+    if audit_id is not None:
+        paths = [p for p in paths if p.parent.name == audit_id]
+        if not paths:
+            raise UserError(f"audit {audit_id!r}: no {root / audit_id / 'manifest.json'}",
+                            hint="check --output-dir and the audit id")
+    return [sync_one(p, tracking_uri=tracking_uri, experiment=experiment, home=Path(home)) for p in paths]
