@@ -67,7 +67,7 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def stop(self, grace_s: float = 20.0) -> None:
+    def stop(self, grace_s: float = 10.0) -> None:
         """SIGINT to the group (servers spawn children), then SIGKILL if it has not exited."""
         if not self.alive():
             return

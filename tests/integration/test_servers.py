@@ -149,6 +149,56 @@ def test_notify_retrained_needs_a_prefect_server(tmp_path: Path) -> None:
     assert "PREFECT_API_URL" in r.stderr and "Traceback" not in r.stderr
 
 
+# ------------------------------------------------------- models:/ and runs:/ URIs (a sqlite MLflow store)
+
+
+@pytest.fixture
+def sqlite_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    monkeypatch.setenv("INFLUENCE_AUDIT_HOME", str(tmp_path / "home"))
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        yield tmp_path / "home" / "model-cache"
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def test_model_uris_resolve_to_cached_model_directories(sqlite_registry: Path, tmp_path: Path) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    from influence_engine.errors import UserError
+    from tasks.model_uri import register_model_dir, resolve_model_uri
+
+    from .conftest import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "m", seed=0)
+    assert register_model_dir(model, "lm") == "models:/lm/1"
+    assert register_model_dir(model, "lm") == "models:/lm/2"
+    MlflowClient().set_registered_model_alias("lm", "champion", "1")
+    by_version = resolve_model_uri("models:/lm/1")
+    assert (Path(by_version) / "config.json").is_file()
+    assert Path(by_version).is_relative_to(sqlite_registry)
+    assert resolve_model_uri("models:/lm@champion") == by_version  # alias pinned to its version: same cache
+    assert resolve_model_uri("models:/lm/latest") == resolve_model_uri("models:/lm/2") != by_version
+    run_id = mlflow.search_runs(experiment_names=["Default"], output_format="list")[0].info.run_id
+    assert (Path(resolve_model_uri(f"runs:/{run_id}/model")) / "model.safetensors").is_file()
+    before = (Path(by_version) / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model_uri("models:/lm/1") == by_version  # cached: no second download
+    assert (Path(by_version) / "model.safetensors").stat().st_mtime_ns == before
+    assert not list(sqlite_registry.glob(".download-*")), "temporary download folders left behind"
+    for bad, words in (("models:/lm/9", "lm/9"), ("models:/nope/1", "nope"), ("models:/lm@gone", "gone"),
+                       ("runs:/", "not a models:/")):
+        with pytest.raises(UserError, match=words):
+            resolve_model_uri(bad)
+    with mlflow.start_run() as run:  # an artifact that is not a model directory
+        mlflow.log_text("hello", "notes/readme.txt")
+    with pytest.raises(UserError, match="config.json"):
+        resolve_model_uri(f"runs:/{run.info.run_id}/notes")
+
+
 # ----------------------------------------------------------------------------- against real servers
 
 
@@ -305,6 +355,16 @@ def test_retrain_event_and_registry_webhook_trigger_audits(servers: Servers, tin
         models = [e["payload"].get("model") for e in _events(servers)]
         assert not [m for m in models if "forged" in (m or "")], models
         assert models.count(uri) == 1, models  # one delivery, one event (test_webhook's example was ignored)
+
+        # 3. GPU workers (docs/operations.md): the same deployment, moved into the influence-gpu pool
+        worker.stop()
+        _run([prefect, "work-pool", "create", "influence-gpu", "--type", "process"], env)
+        _run([prefect, "--no-prompt", "deploy", "-n", "post-retrain-audit", "-p", "influence-gpu"], env)
+        moved = _api(servers, "GET", f"/deployments/{post['id']}")
+        assert moved["work_pool_name"] == "influence-gpu"
+        automations = _api(servers, "POST", "/automations/filter", json={})
+        assert len([a for a in automations
+                    if any(act.get("deployment_id") == post["id"] for act in a["actions"])]) == 1
     finally:
         if receiver is not None:
             receiver.stop()
