@@ -176,7 +176,11 @@ def _hide_user_error_tracebacks() -> None:
     one-line message (the Prefect API's copy of the log keeps the traceback)."""
     import logging
 
+    from prefect.logging.configuration import ensure_logging_setup
+
     from influence_engine.errors import UserError
+
+    ensure_logging_setup()  # Prefect's handlers exist from here on (later setups are incremental)
 
     def one_line(record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], UserError):

@@ -191,11 +191,37 @@ def audit_env(api_url: str, root: Path, **extra: str) -> dict[str, str]:
     return env(PREFECT_API_URL=api_url, PREFECT_HOME=str(root / "client-prefect-home"), **extra)
 
 
-def audit_args(model: Path, train: Path, queries_path: Path, home: Path, *extra: str) -> list[str]:
-    """A small audit on the tiny model: 3 shards, fast settings."""
+def audit_args(model: Path, train: Path, queries_path: Path, home: Path, *extra: str, shard_size: int = 40,
+               batch_size: int = 4) -> list[str]:
+    """A small audit on the tiny model: fast settings, ``shard_size`` documents per shard."""
     return ["audit", "--model", str(model), "--train", str(train), "--queries", str(queries_path),
             "--output-dir", str(home), "--device", "cpu", "--max-length", "32", "--top-k", "5",
-            "--query-rank", "4", "--batch-size", "4", *extra]
+            "--query-rank", "4", "--batch-size", str(batch_size), "--shard-size", str(shard_size), *extra]
+
+
+def mlflow_runs(tracking_uri: str, audit_id: str, experiment: str = "influence-audit") -> list:
+    """Every MLflow run of ``experiment`` tagged ``audit.id=audit_id`` (newest first)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`audit.id` = '{audit_id}'",
+                              order_by=["attributes.start_time DESC"])
+
+
+def file_states(root: Path, patterns: Sequence[str] = ("*.parquet", "*.safetensors")) -> dict[str, tuple[int, str]]:
+    """``{relative path: (mtime_ns, sha256)}`` of the result files under ``root`` (not temporary files)."""
+    import hashlib
+
+    out = {}
+    for pattern in patterns:
+        for p in root.rglob(pattern):
+            if p.name.startswith(".") or "mlartifacts" in p.parts:
+                continue
+            out[str(p.relative_to(root))] = (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
 
 
 def report_counts() -> str:
