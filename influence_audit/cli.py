@@ -192,13 +192,13 @@ def _hide_user_error_tracebacks() -> None:
             handler.addFilter(one_line)
 
 
-def _run_audit(params) -> dict:
+def _run_audit(params, dask: str | None = None, cluster_class: str | None = None) -> dict:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    from flows.audit import influence_audit
+    from flows.runners import run_audit
 
     _hide_user_error_tracebacks()
-    return influence_audit(params)
+    return run_audit(params, dask=dask, cluster_class=cluster_class)
 
 
 def _print_summary(result: dict) -> None:
@@ -228,8 +228,11 @@ def audit(model: Annotated[str, typer.Option(help="Local model directory, or mod
           output_dir: Annotated[Path | None, typer.Option(help="Audits and factor cache (default ./.influence-audit)")] = None,
           experiment: str = "influence-audit",
           tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default: sqlite in --output-dir)")] = None,
-          planted: Annotated[Path | None, typer.Option(help="JSON {query_id: [train ids]} of known culprits")] = None
-          ) -> None:
+          planted: Annotated[Path | None, typer.Option(help="JSON {query_id: [train ids]} of known culprits")] = None,
+          dask: Annotated[str | None, typer.Option(help="Run mapped stages on Dask: local, local:N or tcp://host:port")]
+          = None,
+          dask_cluster_class: Annotated[str | None, typer.Option(help="e.g. dask_cuda.LocalCUDACluster for GPUs")]
+          = None) -> None:
     """Run the full audit flow: validate, sample, fit, score, merge, validate, record in MLflow, open review."""
     from pydantic import ValidationError
 
@@ -248,7 +251,7 @@ def audit(model: Annotated[str, typer.Option(help="Local model directory, or mod
         from influence_engine.errors import UserError
 
         raise UserError(f"--{'-'.join(str(x) for x in first['loc']).replace('_', '-')}: {first['msg']}") from None
-    _print_summary(_run_audit(params))
+    _print_summary(_run_audit(params, dask, dask_cluster_class))
 
 
 @app.command()
