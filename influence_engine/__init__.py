@@ -1,19 +1,41 @@
 """influence_engine: EK-FAC influence functions for Hugging Face causal language models, in plain PyTorch.
 
 Knows nothing of Prefect, MLflow or Great Expectations. Start at :class:`InfluenceEngine`.
+Names are imported lazily, so ``influence_engine.errors`` and ``influence_engine.atomic`` load without torch.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .data import Example, encode  # noqa: E402
-from .engine import Explanation, InfluenceEngine, ScoreResult, load_pretrained, model_fingerprint  # noqa: E402
-from .errors import DataError, FactorMismatchError, ModelError, NumericalError, UserError  # noqa: E402
-from .factors import (CovariancePartial, Eigenbasis, Factors, LambdaPartial, eigendecompose,  # noqa: E402
-                      finalize, merge)
-from .queries import PreparedQueries  # noqa: E402
+_EXPORTS = {
+    "Example": "data", "encode": "data",
+    "Explanation": "engine", "InfluenceEngine": "engine", "ScoreResult": "engine", "load_pretrained": "engine",
+    "model_fingerprint": "engine",
+    "DataError": "errors", "FactorMismatchError": "errors", "ModelError": "errors", "NumericalError": "errors",
+    "UserError": "errors",
+    "CovariancePartial": "factors", "Eigenbasis": "factors", "Factors": "factors", "LambdaPartial": "factors",
+    "eigendecompose": "factors", "finalize": "factors", "merge": "factors",
+    "PreparedQueries": "queries",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "CovariancePartial", "DataError", "Eigenbasis", "Example", "Explanation", "FactorMismatchError", "Factors",
-    "InfluenceEngine", "LambdaPartial", "ModelError", "NumericalError", "PreparedQueries", "ScoreResult",
-    "UserError", "eigendecompose", "encode", "finalize", "load_pretrained", "merge", "model_fingerprint",
-]
+if TYPE_CHECKING:  # pragma: no cover
+    from .data import Example, encode  # noqa: F401
+    from .engine import Explanation, InfluenceEngine, ScoreResult, load_pretrained, model_fingerprint  # noqa: F401
+    from .errors import DataError, FactorMismatchError, ModelError, NumericalError, UserError  # noqa: F401
+    from .factors import (CovariancePartial, Eigenbasis, Factors, LambdaPartial, eigendecompose,  # noqa: F401
+                          finalize, merge)
+    from .queries import PreparedQueries  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'influence_engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

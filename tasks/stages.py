@@ -133,7 +133,7 @@ def load_and_validate_inputs(p: AuditParams) -> Inputs:
     if failed:
         raise InputValidationError("input validation failed:\n" + "\n".join(r.summary() for r in failed), as_json)
     data_fp, query_fp = data_fingerprint(train), data_fingerprint(queries)
-    identity = p.identity() | {"model": eng.fingerprint, "data": data_fp, "queries": query_fp}
+    identity = p.identity() | {"model_fingerprint": eng.fingerprint, "data": data_fp, "queries": query_fp}
     audit_id = settings_key(identity)[:12]
     audit_dir = home_dir(p) / "audits" / audit_id
     for name, rep in as_json.items():
