@@ -198,7 +198,16 @@ def _run_audit(params, dask: str | None = None, cluster_class: str | None = None
     from flows.runners import run_audit
 
     _hide_user_error_tracebacks()
-    return run_audit(params, dask=dask, cluster_class=cluster_class)
+    try:
+        return run_audit(params, dask=dask, cluster_class=cluster_class)
+    except RuntimeError as exc:
+        if not str(exc).startswith("Failed to reach API"):
+            raise
+        from influence_engine.errors import UserError
+
+        raise UserError(f"Prefect: {exc} (PREFECT_API_URL); nothing was computed",
+                        hint="start the Prefect server, or unset PREFECT_API_URL to use a temporary local one"
+                        ) from None
 
 
 def _print_summary(result: dict) -> None:

@@ -24,7 +24,9 @@ from reliability_support import (
     REPO,
     build_model,
     corpus,
+    env,
     error_lines,
+    free_port,
     queries,
     report_counts,
     run_cli,
@@ -44,6 +46,7 @@ class Case:
     expect: list[str]
     code: int = 2
     out: Path | None = None  # an output that must not exist afterwards
+    env: dict[str, str] = field(default_factory=dict)  # added to the subprocess environment
     result: object = field(default=None, repr=False)
 
 
@@ -175,6 +178,9 @@ def world(tmp_path_factory):
         Case("audit-bad-damping", ["audit", "--model", str(model), "--train", str(train), "--queries", str(qs),
                                    "--damping", "abc", "--output-dir", str(out / "home")], ["--damping"],
              out=out / "home"),
+        Case("audit-prefect-unreachable", ["audit", "--model", str(model), "--train", str(train), "--queries",
+                                           str(qs), "--output-dir", str(out / "home")], ["Prefect", "PREFECT_API_URL"],
+             out=out / "home", env={"PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"}),
         Case("audit-bad-top-k", ["audit", "--model", str(model), "--train", str(train), "--queries", str(qs),
                                  "--top-k", "-1", "--output-dir", str(out / "home")], ["--top-k"], out=out / "home"),
     ]
@@ -185,7 +191,7 @@ def world(tmp_path_factory):
         if c.out is None and "--out" in c.args:
             c.out = Path(c.args[c.args.index("--out") + 1])
     with ThreadPoolExecutor(max_workers=2) as pool:
-        for c, proc in zip(cases, pool.map(lambda c: run_cli(c.args), cases), strict=True):
+        for c, proc in zip(cases, pool.map(lambda c: run_cli(c.args, env_=env(**c.env)), cases), strict=True):
             c.result = proc
     COUNTS["inputs tried"] += len(cases)
     yield {"root": root, "model": model, "train": train, "queries": qs, "long": d / "long.jsonl", "out": out,
@@ -201,6 +207,7 @@ CASE_NAMES = [
     "nan-in-factors", "nan-in-model", "bad-strategy", "bad-damping", "negative-top-k", "bad-batch-size",
     "bad-on-long", "bad-layers-regex", "out-not-parquet", "missing-option", "unknown-command",
     "fit-factors-malformed", "fit-factors-nan-model", "audit-bad-damping", "audit-bad-top-k",
+    "audit-prefect-unreachable",
     "cuda-on-cpu-machine",
 ]
 
