@@ -50,7 +50,7 @@ def test_demo_audit_is_recorded_in_mlflow(audit, demo_data):
     assert metrics["documents"] == pl.read_ndjson(demo_data / "corpus.jsonl").height
     assert metrics["queries"] == n_queries
     assert metrics["tokens"] > 0 and metrics["scoring_tokens_per_s"] > 0
-    for stage in ("load_inputs", "fit_factors", "score_shards", "record_mlflow"):
+    for stage in ("load_inputs", "fit_factors", "score_shards", "merge_candidates", "validate_outputs"):
         assert metrics[f"seconds_{stage}"] >= 0
     assert metrics["planted_recall_at_10"] >= 0.6
     artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
