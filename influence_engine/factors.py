@@ -321,8 +321,9 @@ class Factors:
         if layers is not None and list(layers) != names:
             missing = sorted(set(layers) - set(names))
             raise FactorMismatchError(
-                f"{d}: factors track {len(names)} layers, not the {len(list(layers))} asked for"
-                + (f" (missing e.g. {missing[0]})" if missing else ""), hint="use the same --layers or refit")
+                f"{d}: factors track other layers ({len(names)}, e.g. {names[0]}) than the {len(list(layers))} "
+                f"asked for" + (f" (missing e.g. {missing[0]})" if missing else ""),
+                hint="use the same --layers or refit")
         if strategy is not None and meta["strategy"] != strategy:
             raise FactorMismatchError(f"{d}: factors are for strategy {meta['strategy']!r}, not {strategy!r}",
                                       hint="pass the same --strategy or refit")
@@ -331,7 +332,9 @@ class Factors:
         tensors: dict[str, dict[str, torch.Tensor]] = {n: {} for n in specs}
         for key, v in flat.items():
             layer, sub = key.rsplit("/", 1)
-            _check_finite(layer, f"stored factor {sub}", v)
+            if not torch.isfinite(v).all():
+                raise NumericalError(f"{d / 'factors.safetensors'}: layer {layer}: stored factor {sub} contains NaN "
+                                     f"or Inf", hint="the stored factors are corrupt: delete the directory and refit")
             tensors[layer][sub] = v
         return cls(meta["strategy"], specs, tensors, {k: float(v) for k, v in meta["damping"].items()}, meta)
 

@@ -196,7 +196,10 @@ def world(tmp_path_factory):
     COUNTS["inputs tried"] += len(cases)
     yield {"root": root, "model": model, "train": train, "queries": qs, "long": d / "long.jsonl", "out": out,
            "cases": {c.name: c for c in cases}}
-    print(f"\nreliability counts after test_cli_errors: {report_counts()}")
+    print("\ncase | exit | stderr")
+    for c in cases:
+        print(f"{c.name} | {c.result.returncode} | {' / '.join(error_lines(c.result))[:300]}")
+    print(f"reliability counts after test_cli_errors: {report_counts()}")
 
 
 CASE_NAMES = [
