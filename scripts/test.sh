@@ -6,5 +6,6 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export MLFLOW_DISABLE_TELEMETRY=true PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120
+export PATH="$PWD/.venv/bin:$PATH"  # tests run the installed `influence-audit` and `prefect` commands
 export PREFECT_HOME="${PREFECT_HOME:-$(mktemp -d)/prefect}"
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -159,8 +159,28 @@ def configure_tracking(tracking_uri: str | None, default_dir: Path) -> str:
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
         (db.parent / "mlartifacts").mkdir(exist_ok=True)
+        _initialise_sqlite_store(uri, db)
     mlflow.set_tracking_uri(uri)  # also exports MLFLOW_TRACKING_URI for subprocesses
     return uri
+
+
+_INITIALISED: set[str] = set()
+
+
+def _initialise_sqlite_store(uri: str, db: Path) -> None:
+    """Create or migrate a sqlite store under an exclusive file lock: MLflow's schema migrations race when
+    several audits open a fresh store at once (two processes both run ``ALTER TABLE``)."""
+    if uri in _INITIALISED:
+        return
+    import fcntl
+
+    with open(db.parent / f".{db.name}.init.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _INITIALISED.add(uri)
 
 
 # ------------------------------------------------------------------------------------------ runs
