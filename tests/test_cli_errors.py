@@ -404,3 +404,23 @@ def test_document_ids_never_name_files(tmp_path):
     names = re.findall(r'f"([^"]*\.(?:parquet|safetensors|json))"', stages)
     fields = {f for n in names for f in re.findall(r"\{([^}]*)\}", n)}
     assert names and fields <= {"i:05d", "key", "shard.key", "shard.index:05d", "name"}, fields
+
+
+def test_ctrl_c_exits_130_with_a_resume_hint(world, monkeypatch, capsys):
+    """typer turns Ctrl-C into a returned 130 when not standalone: it must not become exit 0."""
+    import tasks.data
+    from influence_audit import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tasks.data, "read_rows", interrupted)
+    monkeypatch.setattr(sys, "argv", ["influence-audit", "score", "--model", str(world["model"]), "--train",
+                                      str(world["train"]), "--queries", str(world["queries"]), "--out",
+                                      str(world["out"] / "ctrl-c.parquet")])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    COUNTS["faults injected"] += 1
+    assert exit_info.value.code == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert not (world["out"] / "ctrl-c.parquet").exists()
