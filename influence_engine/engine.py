@@ -29,11 +29,19 @@ from torch import nn
 from . import __version__
 from .data import Example, encode
 from .errors import ModelError, UserError
-from .factors import (CovariancePartial, CovarianceAccumulator, Eigenbasis, Factors, LambdaAccumulator,
-                      LambdaPartial, eigendecompose, finalize)
+from .factors import (
+    CovarianceAccumulator,
+    CovariancePartial,
+    Eigenbasis,
+    Factors,
+    LambdaAccumulator,
+    LambdaPartial,
+    eigendecompose,
+    finalize,
+)
 from .layers import LayerSpec, layer_spec, select_layers
 from .passes import PassConfig, Progress, Runner
-from .queries import GradientAccumulator, PreparedQueries, precondition_queries
+from .queries import GradientAccumulator, PreparedQueries, QueryAccumulator
 from .scoring import ScoreAccumulator, SelfInfluenceAccumulator, TopK, check_scores
 
 PRECISIONS = ("fp32", "fp64", "bf16")
@@ -204,16 +212,17 @@ class InfluenceEngine:
     # --------------------------------------------------------------------------------------------- factors
     def fit_covariance(self, examples: Sequence[Example], progress: Progress | None = None) -> CovariancePartial:
         """Partial sums of ``a a^T`` and ``g g^T`` over these examples (add partials with ``+``)."""
-        acc = CovarianceAccumulator(self.specs, self.device)
+        acc = CovarianceAccumulator(self.specs, self.device, self.dtype)
         self.runner.run(examples, acc, self._cfg(self._fit_labels), progress)
-        return CovariancePartial(acc.total.specs, {n: t.cpu() for n, t in acc.total.A.items()},
-                                 {n: t.cpu() for n, t in acc.total.S.items()}, acc.total.n_tokens,
+        return CovariancePartial(acc.total.specs, {n: t.cpu().double() for n, t in acc.total.A.items()},
+                                 {n: t.cpu().double() for n, t in acc.total.S.items()}, acc.total.n_tokens,
                                  acc.total.n_docs)
 
     def fit_lambda(self, examples: Sequence[Example], basis: Eigenbasis | None,
                    progress: Progress | None = None) -> LambdaPartial:
         """Partial eigenvalue corrections in ``basis`` (``None``: the diagonal of the Fisher)."""
-        acc = LambdaAccumulator(self.specs, basis, self.device, self.dtype)
+        acc = LambdaAccumulator(self.specs, basis, self.device, self.dtype,
+                                self.runner.gemm_dtype(self.precision))
         self.runner.run(examples, acc, self._cfg(self._fit_labels), progress)
         total = acc.total
         return LambdaPartial(total.specs, {n: t.cpu() for n, t in total.sums.items()}, total.n_docs, total.rotated)
@@ -235,7 +244,7 @@ class InfluenceEngine:
         basis = cov = lam = None
         if strategy in ("kfac", "ekfac"):
             cov = self.fit_covariance(examples, progress)
-            basis = eigendecompose(cov)
+            basis = eigendecompose(cov, self.device)
         if strategy in ("ekfac", "diagonal"):
             lam = self.fit_lambda(examples, basis if strategy == "ekfac" else None, progress)
         return self.finalize(strategy, basis=basis, lambdas=lam, covariance=cov, damping=damping)
@@ -263,7 +272,10 @@ class InfluenceEngine:
         ids = [e.id for e in examples]
         if len(set(ids)) != len(ids):
             raise UserError("query ids are not unique")
-        return precondition_queries(self.query_gradients(examples), ids, factors, rank)
+        acc = QueryAccumulator(self.specs, factors, rank, self.dtype,  # float32 unless fp64
+                               keep_factors=len(examples) > self.batch_size)
+        self.runner.run(examples, acc, self._cfg("true"))
+        return acc.prepared(ids)
 
     def score(self, examples: Sequence[Example], queries: PreparedQueries, *, top_k: int = 50,
               return_all: bool = False, progress: Progress | None = None) -> ScoreResult:
@@ -276,7 +288,8 @@ class InfluenceEngine:
         if len(position) != n:
             raise UserError("document ids are not unique")
         tokens_per_doc = float(np.mean([len(e.input_ids) for e in examples])) if n else 1.0
-        acc = ScoreAccumulator(queries, self.device, self.dtype, tokens_per_doc)
+        acc = ScoreAccumulator(queries, self.device, self.dtype, tokens_per_doc,
+                               gemm_dtype=self.runner.gemm_dtype(self.precision))
         keep = n if top_k == 0 else top_k
         topk = TopK(max(1, keep))
         all_scores = torch.zeros(len(queries), n, dtype=torch.float64) if (return_all or top_k == 0) else None

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from .atomic import atomic_path, write_json_atomic
 from .errors import FactorMismatchError, NumericalError, UserError
 from .layers import LayerSpec
-from .passes import BaseAccumulator, PassContext, augment, masked
+from .passes import BaseAccumulator, PassContext, aligned, augment
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 FORMAT_VERSION = 1
@@ -77,10 +77,12 @@ class CovariancePartial:
     n_docs: int = 0
 
     @classmethod
-    def zeros(cls, specs: dict[str, LayerSpec], device: torch.device | str = "cpu") -> CovariancePartial:
-        f64 = torch.float64
-        return cls(dict(specs), {n: torch.zeros(s.a_dim, s.a_dim, dtype=f64, device=device) for n, s in specs.items()},
-                   {n: torch.zeros(s.out_features, s.out_features, dtype=f64, device=device) for n, s in specs.items()})
+    def zeros(cls, specs: dict[str, LayerSpec], device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float64) -> CovariancePartial:
+        return cls(dict(specs),
+                   {n: torch.zeros(s.a_dim, s.a_dim, dtype=dtype, device=device) for n, s in specs.items()},
+                   {n: torch.zeros(s.out_features, s.out_features, dtype=dtype, device=device)
+                    for n, s in specs.items()})
 
     def __add__(self, other: CovariancePartial) -> CovariancePartial:
         if list(self.specs) != list(other.specs):
@@ -136,19 +138,23 @@ def load_basis(path: str | Path) -> Eigenbasis:
     return Eigenbasis(specs, *({n: t[f"{key}/{n}"] for n in specs} for key in ("Q_A", "lambda_A", "Q_S", "lambda_S")))
 
 
-def eigendecompose(cov: CovariancePartial) -> Eigenbasis:
-    """Eigendecompose the mean covariances in float64 (negative round-off eigenvalues clipped to 0)."""
+def eigendecompose(cov: CovariancePartial, device: torch.device | str | None = None) -> Eigenbasis:
+    """Eigendecompose the mean covariances in float64 (negative round-off eigenvalues clipped to 0).
+
+    ``device``: where ``eigh`` runs (default the CPU); a GPU is many times faster at GPT-2 widths. The
+    result is on the CPU either way."""
     if cov.n_tokens == 0:
         raise UserError("no tokens were seen while fitting covariances", hint="the training data is empty")
+    device = torch.device(device) if device is not None else torch.device("cpu")
     out = Eigenbasis(cov.specs, {}, {}, {}, {})
     for n in cov.specs:
         for key, mat, count, qs, ls in (("A", cov.A[n], cov.n_tokens, out.Q_A, out.lambda_A),
                                         ("S", cov.S[n], cov.n_docs, out.Q_S, out.lambda_S)):
-            m = mat.double().cpu() / count
+            m = mat.to(device, torch.float64) / count
             _check_finite(n, f"covariance {key}", m)
             m = 0.5 * (m + m.T)
             vals, vecs = torch.linalg.eigh(m)
-            ls[n], qs[n] = vals.clamp_min(0.0), vecs
+            ls[n], qs[n] = vals.clamp_min(0.0).cpu(), vecs.cpu()
     return out
 
 
@@ -181,28 +187,45 @@ class LambdaPartial:
 
 # ------------------------------------------------------------------------------------------- accumulators
 class CovarianceAccumulator(BaseAccumulator):
-    """Accumulates ``Σ a a^T`` (forward) and ``Σ g g^T`` (backward) over real tokens."""
+    """Accumulates ``Σ a a^T`` (forward) and ``Σ g g^T`` (backward) over real tokens.
 
-    def __init__(self, specs: dict[str, LayerSpec], device: torch.device):
-        self.total = CovariancePartial.zeros(specs, device)
-        self._pending: list[tuple[dict[str, torch.Tensor], str, torch.Tensor]] = []
+    With a bias, ``a`` is ``[x, 1]``: its block ``x x^T`` is the GEMM; the bias row ``Σ x`` and corner
+    (the token count) are filled in without ever concatenating the ones column."""
+
+    def __init__(self, specs: dict[str, LayerSpec], device: torch.device, dtype: torch.dtype = torch.float64):
+        # running sums on the device in ``dtype``: float32 outside fp64 mode (half the memory of float64, which
+        # for GPT-2-small's MLP layers is 1.9 GB); partials leave the device in float64
+        self.total = CovariancePartial.zeros(specs, device, dtype)
+        self.specs = specs
+        self._pending: list[tuple[dict[str, torch.Tensor], str, torch.Tensor, torch.Tensor | None]] = []
 
     def begin_batch(self, ctx: PassContext) -> None:
         self._pending = []
 
     def forward(self, spec: LayerSpec, a: torch.Tensor, ctx: PassContext) -> None:
-        a = augment(masked(a, ctx.mask, ctx.dtype), spec, ctx.mask).flatten(0, 1)
-        self._pending.append((self.total.A, spec.name, a.T @ a))
+        x = ctx.masked(a, ctx.gemm_dtype).flatten(0, 1)
+        col = x.sum(0, dtype=ctx.dtype) if spec.bias else None
+        self._pending.append((self.total.A, spec.name, x.T @ x, col))
 
     def backward(self, spec: LayerSpec, state: Any, g: torch.Tensor, ctx: PassContext) -> None:
-        g = masked(g, ctx.mask, ctx.dtype).flatten(0, 1)
-        self._pending.append((self.total.S, spec.name, g.T @ g))
+        g = ctx.masked(g, ctx.gemm_dtype).flatten(0, 1)
+        self._pending.append((self.total.S, spec.name, g.T @ g, None))
 
     def end_batch(self, ctx: PassContext) -> None:
-        for store, name, value in self._pending:
-            store[name] += value.double()
+        n_tokens = ctx.batch.n_tokens
+        for store, name, value, col in self._pending:
+            acc = store[name]
+            if col is None:
+                acc += value.to(acc.dtype)
+            else:
+                n = self.specs[name].in_features
+                col = col.to(acc.dtype)
+                acc[:n, :n] += value.to(acc.dtype)
+                acc[n, :n] += col
+                acc[:n, n] += col
+                acc[n, n] += n_tokens
         self._pending = []
-        self.total.n_tokens += ctx.batch.n_tokens
+        self.total.n_tokens += n_tokens
         self.total.n_docs += len(ctx.batch)
 
     def abort_batch(self) -> None:
@@ -215,14 +238,26 @@ def per_document_gradient(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 class LambdaAccumulator(BaseAccumulator):
-    """Accumulates ``Σ_doc (Q_S^T G Q_A)^2`` (or ``Σ_doc G^2`` without a basis, for ``diagonal``)."""
+    """Accumulates ``Σ_doc (Q_S^T G Q_A)^2`` (or ``Σ_doc G^2`` without a basis, for ``diagonal``).
+
+    Tokens are rotated before the per-document product: ``Q_S^T G Q_A = Σ_t (Q_S^T g_t)(Q_A^T a_t)^T``.
+    With a bias, ``a_t^T Q_A = x_t^T Q_A[:in] + Q_A[in]``: one fused multiply-add, no ones column."""
 
     def __init__(self, specs: dict[str, LayerSpec], basis: Eigenbasis | None, device: torch.device,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, gemm_dtype: torch.dtype | None = None):
         self.specs = specs
+        self.device = device
+        self.gemm_dtype = gemm_dtype or dtype
         self.basis = None
+        self.width = {n: aligned(s.a_dim, device) for n, s in specs.items()}
         if basis is not None:
-            self.basis = {n: (basis.Q_A[n].to(device, dtype), basis.Q_S[n].to(device, dtype)) for n in specs}
+            self.basis = {}
+            for n, s in specs.items():
+                Q_A = torch.zeros(s.a_dim, self.width[n], dtype=torch.float64)
+                Q_A[:, :s.a_dim] = basis.Q_A[n]
+                Q_A = Q_A.to(device, self.gemm_dtype)
+                self.basis[n] = (Q_A[:s.in_features], Q_A[s.in_features] if s.bias else None,
+                                 basis.Q_S[n].to(device, self.gemm_dtype))
         self.total = LambdaPartial(dict(specs), {n: torch.zeros(s.out_features, s.a_dim, dtype=torch.float64,
                                                                   device=device) for n, s in specs.items()},
                                    0, rotated=basis is not None)
@@ -232,19 +267,24 @@ class LambdaAccumulator(BaseAccumulator):
         self._pending = {}
 
     def forward(self, spec: LayerSpec, a: torch.Tensor, ctx: PassContext) -> torch.Tensor:
-        a = augment(masked(a, ctx.mask, ctx.dtype), spec, ctx.mask)
-        return a @ self.basis[spec.name][0] if self.basis is not None else a
+        x = a.to(self.gemm_dtype)
+        if self.basis is None:
+            return augment(ctx.masked(x, self.gemm_dtype), spec, ctx.mask)
+        W, w_bias, _ = self.basis[spec.name]
+        flat = x.flatten(0, 1)
+        rot = torch.addmm(w_bias, flat, W) if w_bias is not None else flat @ W
+        return ctx.zero_padding(rot.view(*x.shape[:2], -1))
 
     def backward(self, spec: LayerSpec, a: torch.Tensor, g: torch.Tensor, ctx: PassContext) -> None:
-        g = masked(g, ctx.mask, ctx.dtype)
+        g = ctx.masked(g, self.gemm_dtype)
         if self.basis is not None:
-            g = g @ self.basis[spec.name][1]
+            g = g @ self.basis[spec.name][2]
         grad = per_document_gradient(a, g)
-        self._pending[spec.name] = grad.square().sum(0)
+        self._pending[spec.name] = grad.to(ctx.dtype).square_().sum(0)
 
     def end_batch(self, ctx: PassContext) -> None:
         for name, value in self._pending.items():
-            self.total.sums[name] += value.double()
+            self.total.sums[name] += value[:, :self.specs[name].a_dim].double()
         self._pending = {}
         self.total.n_docs += len(ctx.batch)
 

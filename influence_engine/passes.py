@@ -30,11 +30,42 @@ Progress = Callable[[int, int], None]  # (documents done, tokens done)
 
 @dataclass
 class PassContext:
-    """What accumulators see of the batch being processed (on the compute device)."""
+    """What accumulators see of the batch being processed (on the compute device).
+
+    ``dtype`` is what sums are kept in (float32, or float64 in fp64 mode); ``gemm_dtype`` is the operand type
+    of the accumulators' large products (bfloat16 in bf16 mode: products accumulate in float32 inside the
+    GEMM, and sums across tokens and batches are kept in ``dtype``). ``padded`` is False when every position
+    of the batch is a real token, so masking can be skipped."""
 
     batch: Batch
     mask: torch.Tensor  # (B, T) bool: real (non-padding) tokens
-    dtype: torch.dtype  # dtype accumulators compute in (float32 or float64)
+    dtype: torch.dtype  # dtype accumulators sum in (float32 or float64)
+    gemm_dtype: torch.dtype | None = None
+    padded: bool = True
+
+    def __post_init__(self) -> None:
+        if self.gemm_dtype is None:
+            self.gemm_dtype = self.dtype
+
+    def masked(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``x`` in ``dtype`` (default ``self.dtype``) with padding positions exactly zero; no copy when
+        nothing needs doing."""
+        x = x.to(dtype or self.dtype)
+        if not self.padded:
+            return x
+        return torch.where(self.mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    def zero_padding(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, T, ...) with padding positions set to zero, in place when padded."""
+        if self.padded:
+            x.masked_fill_(~self.mask.view(*self.mask.shape, *([1] * (x.dim() - 2))), 0)
+        return x
+
+
+def aligned(n: int, device: torch.device) -> int:
+    """``n`` rounded up to a multiple of 8 on CUDA, where GEMMs with odd leading dimensions (a layer's
+    ``in + 1`` with its bias column) fall back to slow kernels; ``n`` elsewhere."""
+    return -(-n // 8) * 8 if device.type == "cuda" else n
 
 
 class Accumulator(Protocol):
@@ -114,9 +145,11 @@ def _sample_targets(logits: torch.Tensor, counts: Sequence[int], ids: Sequence[s
 def objective(logits: torch.Tensor, batch: Batch, labels: str, seed: int) -> torch.Tensor:
     """Summed next-token negative log-likelihood over each document's targets."""
     select = batch.target_mask[:, 1:]
-    pred = logits[:, :-1][select]
-    if pred.dtype != torch.float64:
-        pred = pred.float()
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    if bool(select.all()):  # every position is a target: one copy (the cast) instead of a gather then a cast
+        pred = logits[:, :-1].to(dtype).reshape(-1, logits.shape[-1])
+    else:
+        pred = logits[:, :-1][select].to(dtype)
     if labels == "true":
         targets = batch.input_ids[:, 1:][select]
     elif labels == "sampled":
@@ -147,6 +180,9 @@ class Runner:
 
     def compute_dtype(self, precision: str) -> torch.dtype:
         return torch.float64 if precision == "fp64" else torch.float32
+
+    def gemm_dtype(self, precision: str) -> torch.dtype:
+        return torch.bfloat16 if precision == "bf16" else self.compute_dtype(precision)
 
     def run(self, examples: Sequence[Example], acc: Accumulator, cfg: PassConfig,
             progress: Progress | None = None) -> None:
@@ -186,13 +222,17 @@ class Runner:
 
     def _run_batch(self, batch: Batch, acc: Accumulator, cfg: PassConfig) -> None:
         batch = batch.to(self.device)
-        ctx = PassContext(batch, batch.attention_mask, self.compute_dtype(cfg.precision))
+        padded = not bool(batch.attention_mask.all())
+        ctx = PassContext(batch, batch.attention_mask, self.compute_dtype(cfg.precision),
+                          self.gemm_dtype(cfg.precision), padded)
         acc.begin_batch(ctx)
         handles = []
+        device_type = self.device.type
 
         def hook_for(spec: LayerSpec):
             def forward_hook(module, inputs, output):
-                state = acc.forward(spec, inputs[0].detach(), ctx)
+                with torch.autocast(device_type, enabled=False):  # accumulators choose their own dtypes
+                    state = acc.forward(spec, inputs[0].detach(), ctx)
 
                 def grad_hook(g):
                     acc.backward(spec, state, g, ctx)
@@ -204,7 +244,7 @@ class Runner:
         try:
             for name, module in self.tracked.items():
                 handles.append(module.register_forward_hook(hook_for(self.specs[name])))
-            autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
+            autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                         else contextlib.nullcontext())
             with autocast:
                 embeds = self.model.get_input_embeddings()(batch.input_ids).detach().requires_grad_(True)

@@ -23,7 +23,7 @@ import torch
 from .errors import UserError
 from .factors import Factors, _check_finite, _load_tensors, _save_tensors, per_document_gradient
 from .layers import LayerSpec
-from .passes import BaseAccumulator, PassContext, augment, masked
+from .passes import BaseAccumulator, PassContext, augment
 
 
 class GradientAccumulator(BaseAccumulator):
@@ -38,10 +38,10 @@ class GradientAccumulator(BaseAccumulator):
         self._pending = {}
 
     def forward(self, spec: LayerSpec, a: torch.Tensor, ctx: PassContext) -> torch.Tensor:
-        return augment(masked(a, ctx.mask, ctx.dtype), spec, ctx.mask)
+        return a  # as the layer saw it (bf16 under autocast): cast and augmented only when its gradient comes
 
     def backward(self, spec: LayerSpec, a: torch.Tensor, g: torch.Tensor, ctx: PassContext) -> None:
-        self._pending[spec.name] = per_document_gradient(a, masked(g, ctx.mask, ctx.dtype))
+        self._pending[spec.name] = per_document_gradient(augment(ctx.masked(a), spec, ctx.mask), ctx.masked(g))
 
     def end_batch(self, ctx: PassContext) -> None:
         for name, grads in self._pending.items():
@@ -102,25 +102,151 @@ class PreparedQueries:
         return cls(ids, specs, layers, meta)
 
 
-def low_rank(P: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-``rank`` factors ``U, V`` with ``U V^T ≈ P`` (batched SVD in float64)."""
-    Uf, s, Vh = torch.linalg.svd(P.double(), full_matrices=False)
-    return (Uf[..., :rank] * s[..., None, :rank]), Vh[..., :rank, :].transpose(-1, -2)
+def _orthonormal(Y: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of the columns of each ``Y`` (..., m, k): Cholesky QR, twice (batched GEMMs and
+    small Cholesky factorisations, fast on GPUs); Householder QR if the Gram matrix is not positive definite."""
+    for _ in range(2):
+        L, info = torch.linalg.cholesky_ex(Y.mT @ Y)
+        if bool((info != 0).any()):
+            return torch.linalg.qr(Y).Q
+        Y = torch.linalg.solve_triangular(L, Y.mT, upper=False).mT
+    return Y
+
+
+def low_rank(P: torch.Tensor, rank: int, *, oversample: int | None = None, power_iterations: int = 10,
+             seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` factors ``U, V`` with ``U V^T ≈ P`` (in ``P``'s dtype and on its device; singular values
+    in ``U``, ``V`` orthonormal).
+
+    Small matrices (the short side at most ``3 k``, ``k = rank + oversample``) get the exact truncated SVD,
+    on the CPU. Larger ones a randomized SVD (Halko et al. 2011): a seeded sketch of ``k`` directions
+    (``oversample`` defaults to ``rank + 16``) refined by ``power_iterations`` subspace iterations, so the
+    error over the best rank-``rank`` approximation shrinks like ``(σ_{k+1}/σ_rank)^(2q+1)``. All of it is
+    batched GEMMs, fast on GPUs (whose dense SVDs are slow); the last, ``k x k`` step goes through a Gram
+    matrix in float64 on the CPU. The sketch is shared by all queries, so each query's factors do not depend
+    on how queries are batched."""
+    wide = P.shape[-2] <= P.shape[-1]
+    Pw = P if wide else P.mT  # (..., m, n), m <= n
+    m, n = Pw.shape[-2:]
+    k = min(m, rank + (rank + 16 if oversample is None else oversample))
+    if m <= 3 * k:
+        Uf, s, Vh = torch.linalg.svd(Pw.cpu(), full_matrices=False)
+        left, s, right = Uf[..., :rank], s[..., None, :rank], Vh[..., :rank, :].mT
+        left, s, right = left.to(P.device), s.to(P.device), right.to(P.device)
+    else:
+        omega = torch.randn(n, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        Y = Pw @ omega.to(P.device, P.dtype)
+        for _ in range(power_iterations):  # orthonormalised after every product: stable in float32 too
+            Y = Pw @ _orthonormal(Pw.mT @ _orthonormal(Y))
+        Q = _orthonormal(Y)  # (..., m, k): Pw ≈ Q Q^T Pw
+        B = Q.mT @ Pw  # (..., k, n)
+        Bd = B.double()
+        _, W = torch.linalg.eigh((Bd @ Bd.mT).cpu())  # B's left singular vectors
+        W = W[..., -rank:].flip(-1).to(P.device, P.dtype)
+        right = B.mT @ W  # (..., n, rank): right singular vectors times singular values
+        s = torch.linalg.vector_norm(right, dim=-2, keepdim=True)
+        right = right / torch.where(s > 0, s, torch.ones_like(s))
+        left = Q @ W
+    return (left * s, right) if wide else (right * s, left)
+
+
+def prepare_layer(name: str, G: torch.Tensor, factors: Factors, rank: int,
+                  dtype: torch.dtype = torch.float64) -> LayerQueries:
+    """Precondition one layer's query gradients ``G`` (Q, out, a_dim) in ``dtype`` on their device, and
+    compress them when ``rank`` is below the layer's size. Results are float64, on the CPU."""
+    P = factors.precondition(name, G.to(dtype))
+    _check_finite(name, "preconditioned query gradient", P)
+    return _compressed(P, rank)
+
+
+def _compressed(R: torch.Tensor, rank: int, Q_S: torch.Tensor | None = None,
+                Q_A: torch.Tensor | None = None) -> LayerQueries:
+    """``P = Q_S R Q_A^T`` (or ``R`` itself without a basis), kept whole or at rank ``rank``. Orthogonal
+    rotations keep singular values, so ``P``'s best rank-r factors are the rotated factors of ``R``: the
+    compression never needs ``P`` itself."""
+    if rank and rank < min(R.shape[-2:]):
+        U, V = low_rank(R, rank)
+        if Q_S is not None:
+            U, V = Q_S @ U, Q_A @ V
+        return LayerQueries(U=U.double().cpu(), V=V.double().cpu())
+    P = R if Q_S is None else Q_S @ R @ Q_A.T
+    return LayerQueries(full=P.double().cpu())
+
+
+def _check_rank(rank: int) -> None:
+    if rank < 0:
+        raise UserError(f"--query-rank {rank}: must be 0 (exact) or a positive rank")
 
 
 def precondition_queries(grads: dict[str, torch.Tensor], ids: Sequence[str], factors: Factors,
                          rank: int = 32) -> PreparedQueries:
     """Precondition stacked query gradients and compress layers larger than ``rank`` (0 keeps them exact)."""
-    if rank < 0:
-        raise UserError(f"--query-rank {rank}: must be 0 (exact) or a positive rank")
-    layers: dict[str, LayerQueries] = {}
-    for name, G in grads.items():
-        P = factors.precondition(name, G.double())
-        _check_finite(name, "preconditioned query gradient", P)
-        if rank and rank < min(P.shape[-2:]):
-            U, V = low_rank(P, rank)
-            layers[name] = LayerQueries(U=U, V=V)
-        else:
-            layers[name] = LayerQueries(full=P)
+    _check_rank(rank)
+    layers = {name: prepare_layer(name, G, factors, rank) for name, G in grads.items()}
+    return PreparedQueries(list(ids), dict(factors.specs), layers, _meta(factors, rank))
+
+
+def _meta(factors: Factors, rank: int) -> dict[str, Any]:
     meta = {"strategy": factors.strategy, "rank": rank, "factors_model": factors.meta.get("model_fingerprint")}
-    return PreparedQueries(list(ids), dict(factors.specs), layers, json.loads(json.dumps(meta)))
+    return json.loads(json.dumps(meta))
+
+
+class QueryAccumulator(GradientAccumulator):
+    """Query gradients preconditioned and compressed batch by batch on the compute device, so only the
+    prepared form (``U, V`` at low rank) is ever kept: memory does not grow with full per-query gradients."""
+
+    def __init__(self, specs: dict[str, LayerSpec], factors: Factors, rank: int,
+                 dtype: torch.dtype = torch.float64, keep_factors: bool = True):
+        super().__init__(specs)
+        _check_rank(rank)
+        self.factors, self.rank, self.dtype = factors, rank, dtype
+        self.parts: dict[str, dict[str, tuple[torch.Tensor, ...]]] = {n: {} for n in specs}
+        self.keep_factors = keep_factors  # False when one batch holds every query: free each layer after use
+        self._on_device: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _factor_tensors(self, name: str, device: torch.device) -> dict[str, torch.Tensor]:
+        """The layer's factors on the compute device (cast there, not on the host), kept for later batches
+        when there are any."""
+        t = self._on_device.get(name)
+        if t is None:
+            t = {k: v.to(device).to(self.dtype) for k, v in self.factors.tensors[name].items()}
+            if self.keep_factors:
+                self._on_device[name] = t
+        return t
+
+    def backward(self, spec: LayerSpec, a: torch.Tensor, g: torch.Tensor, ctx: PassContext) -> None:
+        # prepared layer by layer as the backward pass reaches it: one layer's full gradients at a time
+        g = ctx.masked(g, self.dtype)
+        a = augment(ctx.masked(a, self.dtype), spec, ctx.mask)
+        if self.factors.strategy not in ("kfac", "ekfac"):
+            self._pending[spec.name] = prepare_layer(spec.name, per_document_gradient(a, g), self.factors,
+                                                     self.rank, self.dtype)
+            return
+        t = self._factor_tensors(spec.name, g.device)
+        T, n_out, n_a = a.shape[1], spec.out_features, spec.a_dim
+        if T * (n_out**2 + n_a**2) < n_out * n_a * (n_out + n_a):
+            # Q_S^T G Q_A = (g Q_S)^T (a Q_A): rotate the tokens, never forming G (cheaper for short queries)
+            rotated = per_document_gradient(a @ t["Q_A"], g @ t["Q_S"])
+        else:
+            rotated = t["Q_S"].T @ per_document_gradient(a, g) @ t["Q_A"]
+        R = rotated / (t["eigen"] + self.factors.damping[spec.name])
+        _check_finite(spec.name, "preconditioned query gradient", R)
+        self._pending[spec.name] = _compressed(R, self.rank, t["Q_S"], t["Q_A"])
+
+    def end_batch(self, ctx: PassContext) -> None:
+        for name, lq in self._pending.items():
+            for i, doc_id in enumerate(ctx.batch.ids):
+                self.parts[name][doc_id] = (lq.full[i],) if lq.full is not None else (lq.U[i], lq.V[i])
+        self._pending = {}
+
+    def prepared(self, ids: Sequence[str]) -> PreparedQueries:
+        if not ids:
+            raise UserError("no queries to prepare")
+        layers = {}
+        for name, parts in self.parts.items():
+            rows = [parts[i] for i in ids]
+            if len(rows[0]) == 1:
+                layers[name] = LayerQueries(full=torch.stack([r[0] for r in rows]))
+            else:
+                layers[name] = LayerQueries(U=torch.stack([r[0] for r in rows]), V=torch.stack([r[1] for r in rows]))
+        return PreparedQueries(list(ids), dict(self.factors.specs), layers, _meta(self.factors, self.rank))
