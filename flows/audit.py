@@ -17,10 +17,23 @@ from influence_engine.errors import UserError
 from tasks.engine_io import settings_key
 from tasks.params import AuditParams
 from tasks.record import finish_run, open_review, record_results, start_run
-from tasks.stages import (EngineSpec, InputValidationError, factor_dir, fit_covariance_partial, fit_lambda_partial,
-                          finalize_factors, home_dir, inputs_json, load_and_validate_inputs, merge_and_eigendecompose,
-                          merge_candidates, prepare_query_gradients, sample_query_set, score_shard,
-                          validate_outputs)
+from tasks.stages import (
+    EngineSpec,
+    InputValidationError,
+    factor_dir,
+    finalize_factors,
+    fit_covariance_partial,
+    fit_lambda_partial,
+    home_dir,
+    inputs_json,
+    load_and_validate_inputs,
+    merge_and_eigendecompose,
+    merge_candidates,
+    prepare_query_gradients,
+    sample_query_set,
+    score_shard,
+    validate_outputs,
+)
 
 
 def _retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:

@@ -27,8 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .data import Example, encode  # noqa: F401
     from .engine import Explanation, InfluenceEngine, ScoreResult, load_pretrained, model_fingerprint  # noqa: F401
     from .errors import DataError, FactorMismatchError, ModelError, NumericalError, UserError  # noqa: F401
-    from .factors import (CovariancePartial, Eigenbasis, Factors, LambdaPartial, eigendecompose,  # noqa: F401
-                          finalize, merge)
+    from .factors import CovariancePartial, Eigenbasis, Factors, LambdaPartial, eigendecompose, finalize, merge  # noqa: F401
     from .queries import PreparedQueries  # noqa: F401
 
 

@@ -13,14 +13,21 @@ from typing import Any
 import polars as pl
 from prefect import get_run_logger, task
 
-from influence_engine import (CovariancePartial, Factors, InfluenceEngine, LambdaPartial, PreparedQueries, UserError,
-                              eigendecompose, merge)
+from influence_engine import (
+    CovariancePartial,
+    Factors,
+    InfluenceEngine,
+    LambdaPartial,
+    PreparedQueries,
+    UserError,
+    eigendecompose,
+    merge,
+)
 from influence_engine.atomic import write_json_atomic
 from influence_engine.factors import load_basis, save_basis
 
 from .data import add_content_hashes, data_fingerprint, read_rows, sample_queries, shard_frame
-from .engine_io import (_damping, encode_frame, get_engine, merge_top_k, score_frame, settings_key,
-                        write_parquet_atomic)
+from .engine_io import _damping, encode_frame, get_engine, merge_top_k, score_frame, settings_key, write_parquet_atomic
 from .params import AuditParams
 
 

@@ -7,8 +7,16 @@ import pytest
 import torch
 from helpers import random_examples, tiny_gpt2, tiny_llama
 
-from influence_engine import (CovariancePartial, Factors, FactorMismatchError, InfluenceEngine, LambdaPartial,
-                              UserError, eigendecompose, merge)
+from influence_engine import (
+    CovariancePartial,
+    FactorMismatchError,
+    Factors,
+    InfluenceEngine,
+    LambdaPartial,
+    UserError,
+    eigendecompose,
+    merge,
+)
 from influence_engine.queries import PreparedQueries
 
 
@@ -35,9 +43,10 @@ def test_batch_size_padding_side_and_amount_leave_scores_unchanged(setup, strate
     model, docs, queries = setup
     ref = _scores(_engine(model, batch_size=1), docs, queries, strategy)
     for kw in ({"batch_size": 4}, {"batch_size": 5, "padding_side": "left"},
-               {"batch_size": 11, "pad_to_multiple": 16}, {"batch_size": 3, "padding_side": "left", "pad_to_multiple": 8}):
-        np.testing.assert_allclose(_scores(_engine(model, **kw), docs, queries, strategy), ref, rtol=1e-9, atol=1e-12,
-                                   err_msg=str(kw))
+               {"batch_size": 11, "pad_to_multiple": 16},
+               {"batch_size": 3, "padding_side": "left", "pad_to_multiple": 8}):
+        np.testing.assert_allclose(_scores(_engine(model, **kw), docs, queries, strategy), ref, rtol=1e-9,
+                                   atol=1e-12, err_msg=str(kw))
 
 
 def test_llama_left_padding_matches_right_padding():
@@ -94,8 +103,8 @@ def test_query_rank_at_or_above_full_rank_is_exact(setup):
     exact = eng.score(docs, eng.prepare_queries(queries, factors, rank=0), top_k=0).all_scores
     full_rank = max(min(s.out_features, s.a_dim) for s in eng.specs.values())
     for rank in (full_rank, full_rank + 3):
-        np.testing.assert_allclose(eng.score(docs, eng.prepare_queries(queries, factors, rank=rank), top_k=0).all_scores,
-                                   exact, rtol=1e-9, atol=1e-12)
+        prepared = eng.prepare_queries(queries, factors, rank=rank)
+        np.testing.assert_allclose(eng.score(docs, prepared, top_k=0).all_scores, exact, rtol=1e-9, atol=1e-12)
     low = eng.score(docs, eng.prepare_queries(queries, factors, rank=2), top_k=0).all_scores
     assert not np.allclose(low, exact)  # a real compression
 
