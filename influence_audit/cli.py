@@ -176,14 +176,15 @@ def _hide_user_error_tracebacks() -> None:
     one-line message (the Prefect API's copy of the log keeps the traceback)."""
     import logging
 
+    import httpx
     from prefect.logging.configuration import ensure_logging_setup
 
     from influence_engine.errors import UserError
 
     ensure_logging_setup()  # Prefect's handlers exist from here on (later setups are incremental)
 
-    def one_line(record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], UserError):
+    def one_line(record: logging.LogRecord) -> bool:  # a server that went away is not a bug either
+        if record.exc_info and isinstance(record.exc_info[1], (UserError, httpx.TransportError)):
             record.exc_info, record.exc_text = None, None
         return True
 
@@ -195,7 +196,10 @@ def _hide_user_error_tracebacks() -> None:
 def _run_audit(params, dask: str | None = None, cluster_class: str | None = None) -> dict:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    import httpx
+
     from flows.runners import run_audit
+    from influence_engine.errors import UserError
 
     _hide_user_error_tracebacks()
     try:
@@ -203,11 +207,13 @@ def _run_audit(params, dask: str | None = None, cluster_class: str | None = None
     except RuntimeError as exc:
         if not str(exc).startswith("Failed to reach API"):
             raise
-        from influence_engine.errors import UserError
-
         raise UserError(f"Prefect: {exc} (PREFECT_API_URL); nothing was computed",
                         hint="start the Prefect server, or unset PREFECT_API_URL to use a temporary local one"
                         ) from None
+    except httpx.TransportError as exc:
+        raise UserError(f"Prefect API at {os.environ.get('PREFECT_API_URL', '(temporary server)')} went away "
+                        f"during the audit ({type(exc).__name__}: {exc}); finished stages are on disk",
+                        hint="rerun the same command once it is back: finished stages are reused") from None
 
 
 def _print_summary(result: dict) -> None:
