@@ -68,7 +68,8 @@ LayersOpt = Annotated[str, typer.Option(help="mlp | attention | all | a regex on
 DampingOpt = Annotated[str, typer.Option(help="'auto' (0.1 x mean eigenvalue per layer) or a number")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
 PrecisionOpt = Annotated[str, typer.Option(help="fp32 | bf16 (autocast, fp32 accumulation) | fp64")]
-OnLongOpt = Annotated[str, typer.Option("--on-long", help="truncate (and count) or error on sequences over --max-length")]
+OnLongOpt = Annotated[str, typer.Option("--on-long",
+                                        help="truncate (and count) or error on sequences over --max-length")]
 
 
 def _check_flags(strategy: str, damping: str, on_long: str) -> None:
@@ -92,7 +93,7 @@ def _engine(model: Path, layers: str, device: str, precision: str, batch_size: i
 
 @app.command("fit-factors")
 def fit_factors(model: ModelOpt, train: TrainOpt,
-                out_dir: Annotated[Path, typer.Option("--out", help="Directory for factors.safetensors + factors.json")],
+                out_dir: Annotated[Path, typer.Option("--out", help="Directory for factors.safetensors + .json")],
                 strategy: StrategyOpt = "ekfac", layers: LayersOpt = "mlp", damping: DampingOpt = "auto",
                 device: DeviceOpt = "auto", precision: PrecisionOpt = "fp32", seed: int = 0,
                 batch_size: Annotated[int, typer.Option(help="Documents per batch (halved on out-of-memory)")] = 8,
@@ -127,7 +128,7 @@ def fit_factors(model: ModelOpt, train: TrainOpt,
 def score(model: ModelOpt, train: TrainOpt,
           queries: Annotated[Path, typer.Option(help="Queries JSONL/Parquet: id, prompt, completion")],
           out_path: Annotated[Path, typer.Option("--out", help="Output Parquet: query_id, train_id, score, rank")],
-          factors: Annotated[Path | None, typer.Option(help="Factors directory (fitted here and stored if empty)")] = None,
+          factors: Annotated[Path | None, typer.Option(help="Factors directory (fitted and stored if empty)")] = None,
           strategy: StrategyOpt = "ekfac", layers: LayersOpt = "mlp",
           top_k: Annotated[int, typer.Option(help="Candidates per query; 0 writes every pair")] = 50,
           query_rank: Annotated[int, typer.Option(help="Low-rank query compression; 0 keeps them exact")] = 32,
@@ -136,8 +137,14 @@ def score(model: ModelOpt, train: TrainOpt,
           trust_remote_code: bool = False) -> None:
     """Rank training documents by influence on each query's completion."""
     from tasks.data import data_fingerprint, read_rows
-    from tasks.engine_io import (encode_frame, factor_settings, fit_factors_to, load_factors_if_fresh, score_frame,
-                                 write_parquet_atomic)
+    from tasks.engine_io import (
+        encode_frame,
+        factor_settings,
+        fit_factors_to,
+        load_factors_if_fresh,
+        score_frame,
+        write_parquet_atomic,
+    )
 
     if top_k < 0:
         raise typer.BadParameter("must be >= 0", param_hint="--top-k")
@@ -240,7 +247,7 @@ def audit(model: Annotated[str, typer.Option(help="Local model directory, or mod
           batch_size: int = 8, max_length: int = 512, on_long: OnLongOpt = "truncate",
           shard_size: Annotated[int, typer.Option(help="Documents per shard (unit of mapping and resume)")] = 1000,
           seed: int = 0, explain_top: int = 5,
-          output_dir: Annotated[Path | None, typer.Option(help="Audits and factor cache (default ./.influence-audit)")] = None,
+          output_dir: Annotated[Path | None, typer.Option(help="Audits and factor cache (./.influence-audit)")] = None,
           experiment: str = "influence-audit",
           tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default: sqlite in --output-dir)")] = None,
           planted: Annotated[Path | None, typer.Option(help="JSON {query_id: [train ids]} of known culprits")] = None,
@@ -270,7 +277,7 @@ def audit(model: Annotated[str, typer.Option(help="Local model directory, or mod
 
 
 @app.command()
-def demo(output_dir: Annotated[Path | None, typer.Option(help="Project data directory (default ./.influence-audit)")] = None,
+def demo(output_dir: Annotated[Path | None, typer.Option(help="Project data directory (./.influence-audit)")] = None,
          strategy: StrategyOpt = "ekfac", seed: int = 0) -> None:
     """The embedded demo: train a tiny GPT-2 on the shipped corpus with planted facts, then audit it."""
     from importlib import resources
@@ -312,6 +319,7 @@ from influence_audit.cli_ops import notify_retrained, webhook_app  # noqa: E402
 app.command("notify-retrained")(notify_retrained)
 app.add_typer(webhook_app, name="webhook")
 from influence_audit.cli_sync import sync as _sync  # noqa: E402
+
 app.command("sync")(_sync)
 
 
