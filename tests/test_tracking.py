@@ -128,10 +128,9 @@ def test_audit_run_round_trip(experiment: str, outputs: dict[str, object], store
     html = mlflow.artifacts.load_text(f"runs:/{run_id}/report.html")
     assert "<title>audit</title>" in html
 
-    # candidates.json: fluent load_table searches the *current* experiment only (even with run_ids)
-    exp_id = run.info.experiment_id
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", exp_id)
-    table = mlflow.load_table("candidates.json", run_ids=[run_id])
+    # candidates.json: fluent load_table searches the *current* experiment only (even with run_ids), and another
+    # test may have set an active experiment: name ours explicitly
+    table = client.load_table(run.info.experiment_id, "candidates.json", run_ids=[run_id])
     assert list(table.columns) == list(TABLE_COLUMNS)
     assert len(table) == 6
     expected = make_candidates().select(TABLE_COLUMNS).sort(["query_id", "rank"])
@@ -146,7 +145,7 @@ def test_audit_run_round_trip(experiment: str, outputs: dict[str, object], store
 
     # recording again (rerun, sync) replaces the table instead of appending to it
     record(run_id, outputs)
-    assert len(client.load_table(exp_id, "candidates.json", run_ids=[run_id])) == 6
+    assert len(client.load_table(run.info.experiment_id, "candidates.json", run_ids=[run_id])) == 6
     tags = client.get_run(run_id).data.tags
     assert tags["mlflow.loggedArtifacts"].count("candidates.json") == 1
 
