@@ -80,18 +80,15 @@ def load_pretrained(path: str | os.PathLike[str], *, trust_remote_code: bool = F
         raise ModelError(f"--model {p}: no such directory", hint="give a local Hugging Face model directory")
     if not (p / "config.json").exists():
         raise ModelError(f"--model {p}: no config.json", hint="save the model with save_pretrained()")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"--model {p}: the model could not be loaded: {first[:300]}",
-                         hint="check that the weights are complete (re-save the model)") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"--model {p}: the tokenizer could not be loaded: {first[:300]}",
-                         hint="save the tokenizer into the model directory") from None
+    def load(what: str, loader, hint: str):
+        try:
+            return loader.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"--model {p}: the {what} could not be loaded: {first[:300]}", hint=hint) from None
+
+    model = load("model", AutoModelForCausalLM, "check that the weights are complete (re-save the model)")
+    tokenizer = load("tokenizer", AutoTokenizer, "save the tokenizer into the model directory")
     if len(tokenizer) < 2:  # transformers builds an empty tokenizer when the directory has no tokenizer files
         raise ModelError(f"--model {p}: no usable tokenizer ({len(tokenizer)} tokens)",
                          hint="save the tokenizer into the model directory (tokenizer.save_pretrained)")

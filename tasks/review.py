@@ -19,7 +19,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -332,15 +331,10 @@ def _run_id(manifest: dict[str, Any], audit_id: str) -> str:
 
 def _write_table(client: Any, run_id: str, decisions: pl.DataFrame) -> None:
     """Replace ``review_decisions.json`` (``log_table`` would append) in ``log_table``'s own format."""
+    from .tracking import replace_table
+
     frame = decisions.with_columns(pl.col("decided_at").dt.strftime("%Y-%m-%dT%H:%M:%S%.6fZ")).to_pandas()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / REVIEW_TABLE
-        frame.to_json(path, orient="split", index=False, date_format="iso")
-        client.log_artifact(run_id, str(path))
-    logged = json.loads(client.get_run(run_id).data.tags.get("mlflow.loggedArtifacts", "[]"))
-    entry = {"path": REVIEW_TABLE, "type": "table"}
-    if entry not in logged:
-        client.set_tag(run_id, "mlflow.loggedArtifacts", json.dumps([*logged, entry]))
+    replace_table(client, run_id, frame, REVIEW_TABLE)
 
 
 def _record(run_id: str, decisions: pl.DataFrame, state: dict[str, Any]) -> None:

@@ -289,26 +289,26 @@ def _table_frame(candidates: pl.DataFrame) -> Any:
     return pd.DataFrame(df.to_dict(as_series=False), columns=list(TABLE_COLUMNS))
 
 
-def _log_table_once(client: MlflowClient, run_id: str, frame: Any) -> None:
-    """Log ``frame`` as candidates.json, replacing (not appending to) a table logged before.
+def replace_table(client: MlflowClient, run_id: str, frame: Any, name: str) -> None:
+    """Log ``frame`` as the table ``name``, replacing (not appending to) a table logged before.
 
-    ``MlflowClient.log_table`` appends to an existing artifact of the same name (it downloads,
-    re-reads with type inference and concatenates). The first time we use it, which also records the
-    ``mlflow.loggedArtifacts`` tag ``load_table`` searches by; afterwards we overwrite the file with the
-    same serialisation (``to_json(orient="split")``).
+    ``MlflowClient.log_table`` appends to an existing artifact of the same name (it downloads, re-reads with
+    type inference and concatenates). We write the file in its serialisation (``to_json(orient="split")``)
+    ourselves and record it in the ``mlflow.loggedArtifacts`` tag that ``load_table`` searches by.
     """
-    existing = {f.path for f in client.list_artifacts(run_id)}
-    if CANDIDATES_TABLE not in existing:
-        client.log_table(run_id, frame, CANDIDATES_TABLE)
-        return
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / CANDIDATES_TABLE
+        path = Path(tmp) / name
         frame.to_json(path, orient="split", index=False, date_format="iso")
         client.log_artifact(run_id, str(path))
-    tag = json.loads(client.get_run(run_id).data.tags.get("mlflow.loggedArtifacts", "[]"))
-    entry = {"path": CANDIDATES_TABLE, "type": "table"}
-    if entry not in tag:
-        client.set_tag(run_id, "mlflow.loggedArtifacts", json.dumps([*tag, entry]))
+    logged = json.loads(client.get_run(run_id).data.tags.get("mlflow.loggedArtifacts", "[]"))
+    entry = {"path": name, "type": "table"}
+    if entry not in logged:
+        client.set_tag(run_id, "mlflow.loggedArtifacts", json.dumps([*logged, entry]))
+
+
+def _log_table_once(client: MlflowClient, run_id: str, frame: Any) -> None:
+    """Log ``frame`` as candidates.json, replacing a table logged before."""
+    replace_table(client, run_id, frame, CANDIDATES_TABLE)
 
 
 def _safe_name(name: str) -> str:
