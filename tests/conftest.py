@@ -32,3 +32,11 @@ def demo_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_data() -> Path:
     return DEMO_DATA
+
+
+def pytest_unconfigure(config) -> None:
+    """Prefect stops its temporary server at interpreter exit and logs it after pytest closed the captured
+    streams; keep that harmless log call from printing a 'Logging error' traceback after the summary."""
+    import logging
+
+    logging.raiseExceptions = False
