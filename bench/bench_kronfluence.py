@@ -116,6 +116,11 @@ CONFIGS = {
                   rank=32, batch={"bf16": 32, "fp32": 16}, precisions=("bf16", "fp32"), growth_docs=256,
                   growth_precision="bf16", train_steps=5, noise_floor=False, full_svd_reference=False,
                   dense_agreement_docs=128, profile_queries=True, pad_to_multiple=64),
+    # bf16 only, 4x the documents: query preparation is a fixed cost, so the end-to-end scoring ratio grows with N
+    "gpu-large": Config("gpu-large", "cuda", layers=12, dim=768, heads=12, seq=512, vocab=50257, n_docs=2048,
+                        n_queries=32, rank=32, batch={"bf16": 32}, precisions=("bf16",), growth_docs=256,
+                        growth_precision="bf16", train_steps=5, noise_floor=False, full_svd_reference=False,
+                        dense_agreement_docs=128, profile_queries=False, pad_to_multiple=64),
 }
 
 
