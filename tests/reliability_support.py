@@ -23,10 +23,9 @@ CLI = str(BIN / "influence-audit")
 WORDS = ("the a cat dog bird sat ran flew on under over mat rug tree big small red blue green capital of is city "
          "river north south old new").split()
 
-QUIET_ENV = {
+# Offline and quiet: shared by every test that starts a server or the CLI as a subprocess.
+OFFLINE_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "PREFECT_LOGGING_LEVEL": "WARNING",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "DO_NOT_TRACK": "1",
@@ -34,10 +33,15 @@ QUIET_ENV = {
     "HF_DATASETS_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+}
+QUIET_ENV = OFFLINE_ENV | {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
     "OMP_NUM_THREADS": "1",
     "NO_COLOR": "1",
     "COLUMNS": "200",
 }
+# Settings a developer's shell may carry that would point the tests at some other server.
 _DROP = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",
          "INFLUENCE_AUDIT_HOME")
 

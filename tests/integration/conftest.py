@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,31 +15,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from reliability_support import _DROP, OFFLINE_ENV, free_port  # noqa: F401 (free_port re-exported)
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_DATA = REPO / "influence_audit" / "demo" / "data"
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 180.0  # two shared cores: the servers usually answer in 10-20 s
 
-QUIET_ENV = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-    "DO_NOT_TRACK": "1",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
-# Settings a developer's shell may carry that would point the tests at some other server.
-_DROP = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE", "MLFLOW_TRACKING_URI",
-         "MLFLOW_REGISTRY_URI", "INFLUENCE_AUDIT_HOME")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+QUIET_ENV = OFFLINE_ENV
 
 
 def base_env(**extra: str) -> dict[str, str]:
