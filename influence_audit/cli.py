@@ -309,9 +309,9 @@ app.add_typer(review_app, name="review")
 
 
 def _as_damping(damping: str):
-    from tasks.engine_io import _damping
+    from tasks.engine_io import parse_damping
 
-    return _damping(damping)
+    return parse_damping(damping)
 
 
 from influence_audit.cli_ops import notify_retrained, webhook_app  # noqa: E402

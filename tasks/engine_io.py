@@ -68,13 +68,14 @@ def load_factors_if_fresh(directory: Path, eng: InfluenceEngine, strategy: str,
 
 def fit_factors_to(directory: Path, eng: InfluenceEngine, docs: Sequence[Example], strategy: str,
                    damping: str | float, extra_meta: dict[str, Any], progress: Progress | None = None) -> Factors:
-    factors = eng.fit_factors(docs, strategy, damping=_damping(damping), progress=progress)
+    factors = eng.fit_factors(docs, strategy, damping=parse_damping(damping), progress=progress)
     factors.meta |= extra_meta
     factors.save(directory)
     return factors
 
 
-def _damping(damping: str | float) -> str | float:
+def parse_damping(damping: str | float) -> str | float:
+    """`auto` or a number, from a flag or a flow parameter."""
     if isinstance(damping, str) and damping != "auto":
         try:
             return float(damping)

@@ -27,7 +27,15 @@ from influence_engine.atomic import write_json_atomic
 from influence_engine.factors import load_basis, save_basis
 
 from .data import add_content_hashes, data_fingerprint, read_rows, sample_queries, shard_frame
-from .engine_io import _damping, encode_frame, get_engine, merge_top_k, score_frame, settings_key, write_parquet_atomic
+from .engine_io import (
+    encode_frame,
+    get_engine,
+    merge_top_k,
+    parse_damping,
+    score_frame,
+    settings_key,
+    write_parquet_atomic,
+)
 from .params import AuditParams
 
 
@@ -226,7 +234,7 @@ def finalize_factors(spec: EngineSpec, p: AuditParams, inputs: Inputs, out_dir: 
     meta = {"data_fingerprint": inputs.data_fingerprint, "damping_param": p.damping}
     if (d / "covariance-counts.json").exists():
         meta |= {f"covariance_{k}": v for k, v in json.loads((d / "covariance-counts.json").read_text()).items()}
-    factors = eng.finalize(p.strategy, basis=basis, lambdas=lambdas, damping=_damping(p.damping), extra_meta=meta)
+    factors = eng.finalize(p.strategy, basis=basis, lambdas=lambdas, damping=parse_damping(p.damping), extra_meta=meta)
     factors.save(d)
     return str(d)
 
