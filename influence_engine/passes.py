@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .data import Batch, Example, collate, example_seed
@@ -42,6 +41,7 @@ class PassContext:
     dtype: torch.dtype  # dtype accumulators sum in (float32 or float64)
     gemm_dtype: torch.dtype | None = None
     padded: bool = True
+    objective: int = 0  # which label set's backward pass is running (passes with labels like ``sampled+true``)
 
     def __post_init__(self) -> None:
         if self.gemm_dtype is None:
@@ -102,7 +102,9 @@ class BaseAccumulator:
 @dataclass(frozen=True)
 class PassConfig:
     """How a pass runs. ``labels``: ``true`` (the data's tokens) or ``sampled`` (from the model: the true
-    Fisher). ``precision``: ``fp32``, ``fp64`` or ``bf16`` (autocast; accumulations stay in fp32)."""
+    Fisher), or several joined by ``+`` (one forward pass, one backward pass per label set, in that order;
+    accumulators see which in ``PassContext.objective``). ``precision``: ``fp32``, ``fp64`` or ``bf16``
+    (autocast; accumulations stay in fp32)."""
 
     batch_size: int = 8
     labels: str = "true"
@@ -127,37 +129,113 @@ def augment(a: torch.Tensor, spec: LayerSpec, mask: torch.Tensor) -> torch.Tenso
     return torch.cat([a, ones], dim=-1)
 
 
+def _uniforms(counts: Sequence[int], ids: Sequence[str], seed: int) -> torch.Tensor:
+    """One uniform per target, seeded per document (so samples never depend on batching)."""
+    return torch.cat([torch.rand(n, generator=torch.Generator().manual_seed(example_seed(seed, i)),
+                                 dtype=torch.float64) for n, i in zip(counts, ids, strict=True)])
+
+
+def _softmax_(x: torch.Tensor) -> torch.Tensor:
+    """Row softmax of ``x`` in place (no temporaries the size of ``x`` besides the row statistics)."""
+    x.sub_(x.amax(-1, keepdim=True)).exp_()
+    return x.div_(x.sum(-1, keepdim=True))
+
+
+def _sample_from(probs: torch.Tensor, u: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """Inverse-CDF draws: for row ``i`` of ``probs``, the first index whose cumulative sum reaches
+    ``u[i]`` times the row's total. A running sum over the whole vocabulary is a sequential scan (slow on CPUs), so
+    it is done in two levels: cumulative sums of blocks of ``block`` entries find the block, then a running
+    sum inside that block alone finds the entry. Deterministic per row (never depends on the other rows)."""
+    n, V = probs.shape
+    full = V // block * block
+    sums = probs[:, :full].reshape(n, -1, block).sum(-1)
+    if full < V:
+        sums = torch.cat([sums, probs[:, full:].sum(-1, keepdim=True)], dim=1)
+    csum = sums.cumsum(-1)
+    v = (u.to(csum.dtype) * csum[:, -1]).unsqueeze(-1)
+    b = torch.searchsorted(csum, v).clamp_(max=csum.shape[1] - 1)  # (n, 1): the block where the sum reaches v
+    before = torch.where(b > 0, csum.gather(1, (b - 1).clamp_(min=0)), torch.zeros((), dtype=csum.dtype,
+                                                                                     device=csum.device))
+    idx = b * block + torch.arange(block, device=probs.device)
+    inside = probs.gather(1, idx.clamp(max=V - 1)).masked_fill_(idx >= V, 0).cumsum_(-1).add_(before)
+    j = torch.searchsorted(inside, v).clamp_(max=block - 1)
+    return (b * block + j).squeeze(-1).clamp_(max=V - 1)
+
+
 def _sample_targets(logits: torch.Tensor, counts: Sequence[int], ids: Sequence[str], seed: int,
                     chunk: int = 2048) -> torch.Tensor:
     """Labels drawn from the model's predictive distribution by inverse CDF, one uniform per target, seeded
-    per document (so samples never depend on batching). Rows are done in chunks to bound memory."""
-    u = torch.cat([torch.rand(n, generator=torch.Generator().manual_seed(example_seed(seed, i)),
-                              dtype=torch.float64) for n, i in zip(counts, ids, strict=True)]).to(logits.device)
+    per document (so samples never depend on batching); ``logits`` are the target rows, in order. The same
+    arithmetic as the passes' own sampling (:class:`LogitGradient`), so other tools can be fed the same labels."""
+    u = _uniforms(counts, ids, seed).to(logits.device)
     cdf_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     for s in range(0, logits.shape[0], chunk):
-        cdf = torch.softmax(logits[s:s + chunk].to(cdf_dtype), dim=-1).cumsum_(-1)
-        v = (u[s:s + chunk].to(cdf_dtype) * cdf[:, -1]).unsqueeze(-1)
-        out[s:s + chunk] = torch.searchsorted(cdf, v).squeeze(-1)
-    return out.clamp_(max=logits.shape[-1] - 1)
+        p = _softmax_(logits[s:s + chunk].to(cdf_dtype, copy=True))
+        out[s:s + chunk] = _sample_from(p, u[s:s + chunk])
+    return out
 
 
-def objective(logits: torch.Tensor, batch: Batch, labels: str, seed: int) -> torch.Tensor:
-    """Summed next-token negative log-likelihood over each document's targets."""
-    select = batch.target_mask[:, 1:]
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    if bool(select.all()):  # every position is a target: one copy (the cast) instead of a gather then a cast
-        pred = logits[:, :-1].to(dtype).reshape(-1, logits.shape[-1])
-    else:
-        pred = logits[:, :-1][select].to(dtype)
-    if labels == "true":
-        targets = batch.input_ids[:, 1:][select]
-    elif labels == "sampled":
-        with torch.no_grad():
-            targets = _sample_targets(pred, select.sum(1).tolist(), batch.ids, seed)
-    else:
-        raise ValueError(f"labels must be 'true' or 'sampled', not {labels!r}")
-    return F.cross_entropy(pred, targets, reduction="sum")
+class LogitGradient:
+    """``d(Σ NLL)/d logits`` of a batch, written over the logits themselves, for one or more label sets.
+
+    The gradient of the summed next-token cross-entropy is ``softmax(logits) - onehot(target)`` at target
+    positions and zero elsewhere. Computing it directly (row chunks, softmax in place in at least float32)
+    instead of back-propagating a loss means no float32 copy of the logits, no saved log-softmax and no
+    separate gradient buffer: the vocabulary-sized tensor of the pass is the logits alone. Sampled labels
+    reuse the same softmax. With several label sets (``labels`` like ``sampled+true``) only the entries at
+    the targets change between objectives (:meth:`switch`), so one softmax serves every backward pass."""
+
+    def __init__(self, logits: torch.Tensor, batch: Batch, labels: Sequence[str], seed: int, *,
+                 in_place: bool = True, chunk: int = 2048):
+        for lab in labels:
+            if lab not in ("true", "sampled"):
+                raise ValueError(f"labels must be 'true' or 'sampled', not {lab!r}")
+        B, T, V = logits.shape
+        detached = logits.detach()
+        self.grad = detached if in_place and detached.is_contiguous() else detached.contiguous().clone()
+        flat = self.grad.view(B * T, V)
+        select = batch.target_mask[:, 1:]
+        is_row = torch.zeros(B, T, dtype=torch.bool, device=logits.device)
+        is_row[:, :-1] = select
+        is_row = is_row.flatten()
+        self.rows = is_row.nonzero().squeeze(1)
+        fdtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        true_targets = batch.input_ids[:, 1:][select]
+        u = (_uniforms(select.sum(1).tolist(), batch.ids, seed).to(logits.device)
+             if "sampled" in labels else None)
+        self.targets = [torch.empty_like(true_targets) if lab == "sampled" else true_targets for lab in labels]
+        self.probs = [torch.empty(len(self.rows), dtype=fdtype, device=logits.device) for _ in labels]
+        done = 0  # targets handled so far (targets are in row order)
+        for s in range(0, B * T, chunk):
+            block = flat[s:s + chunk]
+            x = _softmax_(block if block.dtype == fdtype else block.to(fdtype))
+            here = is_row[s:s + chunk]
+            local = here.nonzero().squeeze(1)
+            n = len(local)
+            if n < len(here):
+                x.index_fill_(0, (~here).nonzero().squeeze(1), 0)
+            sl = slice(done, done + n)
+            for k, lab in enumerate(labels):
+                if lab == "sampled":  # every row of the block is drawn from (cheaper than gathering rows)
+                    u_rows = torch.zeros(len(here), dtype=u.dtype, device=u.device).index_copy_(0, local, u[sl])
+                    self.targets[k][sl] = _sample_from(x, u_rows)[local]
+                self.probs[k][sl] = x[local, self.targets[k][sl]]
+            x[local, self.targets[0][sl]] = self.probs[0][sl] - 1
+            if x is not block:
+                block.copy_(x)
+            done += n
+        self._flat = flat
+        self.objective = 0
+
+    def switch(self, k: int) -> torch.Tensor:
+        """The gradient for label set ``k`` (after the previous one's backward pass): only the entries at the
+        two sets' targets change."""
+        flat, r, j = self._flat, self.rows, self.objective
+        flat[r, self.targets[j]] = self.probs[j].to(flat.dtype)
+        flat[r, self.targets[k]] = (self.probs[k] - 1).to(flat.dtype)
+        self.objective = k
+        return self.grad
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -174,6 +252,9 @@ class Runner:
         self.specs = specs
         self.device = device
         self._lock = threading.Lock()  # hooks live on the shared model: one pass at a time per model
+        # the logits' gradient overwrites the logits, unless the model's graph keeps them for its backward
+        # (a final op that saves its output): autograd then refuses, and passes fall back to a copy
+        self._in_place = True
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
@@ -203,6 +284,9 @@ class Runner:
             try:
                 self._run_batch(batch, acc, cfg)
             except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if self._in_place and "inplace operation" in str(exc):
+                    self._in_place = False  # the graph saved the logits: write their gradient to a copy
+                    continue
                 if not _is_oom(exc):
                     raise
                 acc.abort_batch()
@@ -225,12 +309,15 @@ class Runner:
         padded = not bool(batch.attention_mask.all())
         ctx = PassContext(batch, batch.attention_mask, self.compute_dtype(cfg.precision),
                           self.gemm_dtype(cfg.precision), padded)
+        labels = cfg.labels.split("+")
         acc.begin_batch(ctx)
         handles = []
         device_type = self.device.type
+        storages: set[int] = set()  # of tracked outputs: a tracked head's output is the logits themselves
 
         def hook_for(spec: LayerSpec):
             def forward_hook(module, inputs, output):
+                storages.add(output.untyped_storage().data_ptr())
                 with torch.autocast(device_type, enabled=False):  # accumulators choose their own dtypes
                     state = acc.forward(spec, inputs[0].detach(), ctx)
 
@@ -248,11 +335,17 @@ class Runner:
                         else contextlib.nullcontext())
             with autocast:
                 embeds = self.model.get_input_embeddings()(batch.input_ids).detach().requires_grad_(True)
-                out = self.model(inputs_embeds=embeds, attention_mask=batch.attention_mask.long(),
-                                 position_ids=batch.position_ids, use_cache=False)
-                loss = objective(out.logits, batch, cfg.labels, cfg.seed)
-            del out
-            torch.autograd.grad(loss, embeds)
+                logits = self.model(inputs_embeds=embeds, attention_mask=batch.attention_mask.long(),
+                                    position_ids=batch.position_ids, use_cache=False).logits
+                # tensor hooks do not fire on a tensor changed in place: a tracked head's output keeps its values
+                in_place = self._in_place and logits.untyped_storage().data_ptr() not in storages
+                grad = LogitGradient(logits, batch, labels, cfg.seed, in_place=in_place)
+            root = logits.view_as(logits)  # a view as the root, so hooks on the logits (a tracked head) still fire
+            del logits
+            for k in range(len(labels)):
+                ctx.objective = k
+                torch.autograd.grad(root, embeds, grad.switch(k) if k else grad.grad,
+                                    retain_graph=k + 1 < len(labels))
         except BaseException:
             acc.abort_batch()
             raise
