@@ -97,6 +97,7 @@ class Config:
     dense_agreement_docs: int = 0  # agreement with uncompressed queries on the first docs (0: all; -1: skip)
     profile_queries: bool = False  # a torch.profiler table of one extra query preparation (where its time goes)
     pad_to_multiple: int = 1
+    one_pass: bool = False  # also time our one-pass mode (every document's gradients kept from the covariance pass)
     seed: int = 0
     notes: dict[str, str] = field(default_factory=dict)
 
@@ -105,11 +106,11 @@ CONFIGS = {
     # seconds, for CI: both precisions' code paths, tiny model.
     "smoke": Config("smoke", "cpu", layers=2, dim=32, heads=2, seq=16, vocab=128, n_docs=24, n_queries=3, rank=4,
                     batch={"fp32": 8, "bf16": 8}, precisions=("fp32",), growth_docs=8, growth_precision="fp32",
-                    train_steps=2),
+                    train_steps=2, one_pass=True),
     # a few minutes on two cores.
     "cpu": Config("cpu", "cpu", layers=2, dim=128, heads=2, seq=128, vocab=4096, n_docs=256, n_queries=32,
                   rank=32, batch={"fp32": 16, "bf16": 16}, precisions=("fp32", "bf16"), growth_docs=64,
-                  growth_precision="fp32", train_steps=4, repeats=2),
+                  growth_precision="fp32", train_steps=4, repeats=2, one_pass=True),
     # GPT-2-small shape on one GPU, well under 5 minutes on an H200 (the NOTES.md reference figures used
     # batch 32 in bf16 and 16 in fp32).
     "gpu": Config("gpu", "cuda", layers=12, dim=768, heads=12, seq=512, vocab=50257, n_docs=512, n_queries=32,
@@ -335,6 +336,33 @@ class Ours:
         return np.asarray(self.eng.score(docs, self.eng.prepare_queries(queries, factors, rank=0), top_k=0).all_scores)
 
 
+class OursOnePass(Ours):
+    """Our engine in one-pass mode: the covariance pass also keeps every document's gradients (one forward,
+    a backward with sampled labels and one with the data's labels), so the eigenvalue correction and the
+    scores are products on stored gradients. Scoring from stored gradients is a GEMM whose cost does not
+    depend on the query rank, so queries are kept exact (rank 0): compression would only lose accuracy."""
+
+    name = "ours_one_pass"
+
+    def covariance(self, docs: Sequence[Example]) -> None:
+        self.cov, self.cache = self.eng.fit_covariance_cached(docs)
+
+    def lambda_fit(self, docs: Sequence[Example]) -> None:
+        self.lam = self.eng.fit_lambda(docs, self.basis, cache=self.cache)
+
+    def scores(self, docs: Sequence[Example], queries: Sequence[Example]) -> np.ndarray:
+        t0 = time.perf_counter()
+        factors = self.eng.finalize("ekfac", basis=self.basis, lambdas=self.lam, covariance=self.cov)
+        self.queries = self.eng.prepare_queries(queries, factors, rank=0)
+        sync(self.eng.device)
+        t1 = time.perf_counter()
+        result = self.eng.score(docs, self.queries, top_k=0, cache=self.cache)
+        sync(self.eng.device)
+        self.timings = {"queries_seconds": t1 - t0, "score_pass_seconds": time.perf_counter() - t1}
+        self.paths = dict(result.paths)
+        return np.asarray(result.all_scores)
+
+
 def tracked_names(cfg: Config) -> list[str]:
     return [f"transformer.h.{i}.mlp.{n}" for i in range(cfg.layers) for n in ("c_fc", "c_proj")]
 
@@ -463,6 +491,9 @@ AGREEMENT_PAIRS = [
     ("ours_bf16_dense", "ours_fp32_dense"),
     # mixed precision within each tool
     ("ours_bf16", "ours_fp32"),
+    # one-pass mode (exact queries, like the dense references)
+    ("ours_one_pass_fp32", "kronfluence_fp32_dense"), ("ours_one_pass_bf16", "kronfluence_fp32_dense"),
+    ("ours_one_pass_fp32", "ours_fp32_dense"),
     # noise floors: fits on other sampled labels
     ("kronfluence_fp32_own_labels", "kronfluence_fp32_full_svd"),
     ("ours_fp32_seed2", "ours_fp32"), ("ours_fp32_seed2", "kronfluence_fp32_full_svd"),
@@ -484,6 +515,9 @@ def run_precision(cfg: Config, precision: str, device: torch.device, model: nn.M
     docs, queries = examples(train_x, "d"), examples(query_x, "q")
     tokens = int(train_x.numel())
     ours = Ours(model, cfg, precision, device, seed=cfg.seed)
+    one = OursOnePass(model, cfg, precision, device, seed=cfg.seed) if cfg.one_pass else None
+    if one is not None:
+        one.eng = ours.eng  # the same engine (model, hooks), another way through it
     kron = Kron(kmodel, cfg, precision, device, workdir, precision, seed=cfg.seed) if kmodel is not None else None
     # untimed warm-up of each tool's pass at this precision (kernel selection, allocator growth)
     warm = 2 * cfg.batch[precision]
@@ -494,17 +528,17 @@ def run_precision(cfg: Config, precision: str, device: torch.device, model: nn.M
         kron.factors_name = f"warm_{precision}"
         kron.covariance(train_x[:warm])
         kron.factors_name = f"f_{precision}"
-    res: dict[str, dict[str, Any]] = {"ours": {}, "kronfluence": {}}
+    res: dict[str, dict[str, Any]] = {"ours": {}, "ours_one_pass": {}, "kronfluence": {}}
     scores: dict[str, np.ndarray] = {}
-    ours_timings: list[dict[str, float]] = []
+    timings: dict[str, list[dict[str, float]]] = {"ours": [], "ours_one_pass": []}
     for rep in range(cfg.repeats):
         for stage in STAGES:
-            for tool in (ours, kron):
+            for tool in (ours, one, kron):
                 if tool is None:
                     continue
                 place(tool.model, (model, kmodel), device)
-                data = docs if tool is ours else train_x
-                qdata = queries if tool is ours else query_x
+                data = train_x if tool is kron else docs
+                qdata = query_x if tool is kron else queries
                 with Measure(device) as m:
                     if stage == "eigendecomposition":
                         tool.eigendecomposition()
@@ -523,28 +557,32 @@ def run_precision(cfg: Config, precision: str, device: torch.device, model: nn.M
                     best["peak_gb"] = max(rec["peak_gb"], best["peak_gb"])
                     best["extra_gb"] = max(rec["extra_gb"], best["extra_gb"])
                 res[tool.name][stage]["all_seconds"].append(m.seconds)
-                if tool is ours and stage == "scores":
-                    ours_timings.append(ours.timings)
-                log(f"  {precision:4s} {tool.name:11s} {stage:18s} {m.seconds:8.2f} s"
+                if tool is not kron and stage == "scores":
+                    timings[tool.name].append(tool.timings)
+                log(f"  {precision:4s} {tool.name:13s} {stage:18s} {m.seconds:8.2f} s"
                     + ("" if stage == "eigendecomposition" else f"  {tokens / m.seconds:10.0f} tok/s")
                     + f"  peak {m.peak_gb:6.2f} GiB" + (f"  (round {rep + 1})" if cfg.repeats > 1 else ""))
-    ours.timings = min(ours_timings, key=lambda t: t["score_pass_seconds"])
-    res["ours"]["scores"].update(ours.timings)
-    res["ours"]["score_pass_tok_s"] = tokens / ours.timings["score_pass_seconds"]
-    res["ours"]["score_paths"] = sorted(set(ours.paths.values()))
-    for name in ("ours", "kronfluence"):
+    for tool in (ours, one):
+        if tool is None:
+            continue
+        tool.timings = min(timings[tool.name], key=lambda t: t["score_pass_seconds"])
+        res[tool.name]["scores"].update(tool.timings)
+        res[tool.name]["score_pass_tok_s"] = tokens / tool.timings["score_pass_seconds"]
+        res[tool.name]["score_paths"] = sorted(set(tool.paths.values()))
+    for name in ("ours", "ours_one_pass", "kronfluence"):
         if res[name]:
             res[name]["total_seconds"] = sum(res[name][s]["seconds"] for s in STAGES)
             res[name]["peak_gb"] = max(res[name][s]["peak_gb"] for s in STAGES)
-    if not res["kronfluence"]:
-        res["kronfluence"] = None
+    for name in ("ours_one_pass", "kronfluence"):
+        if not res[name]:
+            res[name] = None
     place(model, (model, kmodel), device)
     return res, scores, ours
 
 
-def ratios(r: dict[str, Any]) -> dict[str, float] | None:
-    o, k = r["ours"], r["kronfluence"]
-    if k is None:
+def ratios(r: dict[str, Any], ours: str = "ours") -> dict[str, float] | None:
+    o, k = r[ours], r["kronfluence"]
+    if k is None or o is None:
         return None
     return {"covariance_tok_s": o["covariance"]["tok_s"] / k["covariance"]["tok_s"],
             "lambda_tok_s": o["lambda_fit"]["tok_s"] / k["lambda_fit"]["tok_s"],
@@ -659,8 +697,11 @@ def run(cfg: Config, out: str | None = None, use_kronfluence: bool = True,
         for precision in cfg.precisions:
             res, scores, ours = run_precision(cfg, precision, device, model, kmodel, train_x, query_x, workdir, log)
             res["ratios"] = ratios(res)
+            res["ratios_one_pass"] = ratios(res, "ours_one_pass")
             ceiling = result["ceiling"][precision]["train_step_tok_s"]
-            res["ours"]["scores_over_train_step"] = res["ours"]["scores"]["tok_s"] / ceiling
+            for name in ("ours", "ours_one_pass"):
+                if res[name]:
+                    res[name]["scores_over_train_step"] = res[name]["scores"]["tok_s"] / ceiling
             if res["kronfluence"]:
                 res["kronfluence"]["scores_over_train_step"] = res["kronfluence"]["scores"]["tok_s"] / ceiling
             result["precisions"][precision] = res
@@ -757,6 +798,18 @@ def table(r: dict[str, Any]) -> str:
             "{:12.2f}")
         row("fit + score seconds", o["total_seconds"], k and k["total_seconds"], q and q["total_time"], "{:12.2f}")
         row("peak memory GiB", o["peak_gb"], k and k["peak_gb"], q and q["peak_memory"], "{:12.2f}")
+        o1, q1 = res.get("ours_one_pass"), res.get("ratios_one_pass")
+        if o1:
+            lines.append("  one pass (gradients kept from the covariance pass; exact queries):")
+            row("covariance + cache tok/s", o1["covariance"]["tok_s"], k and k["covariance"]["tok_s"],
+                q1 and q1["covariance_tok_s"])
+            row("lambda from cache s", o1["lambda_fit"]["seconds"], k and k["lambda_fit"]["seconds"],
+                q1 and 1 / q1["lambda_tok_s"], "{:12.2f}")
+            row("scores incl. queries s", o1["scores"]["seconds"], k and k["scores"]["seconds"],
+                q1 and 1 / q1["scores_tok_s"], "{:12.2f}")
+            row("fit + score seconds", o1["total_seconds"], k and k["total_seconds"], q1 and q1["total_time"],
+                "{:12.2f}")
+            row("peak memory GiB", o1["peak_gb"], k and k["peak_gb"], q1 and q1["peak_memory"], "{:12.2f}")
     if r["agreement"]:
         lines.append("\nagreement (per-query Spearman over all documents; top-10 overlap):")
         for key, a in r["agreement"].items():

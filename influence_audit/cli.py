@@ -134,6 +134,9 @@ def score(model: ModelOpt, train: TrainOpt,
           query_rank: Annotated[int, typer.Option(help="Low-rank query compression; 0 keeps them exact")] = 32,
           damping: DampingOpt = "auto", device: DeviceOpt = "auto", precision: PrecisionOpt = "fp32",
           seed: int = 0, batch_size: int = 8, max_length: int = 512, on_long: OnLongOpt = "truncate",
+          gradient_cache_gb: Annotated[float, typer.Option(
+              help="When factors are fitted here (kfac, ekfac) and every document's gradients fit in this many GiB "
+                   "on the device, fit and score in one pass over the data; 0 never does")] = 2.0,
           trust_remote_code: bool = False) -> None:
     """Rank training documents by influence on each query's completion."""
     from tasks.data import data_fingerprint, read_rows
@@ -156,26 +159,31 @@ def score(model: ModelOpt, train: TrainOpt,
     eng = _engine(model, layers, device, precision, batch_size, max_length, seed, on_long, trust_remote_code)
     docs = encode_frame(eng, train_df, "train")
     qs = encode_frame(eng, query_df, "queries")
+    if gradient_cache_gb < 0:
+        raise typer.BadParameter("must be >= 0", param_hint="--gradient-cache-gb")
     t0 = time.perf_counter()
-    fitted = None
+    fitted = cache = None
     if factors is not None:
         fitted = load_factors_if_fresh(factors, eng, strategy)
         if fitted is not None:
             err.print(f"reusing factors in {factors}")
     if fitted is None:
         meta = factor_settings(eng, strategy, damping, data_fingerprint(train_df))
-        with _Bar(f"fitting {strategy} factors", len(docs)) as bar:
-            fitted = (fit_factors_to(factors, eng, docs, strategy, damping, meta, bar) if factors is not None
-                      else eng.fit_factors(docs, strategy, damping=_as_damping(damping), progress=bar))
+        one_pass = strategy in ("kfac", "ekfac") and eng.gradient_cache_bytes(len(docs)) <= gradient_cache_gb * 2**30
+        label = f"fitting {strategy} factors" + (" (one pass: gradients kept for scoring)" if one_pass else "")
+        with _Bar(label, len(docs)) as bar:
+            fitted = fit_factors_to(factors, eng, docs, strategy, damping, meta, bar, cache=one_pass)
+        if one_pass:
+            fitted, cache = fitted
     prepared = eng.prepare_queries(qs, fitted, rank=query_rank)
-    with _Bar(f"scoring {len(qs)} queries", len(docs)) as bar:
-        result = eng.score(docs, prepared, top_k=top_k, progress=bar)
+    with _Bar(f"scoring {len(qs)} queries" + (" from kept gradients" if cache else ""), len(docs)) as bar:
+        result = eng.score(docs, prepared, top_k=top_k, progress=bar, cache=cache)
     write_parquet_atomic(score_frame(result.top_rows()), out_path)
     seconds = time.perf_counter() - t0
     truncated = sum(e.truncated for e in docs) + sum(q.truncated for q in qs)
     err.print(f"{len(qs)} queries x {len(docs)} documents ({result.n_tokens:,} tokens"
-              f"{f'; {truncated} truncated to {max_length}' if truncated else ''}) in {seconds:.1f} s "
-              f"-> {out_path}")
+              f"{f'; {truncated} truncated to {max_length}' if truncated else ''}) in {seconds:.1f} s"
+              f"{' (fitted and scored in one pass over the documents)' if cache is not None else ''} -> {out_path}")
 
 
 def _hide_user_error_tracebacks() -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,13 @@ import torch
 from torch import nn
 
 from . import __version__
+from .cache import (
+    CachingCovarianceAccumulator,
+    GradientCache,
+    cache_bytes,
+    lambda_from_cache,
+    scores_from_cache,
+)
 from .data import Example, encode
 from .errors import ModelError, UserError
 from .factors import (
@@ -211,13 +218,43 @@ class InfluenceEngine:
         """Partial sums of ``a a^T`` and ``g g^T`` over these examples (add partials with ``+``)."""
         acc = CovarianceAccumulator(self.specs, self.device, self.dtype)
         self.runner.run(examples, acc, self._cfg(self._fit_labels), progress)
+        return self._covariance_partial(acc)
+
+    @staticmethod
+    def _covariance_partial(acc: CovarianceAccumulator) -> CovariancePartial:
         return CovariancePartial(acc.total.specs, {n: t.cpu().double() for n, t in acc.total.A.items()},
                                  {n: t.cpu().double() for n, t in acc.total.S.items()}, acc.total.n_tokens,
                                  acc.total.n_docs)
 
+    def gradient_cache_bytes(self, n_docs: int) -> int:
+        """Memory a :class:`GradientCache` of ``n_docs`` documents takes on this engine's device."""
+        return cache_bytes(self.specs, n_docs, self.runner.gemm_dtype(self.precision).itemsize,
+                           2 if self.fisher == "sampled" else 1)
+
+    def fit_covariance_cached(self, examples: Sequence[Example],
+                              progress: Progress | None = None) -> tuple[CovariancePartial, GradientCache]:
+        """:meth:`fit_covariance`, keeping every document's gradients (one forward pass, one backward pass per
+        label set) so that :meth:`fit_lambda` and :meth:`score` need no pass of their own (``cache=``).
+        Check :meth:`gradient_cache_bytes` first: the cache lives on the engine's device."""
+        objectives = ["sampled", "true"] if self.fisher == "sampled" else ["true"]
+        ids = [e.id for e in examples]
+        if len(set(ids)) != len(ids):
+            raise UserError("document ids are not unique")
+        acc = CachingCovarianceAccumulator(self.specs, self.device, self.dtype,
+                                           self.runner.gemm_dtype(self.precision), len(ids), objectives)
+        self.runner.run(examples, acc, replace(self._cfg("true"), labels="+".join(objectives)), progress)
+        return self._covariance_partial(acc), acc.cache()
+
     def fit_lambda(self, examples: Sequence[Example], basis: Eigenbasis | None,
-                   progress: Progress | None = None) -> LambdaPartial:
-        """Partial eigenvalue corrections in ``basis`` (``None``: the diagonal of the Fisher)."""
+                   progress: Progress | None = None, *, cache: GradientCache | None = None) -> LambdaPartial:
+        """Partial eigenvalue corrections in ``basis`` (``None``: the diagonal of the Fisher); from the
+        cached gradients of these examples, without a pass, when ``cache`` is given."""
+        if cache is not None:
+            cache.check_covers([e.id for e in examples])
+            result = lambda_from_cache(cache, basis, self.device, self.dtype)
+            if progress is not None:
+                progress(len(examples), sum(len(e.input_ids) for e in examples))
+            return result
         acc = LambdaAccumulator(self.specs, basis, self.device, self.dtype,
                                 self.runner.gemm_dtype(self.precision))
         self.runner.run(examples, acc, self._cfg(self._fit_labels), progress)
@@ -236,15 +273,22 @@ class InfluenceEngine:
         return finalize(strategy, self.specs, basis=basis, lambdas=lambdas, damping=damping, meta=meta)
 
     def fit_factors(self, examples: Sequence[Example], strategy: str = "ekfac", *,
-                    damping: float | str | None = "auto", progress: Progress | None = None) -> Factors:
-        """All of fitting in one call: covariances, eigenbasis, eigenvalue correction as the strategy needs."""
-        basis = cov = lam = None
+                    damping: float | str | None = "auto", progress: Progress | None = None,
+                    cache: bool = False) -> Factors | tuple[Factors, GradientCache]:
+        """All of fitting in one call: covariances, eigenbasis, eigenvalue correction as the strategy needs.
+        With ``cache`` (strategies kfac and ekfac) one pass fits everything and the documents' gradients are
+        returned too, ready for ``score(..., cache=)``."""
+        basis = cov = lam = gc = None
+        if cache and strategy not in ("kfac", "ekfac"):
+            raise UserError(f"a gradient cache is built by the covariance pass, which strategy {strategy!r} has not")
         if strategy in ("kfac", "ekfac"):
-            cov = self.fit_covariance(examples, progress)
+            cov, gc = self.fit_covariance_cached(examples, progress) if cache else (
+                self.fit_covariance(examples, progress), None)
             basis = eigendecompose(cov, self.device)
         if strategy in ("ekfac", "diagonal"):
-            lam = self.fit_lambda(examples, basis if strategy == "ekfac" else None, progress)
-        return self.finalize(strategy, basis=basis, lambdas=lam, covariance=cov, damping=damping)
+            lam = self.fit_lambda(examples, basis if strategy == "ekfac" else None, progress, cache=gc)
+        factors = self.finalize(strategy, basis=basis, lambdas=lam, covariance=cov, damping=damping)
+        return (factors, gc) if cache else factors
 
     def check_factors(self, factors: Factors) -> None:
         """Refuse factors made for another model or other layers."""
@@ -275,8 +319,10 @@ class InfluenceEngine:
         return acc.prepared(ids)
 
     def score(self, examples: Sequence[Example], queries: PreparedQueries, *, top_k: int = 50,
-              return_all: bool = False, progress: Progress | None = None) -> ScoreResult:
-        """Score every document against every query; keep the top ``top_k`` per query (0: all)."""
+              return_all: bool = False, progress: Progress | None = None,
+              cache: GradientCache | None = None) -> ScoreResult:
+        """Score every document against every query; keep the top ``top_k`` per query (0: all). With
+        ``cache`` (these documents' gradients, from :meth:`fit_covariance_cached`) no pass runs."""
         if list(queries.specs) != list(self.specs):
             raise UserError("prepared queries track other layers than this engine")
         n = len(examples)
@@ -284,32 +330,46 @@ class InfluenceEngine:
         position = {d: i for i, d in enumerate(doc_ids)}
         if len(position) != n:
             raise UserError("document ids are not unique")
-        tokens_per_doc = float(np.mean([len(e.input_ids) for e in examples])) if n else 1.0
-        acc = ScoreAccumulator(queries, self.device, self.dtype, tokens_per_doc,
-                               gemm_dtype=self.runner.gemm_dtype(self.precision))
         keep = n if top_k == 0 else top_k
         topk = TopK(max(1, keep))
         all_scores = torch.zeros(len(queries), n, dtype=torch.float64) if (return_all or top_k == 0) else None
         tokens = 0
 
-        def end_batch(ctx) -> None:
-            nonlocal tokens
-            scores = sum(acc.layer_scores.values())
-            check_scores(scores, acc.layer_scores)
-            index = torch.tensor([position[d] for d in ctx.batch.ids])
+        def push(ids: Sequence[str], scores: torch.Tensor, layer_scores: dict[str, torch.Tensor]) -> None:
+            check_scores(scores, layer_scores)
+            index = torch.tensor([position[d] for d in ids])
             topk.push(scores, index)
             if all_scores is not None:
                 all_scores[:, index] = scores.T.double().cpu()
-            tokens += ctx.batch.n_tokens
-            acc.layer_scores = {}
 
-        acc.end_batch = end_batch  # type: ignore[method-assign]
-        self.runner.run(examples, acc, self._cfg("true"), progress)
+        if cache is not None:
+            cache.check_covers(doc_ids)
+            dense = {name: lq.dense() for name, lq in queries.layers.items()}
+            paths = {name: "cached" for name in self.specs}
+            for rows, scores, layer_scores in scores_from_cache(cache, dense, self.device, self.dtype):
+                push([cache.ids[i] for i in rows], scores, layer_scores)
+            tokens = sum(len(e.input_ids) for e in examples)
+            if progress is not None:
+                progress(n, tokens)
+        else:
+            tokens_per_doc = float(np.mean([len(e.input_ids) for e in examples])) if n else 1.0
+            acc = ScoreAccumulator(queries, self.device, self.dtype, tokens_per_doc,
+                                   gemm_dtype=self.runner.gemm_dtype(self.precision))
+            paths = acc.paths
+
+            def end_batch(ctx) -> None:
+                nonlocal tokens
+                push(ctx.batch.ids, sum(acc.layer_scores.values()), acc.layer_scores)
+                tokens += ctx.batch.n_tokens
+                acc.layer_scores = {}
+
+            acc.end_batch = end_batch  # type: ignore[method-assign]
+            self.runner.run(examples, acc, self._cfg("true"), progress)
         if n == 0:
             empty = np.zeros((len(queries), 0))
-            return ScoreResult(queries.ids, doc_ids, empty, empty.astype(int), None, 0, acc.paths)
+            return ScoreResult(queries.ids, doc_ids, empty, empty.astype(int), None, 0, paths)
         return ScoreResult(queries.ids, doc_ids, topk.values.double().cpu().numpy(), topk.index.cpu().numpy(),
-                           None if all_scores is None else all_scores.numpy(), tokens, acc.paths)
+                           None if all_scores is None else all_scores.numpy(), tokens, paths)
 
     def explain(self, examples: Sequence[Example], queries: PreparedQueries) -> list[Explanation]:
         """Per-layer and per-token scores of these documents against every query."""

@@ -186,6 +186,33 @@ class LambdaPartial:
 
 
 # ------------------------------------------------------------------------------------------- accumulators
+# Smallest column block of a blocked ``x^T x`` per device type (None: one plain GEMM). Splitting the columns into
+# k blocks and computing only the blocks on and above the diagonal does k(k+1)/2 of k^2 products: 3/4 of the
+# multiply-adds at k = 2, 2/3 at k = 3. Measured on CPU (GPT-2 widths 512-3072, 2k-token batches) it pays from
+# 256-column blocks; on GPUs small blocks leave streaming multiprocessors idle, so it is off there until measured.
+GRAM_MIN_BLOCK: dict[str, int | None] = {"cpu": 256, "cuda": None}
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """``x^T x`` for ``x`` (n, d), computing only the blocks on and above the diagonal where that pays (torch has
+    no symmetric rank-k update)."""
+    d = x.shape[1]
+    block = GRAM_MIN_BLOCK.get(x.device.type)
+    k = 1 if block is None else d // block
+    if k < 2:
+        return x.T @ x
+    edges = [round(i * d / k) for i in range(k + 1)]
+    out = torch.empty(d, d, dtype=x.dtype, device=x.device)
+    for i in range(k):
+        xi = x[:, edges[i]:edges[i + 1]]
+        for j in range(i, k):
+            blk = xi.T @ x[:, edges[j]:edges[j + 1]]
+            out[edges[i]:edges[i + 1], edges[j]:edges[j + 1]] = blk
+            if j > i:
+                out[edges[j]:edges[j + 1], edges[i]:edges[i + 1]] = blk.T
+    return out
+
+
 class CovarianceAccumulator(BaseAccumulator):
     """Accumulates ``Σ a a^T`` (forward) and ``Σ g g^T`` (backward) over real tokens.
 
@@ -205,11 +232,11 @@ class CovarianceAccumulator(BaseAccumulator):
     def forward(self, spec: LayerSpec, a: torch.Tensor, ctx: PassContext) -> None:
         x = ctx.masked(a, ctx.gemm_dtype).flatten(0, 1)
         col = x.sum(0, dtype=ctx.dtype) if spec.bias else None
-        self._pending.append((self.total.A, spec.name, x.T @ x, col))
+        self._pending.append((self.total.A, spec.name, gram(x), col))
 
     def backward(self, spec: LayerSpec, state: Any, g: torch.Tensor, ctx: PassContext) -> None:
         g = ctx.masked(g, ctx.gemm_dtype).flatten(0, 1)
-        self._pending.append((self.total.S, spec.name, g.T @ g, None))
+        self._pending.append((self.total.S, spec.name, gram(g), None))
 
     def end_batch(self, ctx: PassContext) -> None:
         n_tokens = ctx.batch.n_tokens

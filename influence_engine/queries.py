@@ -118,10 +118,12 @@ def low_rank(P: torch.Tensor, rank: int, *, oversample: int | None = None, power
     """Rank-``rank`` factors ``U, V`` with ``U V^T ≈ P`` (in ``P``'s dtype and on its device; singular values
     in ``U``, ``V`` orthonormal).
 
-    Small matrices (the short side at most ``3 k``, ``k = rank + oversample``) get the exact truncated SVD,
-    on the CPU. Larger ones a randomized SVD (Halko et al. 2011): a seeded sketch of ``k`` directions
-    (``oversample`` defaults to ``rank + 16``) refined by ``power_iterations`` subspace iterations, so the
-    error over the best rank-``rank`` approximation shrinks like ``(σ_{k+1}/σ_rank)^(2q+1)``. All of it is
+    Small matrices (the short side at most ``3 k``, ``k = rank + oversample``) get the exact top singular
+    vectors from the eigenvectors of their (short side) Gram matrix in float64: the same answer as a full SVD
+    for the leading directions, several times faster on CPUs. Larger ones a randomized SVD (Halko et al.
+    2011): a seeded sketch of ``k`` directions (``oversample`` defaults to ``rank + 16``) refined by
+    ``power_iterations`` subspace iterations, so the error over the best rank-``rank`` approximation shrinks
+    like ``(σ_{k+1}/σ_rank)^(2q+1)``. All of it is
     batched GEMMs, fast on GPUs (whose dense SVDs are slow); the last, ``k x k`` step goes through a Gram
     matrix in float64 on the CPU. The sketch is shared by all queries, so each query's factors do not depend
     on how queries are batched."""
@@ -130,9 +132,7 @@ def low_rank(P: torch.Tensor, rank: int, *, oversample: int | None = None, power
     m, n = Pw.shape[-2:]
     k = min(m, rank + (rank + 16 if oversample is None else oversample))
     if m <= 3 * k:
-        Uf, s, Vh = torch.linalg.svd(Pw.cpu(), full_matrices=False)
-        left, s, right = Uf[..., :rank], s[..., None, :rank], Vh[..., :rank, :].mT
-        left, s, right = left.to(P.device), s.to(P.device), right.to(P.device)
+        Q, B = None, Pw  # the short side is small: the exact top singular vectors, from its Gram matrix
     else:
         omega = torch.randn(n, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         Y = Pw @ omega.to(P.device, P.dtype)
@@ -140,13 +140,13 @@ def low_rank(P: torch.Tensor, rank: int, *, oversample: int | None = None, power
             Y = Pw @ _orthonormal(Pw.mT @ _orthonormal(Y))
         Q = _orthonormal(Y)  # (..., m, k): Pw ≈ Q Q^T Pw
         B = Q.mT @ Pw  # (..., k, n)
-        Bd = B.double()
-        _, W = torch.linalg.eigh((Bd @ Bd.mT).cpu())  # B's left singular vectors
-        W = W[..., -rank:].flip(-1).to(P.device, P.dtype)
-        right = B.mT @ W  # (..., n, rank): right singular vectors times singular values
-        s = torch.linalg.vector_norm(right, dim=-2, keepdim=True)
-        right = right / torch.where(s > 0, s, torch.ones_like(s))
-        left = Q @ W
+    Bd = B.double()
+    _, W = torch.linalg.eigh((Bd @ Bd.mT).cpu())  # B's left singular vectors, in float64
+    W = W[..., -rank:].flip(-1).to(P.device, P.dtype)
+    right = B.mT @ W  # (..., n, rank): right singular vectors times singular values
+    s = torch.linalg.vector_norm(right, dim=-2, keepdim=True)
+    right = right / torch.where(s > 0, s, torch.ones_like(s))
+    left = W if Q is None else Q @ W
     return (left * s, right) if wide else (right * s, left)
 
 

@@ -66,12 +66,16 @@ def load_factors_if_fresh(directory: Path, eng: InfluenceEngine, strategy: str,
     return factors
 
 
-def fit_factors_to(directory: Path, eng: InfluenceEngine, docs: Sequence[Example], strategy: str,
-                   damping: str | float, extra_meta: dict[str, Any], progress: Progress | None = None) -> Factors:
-    factors = eng.fit_factors(docs, strategy, damping=parse_damping(damping), progress=progress)
+def fit_factors_to(directory: Path | None, eng: InfluenceEngine, docs: Sequence[Example], strategy: str,
+                   damping: str | float, extra_meta: dict[str, Any], progress: Progress | None = None,
+                   cache: bool = False):
+    """Fit factors (stored in ``directory`` when given); with ``cache``, ``(factors, gradient cache)``."""
+    fitted = eng.fit_factors(docs, strategy, damping=parse_damping(damping), progress=progress, cache=cache)
+    factors = fitted[0] if cache else fitted
     factors.meta |= extra_meta
-    factors.save(directory)
-    return factors
+    if directory is not None:
+        factors.save(directory)
+    return fitted
 
 
 def parse_damping(damping: str | float) -> str | float:

@@ -1,0 +1,148 @@
+"""Per-document gradients kept from the covariance pass: fit and score with one pass over the data.
+
+Fitting EK-FAC and scoring normally take three passes over the training data: covariances, then (once their
+eigenbases exist) the eigenvalue correction, then (once queries are preconditioned) the scores. Each pass is
+a forward and a backward pass of the model. When every document's gradient of every tracked layer fits in
+memory (small models, small shards), the covariance pass can keep them instead: one forward pass, then one
+backward pass with labels sampled from the model (the covariances, and the per-document gradients
+``G̃_d`` the eigenvalue correction squares) and one with the data's own labels (the gradients ``G_d`` that
+scores contract with queries). The eigenvalue correction ``Σ_d (Q_S^T G̃_d Q_A)^2`` and the scores
+``<P_q, G_d>`` are then plain products on stored gradients, no further pass over the data.
+
+The results are those of the three passes (same labels, same sums; only floating-point rounding differs).
+Size: ``n_docs × Σ_layers out × (in + 1)`` values, twice with the sampled (true) Fisher, once with the
+empirical one, in the pass's GEMM dtype (bfloat16 in bf16 mode, which is what the score pass itself rounds
+per-document gradients to). :func:`cache_bytes` says how much before anything runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+from .factors import CovarianceAccumulator, Eigenbasis, LambdaPartial, _load_tensors, _save_tensors, gram
+from .layers import LayerSpec
+from .passes import PassContext
+
+
+def cache_bytes(specs: dict[str, LayerSpec], n_docs: int, itemsize: int, sets: int = 2) -> int:
+    """Bytes a :class:`GradientCache` of ``n_docs`` documents takes (``sets``: 2 with the sampled Fisher)."""
+    return n_docs * sets * itemsize * sum(s.out_features * s.a_dim for s in specs.values())
+
+
+@dataclass
+class GradientCache:
+    """Each document's gradient per tracked layer, ``(N, out, a_dim)``, rows in ``ids`` order: ``true``
+    from the data's labels (for scores) and ``sampled`` from labels drawn from the model (for the eigenvalue
+    correction; ``None`` with the empirical Fisher, where the two are the same)."""
+
+    ids: list[str]
+    specs: dict[str, LayerSpec]
+    true: dict[str, torch.Tensor]
+    sampled: dict[str, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def nbytes(self) -> int:
+        sets = [self.true] + ([self.sampled] if self.sampled is not None else [])
+        return sum(t.numel() * t.element_size() for s in sets for t in s.values())
+
+    def fisher_gradients(self) -> dict[str, torch.Tensor]:
+        return self.sampled if self.sampled is not None else self.true
+
+    def check_covers(self, ids: Sequence[str]) -> None:
+        """Refuse to stand in for a pass over other documents than those it holds."""
+        if list(ids) != self.ids and sorted(ids) != sorted(self.ids):
+            raise UserError(f"the gradient cache holds {len(self.ids)} other documents than the {len(ids)} "
+                            f"asked for", hint="build the cache from the same documents")
+
+    def save(self, path: str | Path) -> None:
+        tensors = {f"true/{n}": t for n, t in self.true.items()}
+        if self.sampled is not None:
+            tensors |= {f"sampled/{n}": t for n, t in self.sampled.items()}
+        _save_tensors(Path(path), tensors, {"kind": "gradient-cache", "ids": self.ids,
+                                            "sampled": self.sampled is not None,
+                                            "layers": [s.to_json() for s in self.specs.values()]})
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> GradientCache:
+        t, meta = _load_tensors(Path(path))
+        specs = {d["name"]: LayerSpec(**d) for d in meta["layers"]}
+        true = {n: t[f"true/{n}"].to(device) for n in specs}
+        sampled = {n: t[f"sampled/{n}"].to(device) for n in specs} if meta["sampled"] else None
+        return cls(list(meta["ids"]), specs, true, sampled)
+
+
+class CachingCovarianceAccumulator(CovarianceAccumulator):
+    """Covariances from the pass's first backward (the Fisher's labels), plus every document's gradient from
+    each backward: ``objectives`` names them in order (``("sampled", "true")`` or ``("true",)``). Gradients are
+    written straight into preallocated rows, in the order the pass processes documents; a batch that is
+    aborted (out of memory) is simply written again."""
+
+    def __init__(self, specs: dict[str, LayerSpec], device: torch.device, dtype: torch.dtype,
+                 gemm_dtype: torch.dtype, n_docs: int, objectives: Sequence[str]):
+        super().__init__(specs, device, dtype)
+        self.objectives = list(objectives)
+        self.ids: list[str] = []
+        self.store = {o: {n: torch.empty(n_docs, s.out_features, s.a_dim, dtype=gemm_dtype, device=device)
+                          for n, s in specs.items()} for o in self.objectives}
+
+    def forward(self, spec: LayerSpec, a: torch.Tensor, ctx: PassContext) -> torch.Tensor:
+        x = ctx.masked(a, ctx.gemm_dtype)
+        flat = x.flatten(0, 1)
+        col = flat.sum(0, dtype=ctx.dtype) if spec.bias else None
+        self._pending.append((self.total.A, spec.name, gram(flat), col))
+        return x
+
+    def backward(self, spec: LayerSpec, x: torch.Tensor, g: torch.Tensor, ctx: PassContext) -> None:
+        g = ctx.masked(g, ctx.gemm_dtype)
+        if ctx.objective == 0:
+            flat = g.flatten(0, 1)
+            self._pending.append((self.total.S, spec.name, gram(flat), None))
+        rows = self.store[self.objectives[ctx.objective]][spec.name][len(self.ids):len(self.ids) + g.shape[0]]
+        n_in = spec.in_features
+        torch.bmm(g.transpose(1, 2), x, out=rows[:, :, :n_in])
+        if spec.bias:
+            torch.sum(g, 1, out=rows[:, :, n_in])
+
+    def end_batch(self, ctx: PassContext) -> None:
+        super().end_batch(ctx)
+        self.ids += ctx.batch.ids
+
+    def cache(self) -> GradientCache:
+        return GradientCache(list(self.ids), dict(self.specs), self.store["true"], self.store.get("sampled"))
+
+
+def lambda_from_cache(cache: GradientCache, basis: Eigenbasis | None, device: torch.device,
+                      dtype: torch.dtype, chunk: int = 64) -> LambdaPartial:
+    """The eigenvalue-correction partial of the cached documents: ``Σ_d (Q_S^T G̃_d Q_A)^2`` (``Σ_d G̃_d^2``
+    without a basis), rotated in ``dtype`` (float32, or float64 in fp64 mode) a chunk of documents at a time."""
+    grads = cache.fisher_gradients()
+    sums = {}
+    for n in cache.specs:
+        total = torch.zeros(cache.specs[n].out_features, cache.specs[n].a_dim, dtype=torch.float64, device=device)
+        Q = None if basis is None else (basis.Q_S[n].to(device, dtype), basis.Q_A[n].to(device, dtype))
+        for s in range(0, len(cache), chunk):
+            G = grads[n][s:s + chunk].to(device, dtype)
+            if Q is not None:
+                G = Q[0].T @ G @ Q[1]
+            total += G.square_().sum(0, dtype=torch.float64)
+        sums[n] = total.cpu()
+    return LambdaPartial(dict(cache.specs), sums, len(cache), rotated=basis is not None)
+
+
+def scores_from_cache(cache: GradientCache, dense_queries: dict[str, torch.Tensor], device: torch.device,
+                      dtype: torch.dtype, chunk: int = 256) -> Any:
+    """Yield ``(rows, scores, layer_scores)`` for chunks of cached documents: ``scores`` (n, Q) is
+    ``Σ_layers <G_d, P_q>`` in ``dtype``; ``dense_queries[layer]`` is ``(Q, out, a_dim)``."""
+    flat_q = {n: P.to(device, dtype).flatten(1).T.contiguous() for n, P in dense_queries.items()}  # (out*a, Q)
+    for s in range(0, len(cache), chunk):
+        layer_scores = {n: cache.true[n][s:s + chunk].to(device, dtype).flatten(1) @ flat_q[n] for n in flat_q}
+        yield range(s, min(s + chunk, len(cache))), sum(layer_scores.values()), layer_scores

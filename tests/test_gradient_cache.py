@@ -1,0 +1,116 @@
+"""One pass with a gradient cache must give what three passes give: covariances, eigenvalue corrections,
+scores (float64, tight tolerances), for every strategy that has a covariance pass, both Fishers, padding."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from helpers import random_examples, tiny_gpt2, tiny_llama
+
+from influence_engine import GradientCache, InfluenceEngine, UserError, eigendecompose
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_gpt2(seed=3)
+    docs = random_examples(13, lo=3, hi=12, seed=9)
+    queries = random_examples(3, prefix="q", prompt=True, seed=10)
+    return model, docs, queries
+
+
+def _engine(model, **kw):
+    kw.setdefault("layers", "mlp")
+    kw.setdefault("batch_size", 4)
+    return InfluenceEngine(model, None, precision="fp64", **kw)
+
+
+@pytest.mark.parametrize("fisher", ["sampled", "empirical"])
+@pytest.mark.parametrize("strategy", ["kfac", "ekfac"])
+def test_one_cached_pass_equals_three_passes(setup, strategy, fisher):
+    model, docs, queries = setup
+    eng = _engine(model, fisher=fisher, padding_side="left")
+    ref_factors = eng.fit_factors(docs, strategy)
+    factors, cache = eng.fit_factors(docs, strategy, cache=True)
+    for n in eng.specs:
+        for key, t in ref_factors.tensors[n].items():
+            torch.testing.assert_close(factors.tensors[n][key], t, rtol=1e-9, atol=1e-12)
+        assert factors.damping[n] == pytest.approx(ref_factors.damping[n], rel=1e-9)
+    assert (cache.sampled is None) == (fisher == "empirical")
+    assert cache.nbytes == eng.gradient_cache_bytes(len(docs))
+    for rank in (0, 2):
+        prepared = eng.prepare_queries(queries, factors, rank=rank)
+        ref = eng.score(docs, prepared, top_k=0).all_scores
+        cached = eng.score(docs, prepared, top_k=0, cache=cache)
+        np.testing.assert_allclose(cached.all_scores, ref, rtol=1e-9, atol=1e-12)
+        assert set(cached.paths.values()) == {"cached"}
+        top = eng.score(docs, prepared, top_k=4, cache=cache)
+        np.testing.assert_allclose(top.top_scores, np.sort(ref, axis=1)[:, ::-1][:, :4], rtol=1e-9, atol=1e-12)
+
+
+def test_cached_true_gradients_are_autograd_gradients(setup):
+    """The cache's ``true`` rows are each document's loss gradient (plain autograd, one document at a time)."""
+    from helpers import autograd_gradients
+
+    model, docs, _ = setup
+    eng = _engine(model)
+    _, cache = eng.fit_covariance_cached(docs)
+    row = {d: i for i, d in enumerate(cache.ids)}
+    for e in docs[:4]:
+        ref = autograd_gradients(model, list(eng.specs), e)
+        for n in eng.specs:
+            torch.testing.assert_close(cache.true[n][row[e.id]], ref[n], rtol=1e-9, atol=1e-12)
+
+
+def test_llama_cache_and_shards(tmp_path):
+    """Caches are per shard like partials: lambda partials from two shards' caches add up to one pass's."""
+    from influence_engine import merge
+
+    model = tiny_llama(seed=4)
+    docs = random_examples(9, lo=3, hi=10, seed=5)
+    eng = _engine(model, batch_size=3)
+    cov = eng.fit_covariance(docs)
+    basis = eigendecompose(cov)
+    ref = eng.fit_lambda(docs, basis)
+    parts = []
+    for shard in (docs[:4], docs[4:]):
+        _, c = eng.fit_covariance_cached(shard)
+        c.save(tmp_path / "c.safetensors")
+        c = GradientCache.load(tmp_path / "c.safetensors")
+        parts.append(eng.fit_lambda(shard, basis, cache=c))
+    total = merge(parts)
+    for n in eng.specs:
+        torch.testing.assert_close(total.sums[n], ref.sums[n], rtol=1e-9, atol=1e-12)
+    with pytest.raises(UserError, match="other documents"):
+        eng.fit_lambda(docs, basis, cache=c)
+
+
+def test_cli_score_in_one_pass_equals_three_passes(tmp_path, monkeypatch, capsys):
+    """`influence-audit score` fits and scores in one pass when the gradients fit (the default budget), and
+    writes the scores three passes give (`--gradient-cache-gb 0`)."""
+    import polars as pl
+    from reliability_support import build_model, corpus, queries, write_jsonl
+
+    from influence_audit import cli
+
+    model = build_model(tmp_path / "model", seed=0)
+    train = write_jsonl(tmp_path / "train.jsonl", corpus(14))
+    qs = write_jsonl(tmp_path / "queries.jsonl", queries(3))
+    frames, logs = [], []
+    for extra in ([], ["--gradient-cache-gb", "0"]):
+        out = tmp_path / f"scores{len(extra)}.parquet"
+        monkeypatch.setattr(sys, "argv", ["influence-audit", "score", "--model", str(model), "--train", str(train),
+                                          "--queries", str(qs), "--out", str(out), "--device", "cpu", "--top-k", "0",
+                                          *extra])
+        try:
+            cli.main()
+        except SystemExit as exc:
+            assert exc.code in (0, None), capsys.readouterr().err
+        logs.append(capsys.readouterr().err)
+        frames.append(pl.read_parquet(out).sort("query_id", "train_id"))
+    assert "one pass" in logs[0] and "one pass" not in logs[1]
+    assert frames[0].select("query_id", "train_id").equals(frames[1].select("query_id", "train_id"))
+    np.testing.assert_allclose(frames[0]["score"].to_numpy(), frames[1]["score"].to_numpy(), rtol=1e-4,
+                               atol=1e-6 * float(np.abs(frames[1]["score"].to_numpy()).max()))

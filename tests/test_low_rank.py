@@ -1,0 +1,31 @@
+"""Query compression: ``low_rank`` must give the best rank-r approximation (Eckart-Young), against a full SVD."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from influence_engine.queries import low_rank
+
+
+def _matrix(q: int, m: int, n: int, decay: float, dtype, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(q, m, min(m, n), generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(q, n, min(m, n), generator=g, dtype=torch.float64)).Q
+    s = decay ** torch.arange(min(m, n), dtype=torch.float64)
+    return ((U * s) @ V.mT).to(dtype)
+
+
+@pytest.mark.parametrize("shape", [(40, 200), (200, 40), (300, 257)])  # short side small (Gram path) or not
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_low_rank_is_the_best_rank_r_approximation(shape, dtype):
+    rank = 8
+    P = _matrix(3, *shape, decay=0.8, dtype=dtype)
+    U, V = low_rank(P, rank)
+    assert U.shape == (3, shape[0], rank) and V.shape == (3, shape[1], rank) and U.dtype == dtype
+    u, s, vh = torch.linalg.svd(P.double(), full_matrices=False)
+    best = (u[..., :rank] * s[..., None, :rank]) @ vh[..., :rank, :]
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close((U @ V.mT).double(), best, rtol=0, atol=tol * float(s.max()))
+    torch.testing.assert_close(V.mT.double() @ V.double(), torch.eye(rank, dtype=torch.float64).expand(3, -1, -1),
+                               rtol=0, atol=10 * tol)
