@@ -121,19 +121,21 @@ class CachingCovarianceAccumulator(CovarianceAccumulator):
 
 
 def lambda_from_cache(cache: GradientCache, basis: Eigenbasis | None, device: torch.device,
-                      dtype: torch.dtype, chunk: int = 64) -> LambdaPartial:
+                      dtype: torch.dtype, gemm_dtype: torch.dtype | None = None, chunk: int = 64) -> LambdaPartial:
     """The eigenvalue-correction partial of the cached documents: ``Σ_d (Q_S^T G̃_d Q_A)^2`` (``Σ_d G̃_d^2``
-    without a basis), rotated in ``dtype`` (float32, or float64 in fp64 mode) a chunk of documents at a time."""
+    without a basis), a chunk of documents at a time. Rotations take ``gemm_dtype`` operands (bfloat16 in bf16
+    mode, as the eigenvalue-correction pass does); squares are summed in ``dtype`` and then float64."""
+    gemm_dtype = gemm_dtype or dtype
     grads = cache.fisher_gradients()
     sums = {}
     for n in cache.specs:
         total = torch.zeros(cache.specs[n].out_features, cache.specs[n].a_dim, dtype=torch.float64, device=device)
-        Q = None if basis is None else (basis.Q_S[n].to(device, dtype), basis.Q_A[n].to(device, dtype))
+        Q = None if basis is None else (basis.Q_S[n].T.to(device, gemm_dtype), basis.Q_A[n].to(device, gemm_dtype))
         for s in range(0, len(cache), chunk):
-            G = grads[n][s:s + chunk].to(device, dtype)
+            G = grads[n][s:s + chunk].to(device, gemm_dtype)
             if Q is not None:
-                G = Q[0].T @ G @ Q[1]
-            total += G.square_().sum(0, dtype=torch.float64)
+                G = Q[0] @ G @ Q[1]
+            total += G.to(dtype).square_().sum(0, dtype=torch.float64)
         sums[n] = total.cpu()
     return LambdaPartial(dict(cache.specs), sums, len(cache), rotated=basis is not None)
 

@@ -251,7 +251,7 @@ class InfluenceEngine:
         cached gradients of these examples, without a pass, when ``cache`` is given."""
         if cache is not None:
             cache.check_covers([e.id for e in examples])
-            result = lambda_from_cache(cache, basis, self.device, self.dtype)
+            result = lambda_from_cache(cache, basis, self.device, self.dtype, self.runner.gemm_dtype(self.precision))
             if progress is not None:
                 progress(len(examples), sum(len(e.input_ids) for e in examples))
             return result
@@ -270,7 +270,11 @@ class InfluenceEngine:
         if lambdas is not None:
             meta |= {"lambda_docs": lambdas.n_docs}
         meta["damping_setting"] = "auto" if damping in (None, "auto") else float(damping)
-        return finalize(strategy, self.specs, basis=basis, lambdas=lambdas, damping=damping, meta=meta)
+        factors = finalize(strategy, self.specs, basis=basis, lambdas=lambdas, damping=damping, meta=meta)
+        # everything that uses them computes in this engine's dtype: float32 factors outside fp64 mode halve
+        # the bytes stored, loaded and moved to the device (eigendecomposition and damping stay float64)
+        factors.tensors = {n: {k: v.to(self.dtype) for k, v in t.items()} for n, t in factors.tensors.items()}
+        return factors
 
     def fit_factors(self, examples: Sequence[Example], strategy: str = "ekfac", *,
                     damping: float | str | None = "auto", progress: Progress | None = None,

@@ -102,13 +102,16 @@ class PreparedQueries:
         return cls(ids, specs, layers, meta)
 
 
-def _orthonormal(Y: torch.Tensor) -> torch.Tensor:
+def _orthonormal(Y: torch.Tensor, failed: list[torch.Tensor] | None = None) -> torch.Tensor:
     """An orthonormal basis of the columns of each ``Y`` (..., m, k): Cholesky QR, twice (batched GEMMs and
-    small Cholesky factorisations, fast on GPUs); Householder QR if the Gram matrix is not positive definite."""
+    small Cholesky factorisations, fast on GPUs). Whether a Gram matrix was not positive definite is appended
+    to ``failed`` as a device tensor, not checked here: checking would wait for the device at every call.
+    Without ``failed``, Householder QR."""
+    if failed is None:
+        return torch.linalg.qr(Y).Q
     for _ in range(2):
         L, info = torch.linalg.cholesky_ex(Y.mT @ Y)
-        if bool((info != 0).any()):
-            return torch.linalg.qr(Y).Q
+        failed.append((info != 0).any())
         Y = torch.linalg.solve_triangular(L, Y.mT, upper=False).mT
     return Y
 
@@ -135,10 +138,16 @@ def low_rank(P: torch.Tensor, rank: int, *, oversample: int | None = None, power
         Q, B = None, Pw  # the short side is small: the exact top singular vectors, from its Gram matrix
     else:
         omega = torch.randn(n, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        Y = Pw @ omega.to(P.device, P.dtype)
-        for _ in range(power_iterations):  # orthonormalised after every product: stable in float32 too
-            Y = Pw @ _orthonormal(Pw.mT @ _orthonormal(Y))
-        Q = _orthonormal(Y)  # (..., m, k): Pw ≈ Q Q^T Pw
+        omega = omega.to(P.device, P.dtype)
+        failed: list[torch.Tensor] | None = []
+        while True:
+            Y = Pw @ omega
+            for _ in range(power_iterations):  # orthonormalised after every product: stable in float32 too
+                Y = Pw @ _orthonormal(Pw.mT @ _orthonormal(Y, failed), failed)
+            Q = _orthonormal(Y, failed)  # (..., m, k): Pw ≈ Q Q^T Pw
+            if failed is None or not bool(torch.stack(failed).any()):  # one wait for the device, here
+                break
+            failed = None  # a rank-deficient sketch: again with Householder QR
         B = Q.mT @ Pw  # (..., k, n)
     Bd = B.double()
     _, W = torch.linalg.eigh((Bd @ Bd.mT).cpu())  # B's left singular vectors, in float64
@@ -153,7 +162,8 @@ def low_rank(P: torch.Tensor, rank: int, *, oversample: int | None = None, power
 def prepare_layer(name: str, G: torch.Tensor, factors: Factors, rank: int,
                   dtype: torch.dtype = torch.float64) -> LayerQueries:
     """Precondition one layer's query gradients ``G`` (Q, out, a_dim) in ``dtype`` on their device, and
-    compress them when ``rank`` is below the layer's size. Results are float64, on the CPU."""
+    compress them when ``rank`` is below the layer's size. Results stay on that device, in ``dtype`` (scoring
+    uses them there; saving moves them to the host)."""
     P = factors.precondition(name, G.to(dtype))
     _check_finite(name, "preconditioned query gradient", P)
     return _compressed(P, rank)
@@ -161,16 +171,16 @@ def prepare_layer(name: str, G: torch.Tensor, factors: Factors, rank: int,
 
 def _compressed(R: torch.Tensor, rank: int, Q_S: torch.Tensor | None = None,
                 Q_A: torch.Tensor | None = None) -> LayerQueries:
-    """``P = Q_S R Q_A^T`` (or ``R`` itself without a basis), kept whole or at rank ``rank``. Orthogonal
-    rotations keep singular values, so ``P``'s best rank-r factors are the rotated factors of ``R``: the
-    compression never needs ``P`` itself."""
+    """``P = Q_S R Q_A^T`` (or ``R`` itself without a basis), kept whole or at rank ``rank``, on ``R``'s device
+    and in its dtype. Orthogonal rotations keep singular values, so ``P``'s best rank-r factors are the
+    rotated factors of ``R``: the compression never needs ``P`` itself."""
     if rank and rank < min(R.shape[-2:]):
         U, V = low_rank(R, rank)
         if Q_S is not None:
             U, V = Q_S @ U, Q_A @ V
-        return LayerQueries(U=U.double().cpu(), V=V.double().cpu())
+        return LayerQueries(U=U, V=V)
     P = R if Q_S is None else Q_S @ R @ Q_A.T
-    return LayerQueries(full=P.double().cpu())
+    return LayerQueries(full=P)
 
 
 def _check_rank(rank: int) -> None:

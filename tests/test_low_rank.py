@@ -29,3 +29,14 @@ def test_low_rank_is_the_best_rank_r_approximation(shape, dtype):
     torch.testing.assert_close((U @ V.mT).double(), best, rtol=0, atol=tol * float(s.max()))
     torch.testing.assert_close(V.mT.double() @ V.double(), torch.eye(rank, dtype=torch.float64).expand(3, -1, -1),
                                rtol=0, atol=10 * tol)
+
+
+def test_rank_deficient_matrix_falls_back_to_householder_and_stays_exact():
+    """A sketch wider than the matrix's rank makes Cholesky QR fail (a singular Gram matrix): the compression
+    starts again with Householder QR and still returns the best approximation (the matrix itself)."""
+    g = torch.Generator().manual_seed(3)
+    P = torch.randn(2, 300, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 2, 260, generator=g,
+                                                                              dtype=torch.float64)
+    U, V = low_rank(P, 8)
+    assert torch.isfinite(U).all() and torch.isfinite(V).all()
+    torch.testing.assert_close(U @ V.mT, P, rtol=0, atol=1e-9 * float(P.abs().max()))
