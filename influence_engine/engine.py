@@ -46,6 +46,7 @@ from .factors import (
     eigendecompose,
     finalize,
 )
+from .fusion import fuse_activations
 from .layers import LayerSpec, layer_spec, select_layers
 from .passes import PassConfig, Progress, Runner
 from .queries import GradientAccumulator, PreparedQueries, QueryAccumulator
@@ -151,7 +152,7 @@ class InfluenceEngine:
     def __init__(self, model: nn.Module, tokenizer=None, *, layers: str = "mlp", device: str = "auto",
                  precision: str = "fp32", batch_size: int = 8, max_length: int = 512, seed: int = 0,
                  on_long: str = "truncate", fisher: str = "sampled", padding_side: str = "right",
-                 pad_to_multiple: int = 1, fingerprint: str | None = None):
+                 pad_to_multiple: int = 1, fingerprint: str | None = None, fuse: bool = True):
         if precision not in PRECISIONS:
             raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
         if fisher not in ("sampled", "empirical"):
@@ -164,6 +165,9 @@ class InfluenceEngine:
         self.precision = precision
         self.fingerprint = fingerprint or model_fingerprint(model)
         model = model.to(self.device, torch.float64 if precision == "fp64" else torch.float32)
+        # the model is the engine's from here on: frozen, in eval mode and (with ``fuse``) with fused kernels for
+        # activations Hugging Face computes in Python (same formula; see fusion.py)
+        self.fused = fuse_activations(model) if fuse else 0
         self.model, self.tokenizer = model, tokenizer
         self.layers = layers
         self.tracked = select_layers(model, layers)
