@@ -55,6 +55,10 @@ def test_smoke_result_has_every_section_with_finite_numbers(smoke):
                 assert _finite(ours[stage]["tok_s"]) and ours[stage]["tok_s"] > 0
         for key in ("total_seconds", "peak_gb", "score_pass_tok_s", "scores_over_train_step"):
             assert _finite(ours[key])
+        one = result["precisions"][precision]["ours_one_pass"]  # the smoke configuration times the one-pass mode
+        assert all(_finite(one[stage]["seconds"]) for stage in STAGES) and _finite(one["total_seconds"])
+        assert one["score_paths"] == ["cached"]
+    assert result["agreement"]["ours_one_pass_fp32_vs_ours_fp32_dense"]["spearman_min"] > 0.999
     rows = result["growth"]["rows"]
     assert [r["n_docs"] for r in rows] == [result["config"]["growth_docs"] * m for m in (1, 2, 4)]
     assert all(_finite(r["seconds"]) and _finite(r["peak_gb"]) for r in rows)
