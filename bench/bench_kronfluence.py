@@ -833,8 +833,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for torch (default: 1 on a CPU, where a shared machine makes more threads "
                          "slower and noisier; torch's default with a GPU)")
+    ap.add_argument("--gram-block", type=int, default=None,
+                    help="smallest column block of our blocked covariance GEMMs on this device type (0: one plain "
+                         "GEMM; default: the engine's, off on GPUs)")
     args = ap.parse_args(argv)
     cfg = CONFIGS[args.config]
+    if args.gram_block is not None:
+        from influence_engine import factors as _factors
+
+        device_type = "cuda" if cfg.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
+        _factors.GRAM_MIN_BLOCK[device_type] = args.gram_block or None
+        cfg = replace(cfg, notes={**cfg.notes, "gram_min_block": f"{device_type}: {args.gram_block}"})
     if args.tiny:
         cfg = tiny(cfg)
     threads = args.threads or (1 if cfg.device == "cpu" else None)
