@@ -139,6 +139,8 @@ def score(model: ModelOpt, train: TrainOpt,
                    "on the device, fit and score in one pass over the data; 0 never does")] = 2.0,
           trust_remote_code: bool = False) -> None:
     """Rank training documents by influence on each query's completion."""
+    import torch
+
     from tasks.data import data_fingerprint, read_rows
     from tasks.engine_io import (
         encode_frame,
@@ -171,8 +173,16 @@ def score(model: ModelOpt, train: TrainOpt,
         meta = factor_settings(eng, strategy, damping, data_fingerprint(train_df))
         one_pass = strategy in ("kfac", "ekfac") and eng.gradient_cache_bytes(len(docs)) <= gradient_cache_gb * 2**30
         label = f"fitting {strategy} factors" + (" (one pass: gradients kept for scoring)" if one_pass else "")
-        with _Bar(label, len(docs)) as bar:
-            fitted = fit_factors_to(factors, eng, docs, strategy, damping, meta, bar, cache=one_pass)
+        try:
+            with _Bar(label, len(docs)) as bar:
+                fitted = fit_factors_to(factors, eng, docs, strategy, damping, meta, bar, cache=one_pass)
+        except torch.OutOfMemoryError:
+            if not one_pass:
+                raise
+            one_pass = False  # the gradients did not fit beside the model after all: the three passes
+            err.print("the documents' gradients do not fit on the device: fitting in separate passes")
+            with _Bar(f"fitting {strategy} factors", len(docs)) as bar:
+                fitted = fit_factors_to(factors, eng, docs, strategy, damping, meta, bar)
         if one_pass:
             fitted, cache = fitted
     prepared = eng.prepare_queries(qs, fitted, rank=query_rank)

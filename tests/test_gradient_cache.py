@@ -114,3 +114,61 @@ def test_cli_score_in_one_pass_equals_three_passes(tmp_path, monkeypatch, capsys
     assert frames[0].select("query_id", "train_id").equals(frames[1].select("query_id", "train_id"))
     np.testing.assert_allclose(frames[0]["score"].to_numpy(), frames[1]["score"].to_numpy(), rtol=1e-4,
                                atol=1e-6 * float(np.abs(frames[1]["score"].to_numpy()).max()))
+
+
+def test_out_of_memory_in_the_second_backward_loses_nothing(setup, monkeypatch):
+    """An out-of-memory error after the first backward pass has written a batch's gradients and covariance
+    products: the batch is halved and redone, and nothing is counted twice or left half-written."""
+    from influence_engine.cache import CachingCovarianceAccumulator
+
+    model, docs, _ = setup
+    eng = _engine(model, batch_size=8)
+    ref_cov, ref_cache = eng.fit_covariance_cached(docs)
+    original = CachingCovarianceAccumulator.backward
+    sizes = []
+
+    def backward(self, spec, x, g, ctx):
+        sizes.append(g.shape[0])
+        if ctx.objective == 1 and g.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated in the second backward pass)")
+        return original(self, spec, x, g, ctx)
+
+    monkeypatch.setattr(CachingCovarianceAccumulator, "backward", backward)
+    cov, cache = eng.fit_covariance_cached(docs)
+    assert 8 in sizes and 4 in sizes and max(sizes[-4:]) <= 2
+    assert (cov.n_tokens, cov.n_docs) == (ref_cov.n_tokens, ref_cov.n_docs)
+    for n in eng.specs:
+        torch.testing.assert_close(cov.A[n], ref_cov.A[n], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(cov.S[n], ref_cov.S[n], rtol=1e-12, atol=1e-12)
+        row = {d: i for i, d in enumerate(cache.ids)}
+        order = [row[d] for d in ref_cache.ids]
+        torch.testing.assert_close(cache.true[n][order], ref_cache.true[n], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(cache.sampled[n][order], ref_cache.sampled[n], rtol=1e-12, atol=1e-12)
+    assert sorted(cache.ids) == sorted(e.id for e in docs)
+
+
+def test_cli_falls_back_to_three_passes_when_the_gradients_do_not_fit(tmp_path, monkeypatch, capsys):
+    """The one-pass budget is only an estimate: if keeping the gradients runs out of device memory, `score`
+    says so and fits in separate passes."""
+    from reliability_support import build_model, corpus, queries, write_jsonl
+
+    import influence_engine.cache as cache_mod
+    from influence_audit import cli
+
+    def no_room(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated: the gradient cache)")
+
+    monkeypatch.setattr(cache_mod.CachingCovarianceAccumulator, "__init__", no_room)
+    model = build_model(tmp_path / "model", seed=0)
+    out = tmp_path / "scores.parquet"
+    monkeypatch.setattr(sys, "argv", ["influence-audit", "score", "--model", str(model), "--train",
+                                      str(write_jsonl(tmp_path / "train.jsonl", corpus(6))), "--queries",
+                                      str(write_jsonl(tmp_path / "queries.jsonl", queries(2))), "--out", str(out),
+                                      "--device", "cpu"])
+    try:
+        cli.main()
+    except SystemExit as exc:
+        assert exc.code in (0, None), capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "do not fit on the device" in err and "one pass over the documents" not in err
+    assert out.exists()
