@@ -192,48 +192,49 @@ class LogitGradient:
             if lab not in ("true", "sampled"):
                 raise ValueError(f"labels must be 'true' or 'sampled', not {lab!r}")
         B, T, V = logits.shape
+        device = logits.device
         detached = logits.detach()
         self.grad = detached if in_place and detached.is_contiguous() else detached.contiguous().clone()
         flat = self.grad.view(B * T, V)
+        # per row of the flattened batch (no index lists: building them would wait for the device): whether it
+        # predicts a target, and its target in each label set
         select = batch.target_mask[:, 1:]
-        is_row = torch.zeros(B, T, dtype=torch.bool, device=logits.device)
+        is_row = torch.zeros(B, T, dtype=torch.bool, device=device)
         is_row[:, :-1] = select
         is_row = is_row.flatten()
-        self.rows = is_row.nonzero().squeeze(1)
         fdtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        true_targets = batch.input_ids[:, 1:][select]
-        u = (_uniforms(select.sum(1).tolist(), batch.ids, seed).to(logits.device)
-             if "sampled" in labels else None)
-        self.targets = [torch.empty_like(true_targets) if lab == "sampled" else true_targets for lab in labels]
-        self.probs = [torch.empty(len(self.rows), dtype=fdtype, device=logits.device) for _ in labels]
-        done = 0  # targets handled so far (targets are in row order)
+        true_targets = batch.input_ids.roll(-1, dims=1).flatten()  # row t predicts token t + 1
+        if "sampled" in labels:
+            u = _uniforms(select.sum(1).tolist(), batch.ids, seed).to(device)  # one per target, in row order
+            if u.numel() == 0:
+                u = torch.zeros(1, dtype=torch.float64, device=device)
+            u_index = (is_row.cumsum(0) - 1).clamp_(min=0)  # each row's place among the targets
+        self.targets = [torch.zeros_like(true_targets) if lab == "sampled" else true_targets for lab in labels]
+        self.probs = [torch.zeros(B * T, dtype=fdtype, device=device) for _ in labels]
+        self.is_row = is_row
         for s in range(0, B * T, chunk):
             block = flat[s:s + chunk]
             x = _softmax_(block if block.dtype == fdtype else block.to(fdtype))
             here = is_row[s:s + chunk]
-            local = here.nonzero().squeeze(1)
-            n = len(local)
-            if n < len(here):
-                x.index_fill_(0, (~here).nonzero().squeeze(1), 0)
-            sl = slice(done, done + n)
+            x.masked_fill_(~here.unsqueeze(1), 0)  # rows without a target (padding: maybe NaN) get no gradient
+            rows = torch.arange(len(here), device=device)
             for k, lab in enumerate(labels):
-                if lab == "sampled":  # every row of the block is drawn from (cheaper than gathering rows)
-                    u_rows = torch.zeros(len(here), dtype=u.dtype, device=u.device).index_copy_(0, local, u[sl])
-                    self.targets[k][sl] = _sample_from(x, u_rows)[local]
-                self.probs[k][sl] = x[local, self.targets[k][sl]]
-            x[local, self.targets[0][sl]] = self.probs[0][sl] - 1
+                if lab == "sampled":  # every row is drawn from; rows without a target are never used
+                    self.targets[k][s:s + chunk] = _sample_from(x, u[u_index[s:s + chunk]])
+                self.probs[k][s:s + chunk] = x[rows, self.targets[k][s:s + chunk]]
+            x[rows, self.targets[0][s:s + chunk]] = self.probs[0][s:s + chunk] - here.to(fdtype)
             if x is not block:
                 block.copy_(x)
-            done += n
         self._flat = flat
         self.objective = 0
 
     def switch(self, k: int) -> torch.Tensor:
         """The gradient for label set ``k`` (after the previous one's backward pass): only the entries at the
         two sets' targets change."""
-        flat, r, j = self._flat, self.rows, self.objective
-        flat[r, self.targets[j]] = self.probs[j].to(flat.dtype)
-        flat[r, self.targets[k]] = (self.probs[k] - 1).to(flat.dtype)
+        flat, j = self._flat, self.objective
+        rows = torch.arange(flat.shape[0], device=flat.device)
+        flat[rows, self.targets[j]] = self.probs[j].to(flat.dtype)
+        flat[rows, self.targets[k]] = (self.probs[k] - self.is_row.to(self.probs[k].dtype)).to(flat.dtype)
         self.objective = k
         return self.grad
 
