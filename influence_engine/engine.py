@@ -16,7 +16,8 @@ Small models (every document's gradients fit in memory: ``eng.gradient_cache_byt
 with one pass over the documents instead of three::
 
     factors, kept = eng.fit_factors(docs, "ekfac", cache=True)
-    result = eng.score(docs, eng.prepare_queries(query_docs, factors, rank=0), cache=kept)
+    result = eng.score(docs, eng.prepare_queries(eng.encode(query_rows, where="queries"), factors, rank=0),
+                       cache=kept)
 """
 
 from __future__ import annotations
