@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .factors import CovarianceAccumulator, Eigenbasis, LambdaPartial, _load_tensors, _save_tensors, gram
+from .factors import CovarianceAccumulator, Eigenbasis, LambdaPartial, _load_tensors, _save_tensors
 from .layers import LayerSpec
 from .passes import PassContext
 
@@ -59,7 +59,7 @@ class GradientCache:
 
     def check_covers(self, ids: Sequence[str]) -> None:
         """Refuse to stand in for a pass over other documents than those it holds."""
-        if list(ids) != self.ids and sorted(ids) != sorted(self.ids):
+        if sorted(ids) != sorted(self.ids):
             raise UserError(f"the gradient cache holds {len(self.ids)} other documents than the {len(ids)} "
                             f"asked for", hint="build the cache from the same documents")
 
@@ -96,16 +96,13 @@ class CachingCovarianceAccumulator(CovarianceAccumulator):
 
     def forward(self, spec: LayerSpec, a: torch.Tensor, ctx: PassContext) -> torch.Tensor:
         x = ctx.masked(a, ctx.gemm_dtype)
-        flat = x.flatten(0, 1)
-        col = flat.sum(0, dtype=ctx.dtype) if spec.bias else None
-        self._pending.append((self.total.A, spec.name, gram(flat), col))
-        return x
+        self._add_activations(spec, x, ctx)
+        return x  # kept for the per-document gradients
 
     def backward(self, spec: LayerSpec, x: torch.Tensor, g: torch.Tensor, ctx: PassContext) -> None:
         g = ctx.masked(g, ctx.gemm_dtype)
         if ctx.objective == 0:
-            flat = g.flatten(0, 1)
-            self._pending.append((self.total.S, spec.name, gram(flat), None))
+            self._add_gradients(spec, g)
         rows = self.store[self.objectives[ctx.objective]][spec.name][len(self.ids):len(self.ids) + g.shape[0]]
         n_in = spec.in_features
         torch.bmm(g.transpose(1, 2), x, out=rows[:, :, :n_in])

@@ -230,13 +230,20 @@ class CovarianceAccumulator(BaseAccumulator):
         self._pending = []
 
     def forward(self, spec: LayerSpec, a: torch.Tensor, ctx: PassContext) -> None:
-        x = ctx.masked(a, ctx.gemm_dtype).flatten(0, 1)
-        col = x.sum(0, dtype=ctx.dtype) if spec.bias else None
-        self._pending.append((self.total.A, spec.name, gram(x), col))
+        self._add_activations(spec, ctx.masked(a, ctx.gemm_dtype), ctx)
 
     def backward(self, spec: LayerSpec, state: Any, g: torch.Tensor, ctx: PassContext) -> None:
-        g = ctx.masked(g, ctx.gemm_dtype).flatten(0, 1)
-        self._pending.append((self.total.S, spec.name, gram(g), None))
+        self._add_gradients(spec, ctx.masked(g, ctx.gemm_dtype))
+
+    def _add_activations(self, spec: LayerSpec, x: torch.Tensor, ctx: PassContext) -> None:
+        """This batch's ``Σ x x^T`` (and bias row) from masked inputs ``x`` (B, T, in); committed at batch end."""
+        flat = x.flatten(0, 1)
+        col = flat.sum(0, dtype=ctx.dtype) if spec.bias else None
+        self._pending.append((self.total.A, spec.name, gram(flat), col))
+
+    def _add_gradients(self, spec: LayerSpec, g: torch.Tensor) -> None:
+        """This batch's ``Σ g g^T`` from masked output gradients ``g`` (B, T, out); committed at batch end."""
+        self._pending.append((self.total.S, spec.name, gram(g.flatten(0, 1)), None))
 
     def end_batch(self, ctx: PassContext) -> None:
         n_tokens = ctx.batch.n_tokens
