@@ -287,11 +287,12 @@ class Ours:
 
     name = "ours"
 
-    def __init__(self, model: nn.Module, cfg: Config, precision: str, device: torch.device, seed: int):
+    def __init__(self, model: nn.Module, cfg: Config, precision: str, device: torch.device, seed: int,
+                 eng: InfluenceEngine | None = None):
         self.model = model
-        self.eng = InfluenceEngine(model, None, layers="mlp", precision=precision, batch_size=cfg.batch[precision],
-                                   device=str(device), seed=seed, pad_to_multiple=cfg.pad_to_multiple,
-                                   fingerprint="bench")
+        self.eng = eng or InfluenceEngine(model, None, layers="mlp", precision=precision,
+                                          batch_size=cfg.batch[precision], device=str(device), seed=seed,
+                                          pad_to_multiple=cfg.pad_to_multiple, fingerprint="bench")
         self.rank = cfg.rank
         self.cov = self.basis = self.lam = self.queries = None
         self.timings: dict[str, float] = {}
@@ -515,9 +516,8 @@ def run_precision(cfg: Config, precision: str, device: torch.device, model: nn.M
     docs, queries = examples(train_x, "d"), examples(query_x, "q")
     tokens = int(train_x.numel())
     ours = Ours(model, cfg, precision, device, seed=cfg.seed)
-    one = OursOnePass(model, cfg, precision, device, seed=cfg.seed) if cfg.one_pass else None
-    if one is not None:
-        one.eng = ours.eng  # the same engine (model, hooks), another way through it
+    # the same engine (model, hooks), another way through it
+    one = OursOnePass(model, cfg, precision, device, seed=cfg.seed, eng=ours.eng) if cfg.one_pass else None
     kron = Kron(kmodel, cfg, precision, device, workdir, precision, seed=cfg.seed) if kmodel is not None else None
     # untimed warm-up of each tool's pass at this precision (kernel selection, allocator growth)
     warm = 2 * cfg.batch[precision]
