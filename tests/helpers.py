@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from influence_engine import Example
+from influence_engine import Example, InfluenceEngine
 from influence_engine.data import collate
 from influence_engine.layers import layer_spec
 
@@ -64,3 +64,9 @@ def autograd_gradients(model, tracked_names, example: Example) -> dict[str, torc
             k += 1
         out[n] = gw
     return out
+
+
+def fp64_engine(model, **kw) -> InfluenceEngine:
+    """An engine in float64 on the MLP layers (unless told otherwise), for exact comparisons."""
+    kw.setdefault("layers", "mlp")
+    return InfluenceEngine(model, None, precision="fp64", **kw)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import random_examples, tiny_gpt2, tiny_llama
+from helpers import fp64_engine, random_examples, tiny_gpt2, tiny_llama
 
 from influence_engine import (
     CovariancePartial,
     FactorMismatchError,
     Factors,
-    InfluenceEngine,
     LambdaPartial,
     UserError,
     eigendecompose,
@@ -28,9 +27,7 @@ def setup():
     return model, docs, queries
 
 
-def _engine(model, **kw):
-    kw.setdefault("layers", "mlp")
-    return InfluenceEngine(model, None, precision="fp64", **kw)
+_engine = fp64_engine
 
 
 def _scores(eng, docs, queries, strategy="ekfac", rank=0, fit_docs=None):

@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import random_examples, tiny_gpt2, tiny_llama
+from helpers import fp64_engine, random_examples, tiny_gpt2, tiny_llama
 
-from influence_engine import GradientCache, InfluenceEngine, UserError, eigendecompose
+from influence_engine import GradientCache, UserError, eigendecompose
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +22,7 @@ def setup():
 
 
 def _engine(model, **kw):
-    kw.setdefault("layers", "mlp")
-    kw.setdefault("batch_size", 4)
-    return InfluenceEngine(model, None, precision="fp64", **kw)
+    return fp64_engine(model, **{"batch_size": 4, **kw})
 
 
 @pytest.mark.parametrize("fisher", ["sampled", "empirical"])
