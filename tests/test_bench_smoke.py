@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the benchmark end to end
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench" / "bench_kronfluence.py"
 STAGES = ("covariance", "eigendecomposition", "lambda_fit", "scores")
