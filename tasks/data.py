@@ -20,6 +20,7 @@ import io
 import json
 import random
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +32,7 @@ from influence_engine.errors import DataError, UserError
 Kind = Literal["train", "queries"]
 
 __all__ = [
+    "Fields",
     "Kind",
     "add_content_hashes",
     "check_columns",
@@ -45,13 +47,15 @@ JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 DIRECTORY_SUFFIXES = (".jsonl", ".parquet")
 SOURCE = "source"
+MESSAGES = "messages"
 _CONTENT_SEP = "\x1f"
 _SAMPLE_LINES = 1000
 _BOM = b"\xef\xbb\xbf"
 _STRING_FIELDS = {"train": ("id", "text", "prompt", "completion"), "queries": ("id", "prompt", "completion")}
 _FORM_HINT = {
-    "train": "training rows need a string 'id' and either 'text', or 'prompt' and 'completion'",
-    "queries": "query rows need string 'id', 'prompt' and 'completion' fields",
+    "train": "training rows need a string 'id' (or none: ids are derived) and either 'text', or 'prompt' and "
+             "'completion', or 'messages' (chat)",
+    "queries": "query rows need string 'id', 'prompt' and 'completion' fields (or 'id' and chat 'messages')",
 }
 _PANIC: tuple[type[BaseException], ...] = (Exception, pl.exceptions.PanicException)
 
@@ -59,74 +63,118 @@ _PANIC: tuple[type[BaseException], ...] = (Exception, pl.exceptions.PanicExcepti
 # --------------------------------------------------------------------------------------------------- reading
 
 
-def read_rows(paths: str | Path | Sequence[str | Path], kind: Kind) -> pl.DataFrame:
-    """Read training documents (``kind="train"``) or queries (``kind="queries"``).
+@dataclass(frozen=True)
+class Fields:
+    """Which input columns hold the id and the text (``--id-field``, ``--text-field``).
 
-    ``paths`` is one path or a sequence of paths; each is a JSON-lines file (``.jsonl`` / ``.json``), a
-    Parquet file (``.parquet``) or a directory, whose ``*.jsonl`` and ``*.parquet`` files are read in name
-    order. Blank JSONL lines are skipped. The result has the columns ``id``, then ``text`` or ``prompt``,
-    ``completion``, then any extra columns (in order of first appearance), then ``source`` (``"file:line"``).
+    Without the id column (and ``id`` left at its default), ids are derived: ``NAME#N`` (see
+    :mod:`tasks.sources`). ``prompt``, ``completion`` and ``messages`` keep their names."""
+
+    id: str = "id"
+    text: str = "text"
+
+    def apply(self, df: pl.DataFrame, path: Path, kind: Kind, name: str) -> pl.DataFrame:
+        """``df`` with its id and text columns named ``id`` and ``text`` (ids derived when absent)."""
+        for field, flag, target in ((self.id, "--id-field", "id"), (self.text, "--text-field", "text")):
+            if field == target:
+                continue
+            if field not in df.columns:
+                if target == "text" and ({"prompt", "completion", MESSAGES} & set(df.columns)):
+                    continue
+                found = ", ".join(repr(c) for c in df.columns if c != SOURCE) or "(none)"
+                raise DataError(f"{path}: missing column {field!r} ({flag} {field}); found {found}",
+                                hint=f"pass the column that holds the {target} with {flag}")
+            if target in df.columns:
+                raise DataError(f"{path}: has both {field!r} ({flag}) and {target!r} columns",
+                                hint=f"drop or rename the {target!r} column, or leave {flag} at its default")
+            df = df.rename({field: target})
+        if "id" not in df.columns and self.id == "id" and kind == "train":
+            number = pl.col(SOURCE).str.extract(r":(\d+)$")
+            df = df.with_columns(pl.concat_str([pl.lit(f"{name}#"), number]).alias("id"))
+        return df
+
+
+def read_rows(paths: str | Path | Sequence[str | Path], kind: Kind, *, fields: Fields | None = None,
+              split: str = "train") -> pl.DataFrame:
+    """Read training documents (``kind="train"``) or queries (``kind="queries"``), all of them, into one frame
+    (for the commands that hold the documents; the audit reads range by range, see :mod:`tasks.sources`).
+
+    ``paths`` is one ``--train`` argument or a sequence of them: JSON-lines files (``.jsonl`` / ``.json``),
+    Parquet files, directories of them (read in name order), quoted glob patterns, or ``datasets`` directories
+    (``split``). Blank JSONL lines are skipped. ``fields`` maps the id and text columns. The result has the
+    columns ``id``, then ``text``, or ``prompt``, ``completion``, or ``messages``, then any extra columns (in order
+    of first appearance), then ``source`` (``"file:line"``).
 
     Raises :class:`DataError` (one line: file, line or column, and what to do) for a missing, unreadable,
     non-UTF-8, malformed or corrupt file, an unknown extension, missing columns, a null or empty
-    (whitespace-only) field, a non-string id / text / prompt / completion, duplicate ids, no rows at all, or
-    files that mix the ``text`` and ``prompt``/``completion`` forms.
+    (whitespace-only) field, a non-string id / text / prompt / completion, malformed chat messages, duplicate
+    ids, no rows at all, or files that mix the forms.
     """
+    from .sources import plan_ranges, resolve_sources
+
     if kind not in _STRING_FIELDS:
         raise ValueError(f"kind must be 'train' or 'queries', not {kind!r}")
-    files = _expand_paths(paths)
+    sources = resolve_sources(paths, split)
     frames: list[tuple[Path, pl.DataFrame, tuple[str, ...]]] = []
-    for path in files:
-        df = _read_file(path, kind)
-        if df.height == 0 and all(c == SOURCE for c in df.columns):
-            continue  # an empty file says nothing about its form
-        form = _check_file_frame(df, path, kind)
-        frames.append((path, df, form))
-    shown = ", ".join(str(p) for p in files[:3]) + (f" (+{len(files) - 3} more)" if len(files) > 3 else "")
+    for source in sources:
+        for rows in plan_ranges(source, None):
+            df, form = _read_checked(rows, kind, fields)
+            if form is not None:
+                frames.append((Path(rows.path), df, form))
+    shown = ", ".join(s.path for s in sources[:3]) + (f" (+{len(sources) - 3} more)" if len(sources) > 3 else "")
     if not frames or sum(df.height for _, df, _ in frames) == 0:
         raise DataError(f"{shown}: no rows", hint=f"the dataset is empty; {_FORM_HINT[kind]}")
-    forms = {form for _, _, form in frames}
-    if len(forms) > 1:
-        by_form = {form: path for path, _, form in reversed(frames)}
-        described = " but ".join(f"{by_form[f]} has {'/'.join(f)}" for f in sorted(forms))
-        raise DataError(f"mixed document forms: {described}",
-                        hint="all files of one dataset must use 'text', or all 'prompt' and 'completion'")
-    form = frames[0][2]
+    form = check_same_form((str(path), f) for path, _, f in frames)
     df = _concat(frames, form)
     _check_duplicate_ids(df)
     extras = [c for c in df.columns if c not in ("id", *form, SOURCE)]
     return df.select(["id", *form, *extras, SOURCE])
 
 
-def check_columns(paths: str | Path | Sequence[str | Path], kind: Kind, head_bytes: int = 1 << 16) -> None:
-    """A quick check of every file's first rows (JSONL: its first ``head_bytes``; Parquet: its first 100 rows):
-    it exists, parses, and has the columns and types ``kind`` needs, in one form across files. Raises the same
-    :class:`DataError` as :func:`read_rows` would for those rows; the full read checks the rest."""
-    forms: dict[tuple[str, ...], Path] = {}
-    for path in _expand_paths(paths):
-        if path.suffix.lower() in PARQUET_SUFFIXES:
-            try:
-                df = pl.scan_parquet(path).head(100).collect()
-            except _PANIC as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise DataError(f"{path}: not a valid Parquet file ({first[:200]})",
-                                hint="the file is corrupt or truncated: re-export it") from None
-            df = df.with_columns(_source_expr(path, pl.int_range(1, df.height + 1, dtype=pl.Int64)))
-        else:
-            with open(path, "rb") as fh:
-                data = fh.read(head_bytes + 1)
-            if len(data) > head_bytes:  # whole lines only
-                data = data[:data.rfind(b"\n", 0, head_bytes) + 1] or data[:0]
-            if data.startswith(_BOM):
-                data = data[len(_BOM):]
-            df = _slow_jsonl(path, data, kind)
-        if df.height == 0 and all(c == SOURCE for c in df.columns):
-            continue
-        forms.setdefault(_check_file_frame(df, path, kind), path)
-    if len(forms) > 1:
-        described = " but ".join(f"{path} has {'/'.join(f)}" for f, path in sorted(forms.items()))
+def _read_checked(rows: Any, kind: Kind, fields: Fields | None, head: int | None = None
+                  ) -> tuple[pl.DataFrame, tuple[str, ...] | None]:
+    from .sources import read_range
+
+    return read_range(rows, kind, fields, head)
+
+
+def check_same_form(forms: Iterable[tuple[str, tuple[str, ...]]]) -> tuple[str, ...]:
+    """The one form of a dataset's files (``(where, form)`` pairs); files that mix forms raise :class:`DataError`."""
+    first: dict[tuple[str, ...], str] = {}
+    for where, form in forms:
+        first.setdefault(form, where)
+    if len(first) > 1:
+        described = " but ".join(f"{where} has {'/'.join(f)}" for f, where in sorted(first.items()))
         raise DataError(f"mixed document forms: {described}",
-                        hint="all files of one dataset must use 'text', or all 'prompt' and 'completion'")
+                        hint="all files of one dataset must use 'text', or all 'prompt' and 'completion', or all "
+                             "'messages'")
+    if not first:
+        raise DataError("no rows", hint="the dataset is empty")
+    return next(iter(first))
+
+
+def check_columns(paths: str | Path | Sequence[str | Path], kind: Kind, head_rows: int = 100, *,
+                  fields: Fields | None = None, split: str = "train") -> None:
+    """A quick check of every source's first rows (JSONL: its first 64 KiB; Parquet, Arrow: its first
+    ``head_rows`` rows): it exists, parses, and has the columns and types ``kind`` needs, in one form across
+    files. Raises the same :class:`DataError` as :func:`read_rows` would for those rows; the full read checks the
+    rest."""
+    from .sources import RowRange, plan_ranges, resolve_sources
+
+    forms: list[tuple[str, tuple[str, ...]]] = []
+    for source in resolve_sources(paths, split):
+        if source.form == "jsonl":
+            rows = RowRange(source.path, "jsonl", source.name, 0, -1)
+        else:
+            ranges = plan_ranges(source, None)
+            if not ranges:
+                continue
+            rows = ranges[0]
+        _, form = _read_checked(rows, kind, fields, head=head_rows)
+        if form is not None:
+            forms.append((source.path, form))
+    if forms:
+        check_same_form(forms)
 
 
 def _expand_paths(paths: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -166,42 +214,6 @@ def _expand_paths(paths: str | Path | Sequence[str | Path]) -> list[Path]:
     return out
 
 
-def _read_file(path: Path, kind: Kind) -> pl.DataFrame:
-    if path.suffix.lower() in PARQUET_SUFFIXES:
-        return _read_parquet(path)
-    return _read_jsonl(path, kind)
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: no such file", hint="check the path") from exc
-    except IsADirectoryError as exc:
-        raise DataError(f"{path}: is a directory, not a file", hint="pass the directory itself") from exc
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read file: {exc.strerror or exc}",
-                        hint="check the file's permissions") from exc
-
-
-def _read_parquet(path: Path) -> pl.DataFrame:
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read file: {exc.strerror or exc}",
-                        hint="check the path and the file's permissions") from exc
-    try:
-        df = pl.scan_parquet(path).collect()
-    except _PANIC as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{path}: not a valid Parquet file ({first[:200]})",
-                        hint="the file is corrupt or truncated: re-export it") from None
-    if SOURCE in df.columns:
-        _reserved(path)
-    return df.with_columns(_source_expr(path, pl.int_range(1, df.height + 1, dtype=pl.Int64)))
-
-
 def _reserved(path: Path) -> None:
     raise DataError(f"{path}: column {SOURCE!r} is reserved (it records file:line)",
                     hint=f"rename the {SOURCE!r} field in the input")
@@ -212,11 +224,10 @@ def _source_expr(path: Path, lines: pl.Expr | pl.Series) -> pl.Expr:
     return pl.concat_str([pl.lit(f"{path}:"), line_expr.cast(pl.String)]).alias(SOURCE)
 
 
-def _read_jsonl(path: Path, kind: Kind) -> pl.DataFrame:
-    data = _read_bytes(path)
-    if data.startswith(_BOM):
-        data = data[len(_BOM):]
-    _check_utf8(path, data)
+def parse_jsonl(path: Path, data: bytes, kind: Kind, first_line: int = 1) -> pl.DataFrame:
+    """Parse JSON-lines ``data`` (whole lines of ``path``, the first of them line ``first_line``) into a frame with
+    a ``source`` column; a bad line raises :class:`DataError` naming ``path:line``."""
+    _check_utf8(path, data, first_line)
     line_numbers, plausible, longest = _jsonl_lines(data)
     if line_numbers.size == 0:
         return pl.DataFrame({SOURCE: pl.Series([], dtype=pl.String)})
@@ -224,10 +235,10 @@ def _read_jsonl(path: Path, kind: Kind) -> pl.DataFrame:
     if plausible:
         df = _fast_jsonl(data, int(line_numbers.size), longest)
     if df is None:
-        return _slow_jsonl(path, data, kind)
+        return _slow_jsonl(path, data, kind, first_line)
     if SOURCE in df.columns:
         _reserved(path)
-    return df.with_columns(_source_expr(path, pl.Series(line_numbers, dtype=pl.Int64)))
+    return df.with_columns(_source_expr(path, pl.Series(line_numbers + (first_line - 1), dtype=pl.Int64)))
 
 
 def _jsonl_lines(data: bytes) -> tuple[np.ndarray, bool, int]:
@@ -259,7 +270,7 @@ def _jsonl_lines(data: bytes) -> tuple[np.ndarray, bool, int]:
     return np.flatnonzero(nonblank).astype(np.int64) + 1, plausible, longest
 
 
-def _check_utf8(path: Path, data: bytes) -> None:
+def _check_utf8(path: Path, data: bytes, first_line: int = 1) -> None:
     """Raise DataError naming the line of the first invalid UTF-8 byte (validated by pyarrow, no copy)."""
     import pyarrow as pa
 
@@ -272,7 +283,7 @@ def _check_utf8(path: Path, data: bytes) -> None:
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line_no = data.count(b"\n", 0, exc.start) + 1
+        line_no = data.count(b"\n", 0, exc.start) + first_line
         col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         raise DataError(f"{path}:{line_no}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {col})",
                         hint="re-encode the file as UTF-8") from None
@@ -375,11 +386,11 @@ def _short(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _slow_jsonl(path: Path, data: bytes, kind: Kind) -> pl.DataFrame:
+def _slow_jsonl(path: Path, data: bytes, kind: Kind, first_line: int = 1) -> pl.DataFrame:
     """Parse line by line: raise a DataError naming the first bad line, or build the frame."""
     rows: list[dict[str, Any]] = []
     lines: list[int] = []
-    for line_no, raw in enumerate(data.split(b"\n"), start=1):
+    for line_no, raw in enumerate(data.split(b"\n"), start=first_line):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -466,12 +477,21 @@ def _check_file_frame(df: pl.DataFrame, path: Path, kind: Kind) -> tuple[str, ..
     columns = [c for c in df.columns if c != SOURCE]
     present = set(columns)
     found = ", ".join(repr(c) for c in columns) or "(none)"
-    if kind == "queries":
-        form: tuple[str, ...] = ("prompt", "completion")
+    has_messages = MESSAGES in present and not ({"text", "prompt", "completion"} & present)
+    if kind == "queries" and has_messages:
+        form: tuple[str, ...] = (MESSAGES,)
+        if "id" not in present:
+            raise DataError(f"{path}: missing column(s) 'id'; found {found}", hint=_FORM_HINT[kind])
+    elif kind == "queries":
+        form = ("prompt", "completion")
         missing = [c for c in ("id", *form) if c not in present]
         if missing:
             raise DataError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; found {found}",
                             hint=_FORM_HINT[kind])
+    elif has_messages:
+        form = (MESSAGES,)
+        if "id" not in present:
+            raise DataError(f"{path}: missing column(s) 'id'; found {found}", hint=_FORM_HINT[kind])
     else:
         has_text = "text" in present
         has_pc = [c for c in ("prompt", "completion") if c in present]
@@ -488,6 +508,10 @@ def _check_file_frame(df: pl.DataFrame, path: Path, kind: Kind) -> tuple[str, ..
                 what = (what + " and " if what else "") + "'text' (or 'prompt' and 'completion')"
             raise DataError(f"{path}: missing column(s) {what}; found {found}", hint=_FORM_HINT[kind])
 
+    if form == (MESSAGES,):
+        _check_string_column(df, "id")
+        _check_messages(df, kind)
+        return form
     for field in ("id", *form):
         col = df.get_column(field)
         if col.dtype in (pl.Categorical, pl.Enum):
@@ -510,6 +534,68 @@ def _check_file_frame(df: pl.DataFrame, path: Path, kind: Kind) -> tuple[str, ..
             raise DataError(f"{empty[SOURCE][0]}: {field} is empty (blank or whitespace only)",
                             hint=f"fill in {field!r} or drop the row")
     return form
+
+
+def _check_string_column(df: pl.DataFrame, field: str) -> None:
+    col = df.get_column(field)
+    if col.dtype not in (pl.String, pl.Null, pl.Categorical):
+        bad = df.filter(pl.col(field).is_not_null()).row(0, named=True)
+        raise DataError(f"{bad[SOURCE]}: {field} must be a string, got {col.dtype} value "
+                        f"{_short(_jsonable(bad[field]))}",
+                        hint=f"store {field} as a string, e.g. \"{field}\": \"42\"")
+    nulls = df.filter(pl.col(field).is_null())
+    if nulls.height:
+        raise DataError(f"{nulls[SOURCE][0]}: {field} is missing or null",
+                        hint=f"every row needs a non-empty string {field!r}")
+    empty = df.filter(~pl.col(field).cast(pl.String).str.contains(r"\S"))
+    if empty.height:
+        raise DataError(f"{empty[SOURCE][0]}: {field} is empty (blank or whitespace only)",
+                        hint=f"fill in {field!r} or drop the row")
+
+
+_MESSAGES_HINT = "messages must be a list of {\"role\": ..., \"content\": ...} objects with string values"
+
+
+def _check_messages(df: pl.DataFrame, kind: Kind) -> None:
+    """Chat rows: a non-empty list of ``{role, content}`` string pairs with at least one assistant turn (for a query:
+    the last message is the assistant's, its completion)."""
+    dtype = df.schema[MESSAGES]
+    fields = {f.name: f.dtype for f in dtype.inner.fields} if isinstance(dtype, pl.List) and \
+        isinstance(dtype.inner, pl.Struct) else {}
+    if dtype != pl.Null and not (fields.keys() >= {"role", "content"}
+                                 and all(fields[k] in (pl.String, pl.Null) for k in ("role", "content"))):
+        bad = df.filter(pl.col(MESSAGES).is_not_null())
+        where = bad[SOURCE][0] if bad.height else str(df[SOURCE][0])
+        raise DataError(f"{where}: messages has type {dtype}, not a list of {{role, content}} strings",
+                        hint=_MESSAGES_HINT)
+    nulls = df.filter(pl.col(MESSAGES).is_null() | (pl.col(MESSAGES).list.len() == 0))
+    if nulls.height:
+        raise DataError(f"{nulls[SOURCE][0]}: messages is missing, null or empty", hint=_MESSAGES_HINT)
+    turns = (df.select(SOURCE, MESSAGES).with_row_index("_row").explode(MESSAGES)
+             .with_columns(pl.int_range(pl.len()).over("_row").alias("_turn"),
+                           pl.col(MESSAGES).struct.field("role").alias("_role"),
+                           pl.col(MESSAGES).struct.field("content").alias("_content")))
+    for field in ("role", "content"):
+        bad = turns.filter(pl.col(f"_{field}").is_null() | ((field == "role") & ~pl.col("_role").str.contains(r"\S")))
+        if bad.height:
+            raise DataError(f"{bad[SOURCE][0]}: messages[{bad['_turn'][0]}].{field} is missing or null",
+                            hint=_MESSAGES_HINT)
+    per_row = turns.group_by("_row", maintain_order=True).agg(
+        pl.col(SOURCE).first(), (pl.col("_role") == "assistant").any().alias("any"),
+        pl.col("_role").last().alias("last"))
+    none = per_row.filter(~pl.col("any"))
+    if none.height:
+        raise DataError(f"{none[SOURCE][0]}: messages has no assistant turn (only assistant turns are targets)",
+                        hint="add the assistant's reply, or drop the row")
+    if kind == "queries":
+        last = per_row.filter(pl.col("last") != "assistant")
+        if last.height:
+            raise DataError(f"{last[SOURCE][0]}: the last message is not the assistant's (a chat query's last "
+                            f"assistant message is its completion)", hint="end each query with the assistant's reply")
+    empty = turns.filter((pl.col("_role") == "assistant") & ~pl.col("_content").str.contains(r"\S"))
+    if empty.height:
+        raise DataError(f"{empty[SOURCE][0]}: messages[{empty['_turn'][0]}] (assistant) content is empty",
+                        hint="fill in the reply or drop the row")
 
 
 def _jsonable(value: Any) -> Any:
@@ -558,21 +644,27 @@ def _check_duplicate_ids(df: pl.DataFrame) -> None:
 # --------------------------------------------------------------------------------------------------- hashing
 
 
+def _chat_content(messages: Sequence[Mapping[str, Any]]) -> str:
+    return json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False, separators=(",", ":"))
+
+
 def _content(row: Mapping[str, Any]) -> str:
     prompt, completion = row.get("prompt"), row.get("completion")
     if prompt is not None and completion is not None:
         return f"{prompt}{_CONTENT_SEP}{completion}"
     text = row.get("text")
+    if text is None and row.get(MESSAGES) is not None:
+        return _chat_content(row[MESSAGES])
     if text is None:
-        raise ValueError("row has neither 'text' nor 'prompt' and 'completion'")
+        raise ValueError("row has neither 'text' nor 'prompt' and 'completion' nor 'messages'")
     return str(text)
 
 
 def content_hash(row: Mapping[str, Any]) -> str:
     """SHA-256 hex digest of a document's content.
 
-    The content is ``prompt + "\\x1f" + completion`` when both are present, else ``text``; ids, extra
-    columns and the source location do not count.
+    The content is ``prompt + "\\x1f" + completion`` when both are present, else ``text``, else (chat rows) the
+    compact JSON of the ``[role, content]`` pairs; ids, extra columns and the source location do not count.
     """
     return hashlib.sha256(_content(row).encode("utf-8")).hexdigest()
 
@@ -583,6 +675,8 @@ def _content_hashes(df: pl.DataFrame) -> list[str]:
                                    zip(df["prompt"].to_list(), df["completion"].to_list(), strict=True))
     elif "text" in df.columns:
         contents = df["text"].to_list()
+    elif MESSAGES in df.columns:
+        contents = (_chat_content(m) for m in df[MESSAGES].to_list())
     else:
         raise ValueError(f"frame has neither 'text' nor 'prompt' and 'completion'; columns: {df.columns}")
     return [hashlib.sha256(c.encode("utf-8")).hexdigest() for c in contents]
@@ -593,18 +687,40 @@ def add_content_hashes(df: pl.DataFrame) -> pl.DataFrame:
     return df.with_columns(pl.Series("content_hash", _content_hashes(df), dtype=pl.String))
 
 
-def data_fingerprint(df: pl.DataFrame) -> str:
-    """SHA-256 hex digest over the sorted ``(id, content hash)`` pairs of ``df``.
+_MOD = 1 << 256
 
-    Independent of row order, file paths, sharding and extra columns; changes when any document's id or
-    content changes, or a document is added or removed. Uses the ``content_hash`` column when present.
+
+def fingerprint_sum(ids: Iterable[str], hashes: Iterable[str]) -> tuple[int, int]:
+    """The streaming part of :func:`data_fingerprint`: ``(number of documents, sum of their pair digests mod
+    2**256)``. Sums of disjoint parts add up (mod 2**256) to the whole's, in any order."""
+    total = n = 0
+    for doc_id, h in zip(ids, hashes, strict=True):
+        digest = hashlib.sha256(f"{len(doc_id.encode())}:{doc_id} {h}".encode()).digest()
+        total += int.from_bytes(digest, "big")
+        n += 1
+    return n, total % _MOD
+
+
+def fingerprint_from_sums(parts: Iterable[tuple[int, int]]) -> str:
+    """The data fingerprint of a corpus from its parts' :func:`fingerprint_sum` values."""
+    n = total = 0
+    for count, part in parts:
+        n += count
+        total = (total + part) % _MOD
+    return hashlib.sha256(f"influence-audit-data-v2 {n} {total:064x}".encode()).hexdigest()
+
+
+def data_fingerprint(df: pl.DataFrame) -> str:
+    """SHA-256 hex digest of the multiset of ``(id, content hash)`` pairs of ``df``.
+
+    Computed by streaming: each pair's digest is summed mod 2**256 (:func:`fingerprint_sum`), so shards are
+    fingerprinted apart and combined (:func:`fingerprint_from_sums`) without holding the corpus or sorting it.
+    Independent of row order, file paths, sharding and extra columns; changes when any document's id or content
+    changes, or a document is added or removed. Uses the ``content_hash`` column when present.
     """
     hashes = df["content_hash"] if "content_hash" in df.columns else pl.Series(_content_hashes(df))
-    pairs = pl.DataFrame({"id": df["id"].cast(pl.String), "h": hashes.cast(pl.String)}).sort(["id", "h"])
-    lines = pairs.select(pl.concat_str([pl.col("id").str.len_bytes().cast(pl.String), pl.lit(":"),
-                                        pl.col("id"), pl.lit(" "), pl.col("h")]))
-    joined = lines.to_series().str.join("\n").item() if pairs.height else ""
-    return hashlib.sha256((joined + "\n").encode("utf-8")).hexdigest()
+    return fingerprint_from_sums([fingerprint_sum(df["id"].cast(pl.String).to_list(),
+                                                  hashes.cast(pl.String).to_list())])
 
 
 # --------------------------------------------------------------------------------------- sharding, sampling

@@ -153,7 +153,8 @@ BAD_JSONL = [
     ("object_over_lines", ['{"id": "a",', '"text": "x"}'], ["object_over_lines.jsonl:1", "malformed"]),
     ("missing_text_column", [json.dumps({"id": "a", "body": "x"})],
      ["missing_text_column.jsonl", "'text'", "found 'id', 'body'"]),
-    ("missing_id_column", [json.dumps({"text": "x"})], ["missing_id_column.jsonl", "'id'", "found 'text'"]),
+    ("missing_id_column", [json.dumps({"prompt": "x", "completion": "y"})],
+     ["missing_id_column.jsonl", "'id'", "found 'prompt'"]),  # queries need ids; training rows get derived ones
     ("missing_completion", [json.dumps({"id": "a", "prompt": "x"})],
      ["missing_completion.jsonl", "'completion'"]),
     ("null_text", [row("a"), row("b", None)], ["null_text.jsonl:2", "text", "null"]),
@@ -193,7 +194,7 @@ BAD_JSONL = [
 def test_bad_jsonl_raises_located_data_error(tmp_path: Path, name: str, lines: list[str],
                                              expected: list[str]) -> None:
     path = write_lines(tmp_path / f"{name}.jsonl", lines)
-    kind = "queries" if name in ("empty_prompt", "null_completion") else "train"
+    kind = "queries" if name in ("empty_prompt", "null_completion", "missing_id_column") else "train"
     message = read_error(path, kind)
     for part in expected:
         assert part in message, (part, message)
@@ -244,10 +245,16 @@ def test_unreadable_file(tmp_path: Path) -> None:
 def test_read_permission_error_is_a_data_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_lines(tmp_path / "denied.jsonl", [row("a")])
 
-    def deny(self: Path) -> bytes:
-        raise PermissionError(13, "Permission denied", str(self))
+    import builtins
 
-    monkeypatch.setattr(Path, "read_bytes", deny)
+    real_open = builtins.open
+
+    def deny(file, *args, **kwargs):  # root ignores chmod: refuse this one file as the OS would
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", deny)
     message = read_error(path)
     assert "denied.jsonl" in message and "Permission denied" in message
 
