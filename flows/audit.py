@@ -19,12 +19,14 @@ from tasks.params import AuditParams
 from tasks.paths import factor_dir
 from tasks.stages import (
     finalize_factors,
+    finish_inputs,
     fit_covariance_partial,
     fit_lambda_partial,
-    load_and_validate_inputs,
+    load_and_validate_shard,
     merge_and_eigendecompose,
     merge_candidates,
     open_review,
+    plan_input_shards,
     prepare_query_gradients,
     record_results,
     sample_query_set,
@@ -42,7 +44,13 @@ def influence_audit(params: AuditParams) -> dict[str, Any]:
     """
     p = params
     book = AuditBook(p, get_run_logger())
-    ins = book.load_inputs(lambda: load_and_validate_inputs(p))
+
+    def load_inputs() -> Any:  # plan the shards, load them mapped, then check and summarise across them
+        plan = plan_input_shards(p)
+        return finish_inputs(p, plan, load_and_validate_shard.map(plan.spec, range(len(plan.ranges)),
+                                                                   plan.ranges).result())
+
+    ins = book.load_inputs(load_inputs)
     spec, settings, kind = engine_spec(p, ins.model_dir), factor_settings(p, ins), get_strategy(p.strategy)
     fdir = str(factor_dir(book.home, settings))
     cached = Factors.exists(fdir)

@@ -63,7 +63,12 @@ class _Bar:
 
 
 ModelOpt = Annotated[Path, typer.Option("--model", help="Local Hugging Face causal LM directory.")]
-TrainOpt = Annotated[list[Path], typer.Option("--train", help="Training JSONL/Parquet file(s) or a directory.")]
+TrainOpt = Annotated[list[Path], typer.Option(
+    "--train", help="Training data (repeatable): JSONL/Parquet files, directories of them, quoted glob patterns "
+                    "('data/**/*.parquet'), or datasets save_to_disk directories.")]
+SplitOpt = Annotated[str, typer.Option(help="Split of a datasets DatasetDict directory")]
+IdFieldOpt = Annotated[str, typer.Option(help="Column holding the document id (absent: ids derived as NAME#ROW)")]
+TextFieldOpt = Annotated[str, typer.Option(help="Column holding the document text")]
 StrategyOpt = Annotated[str, typer.Option(help="identity | diagonal | kfac | ekfac")]
 LayersOpt = Annotated[str, typer.Option(help="mlp | attention | all | a regex on module names")]
 DampingOpt = Annotated[str, typer.Option(help="'auto' (0.1 x mean eigenvalue per layer) or a number")]
@@ -128,11 +133,12 @@ def fit_factors(model: ModelOpt, train: TrainOpt,
                 strategy: StrategyOpt = "ekfac", layers: LayersOpt = "mlp", damping: DampingOpt = "auto",
                 device: DeviceOpt = "auto", precision: PrecisionOpt = "fp32", seed: int = 0,
                 batch_size: Annotated[int, typer.Option(help="Documents per batch (halved on out-of-memory)")] = 8,
-                max_length: int = 512, on_long: OnLongOpt = "truncate", trust_remote_code: bool = False) -> None:
+                max_length: int = 512, on_long: OnLongOpt = "truncate", trust_remote_code: bool = False,
+                split: SplitOpt = "train", id_field: IdFieldOpt = "id", text_field: TextFieldOpt = "text") -> None:
     """Fit (E)K-FAC factors on training documents and store them."""
     from influence_engine import get_strategy
     from tasks import pipeline
-    from tasks.data import data_fingerprint, read_rows
+    from tasks.data import Fields, data_fingerprint, read_rows
     from tasks.engine_io import encode_frame
     from tasks.inputs import check_writable
 
@@ -140,7 +146,7 @@ def fit_factors(model: ModelOpt, train: TrainOpt,
     if out_dir.exists() and not out_dir.is_dir():
         raise typer.BadParameter(f"{out_dir}: is a file, not a directory", param_hint="--out")
     check_writable(out_dir, "--out")
-    df = read_rows(train, "train")
+    df = read_rows(train, "train", fields=Fields(id_field, text_field), split=split)
     eng = _spec(model, layers, device, precision, batch_size, max_length, seed, on_long, trust_remote_code).engine()
     docs = encode_frame(eng, df, "train")
     _warn_unknown(eng, docs, "training")
@@ -173,10 +179,11 @@ def score(model: ModelOpt, train: TrainOpt,
           gradient_cache_gb: Annotated[float, typer.Option(
               help="When factors are fitted here (kfac, ekfac) and every document's gradients fit in this many GiB "
                    "on the device, fit and score in one pass over the data; 0 never does")] = 2.0,
-          trust_remote_code: bool = False) -> None:
+          trust_remote_code: bool = False, split: SplitOpt = "train", id_field: IdFieldOpt = "id",
+          text_field: TextFieldOpt = "text") -> None:
     """Rank training documents by influence on each query's completion."""
     from tasks import pipeline
-    from tasks.data import data_fingerprint, read_rows
+    from tasks.data import Fields, data_fingerprint, read_rows
     from tasks.engine_io import encode_frame, score_frame, write_parquet_atomic
 
     if top_k < 0:
@@ -185,7 +192,7 @@ def score(model: ModelOpt, train: TrainOpt,
         raise typer.BadParameter("must be >= 0", param_hint="--gradient-cache-gb")
     _check_flags(strategy, damping, on_long)
     _check_out_file(out_path, ".parquet")
-    train_df = read_rows(train, "train")
+    train_df = read_rows(train, "train", fields=Fields(id_field, text_field), split=split)
     query_df = read_rows(queries, "queries")
     eng = _spec(model, layers, device, precision, batch_size, max_length, seed, on_long, trust_remote_code).engine()
     docs = encode_frame(eng, train_df, "train")
@@ -303,13 +310,14 @@ def audit(model: Annotated[str, typer.Option(help="Local model directory, or mod
           dask: Annotated[str | None, typer.Option(help="Run mapped stages on Dask: local, local:N or tcp://host:port")]
           = None,
           dask_cluster_class: Annotated[str | None, typer.Option(help="e.g. dask_cuda.LocalCUDACluster for GPUs")]
-          = None) -> None:
+          = None, split: SplitOpt = "train", id_field: IdFieldOpt = "id", text_field: TextFieldOpt = "text") -> None:
     """Run the full audit flow: validate, sample, fit, score, merge, validate, record in MLflow, open review."""
     from tasks.params import AuditParams
 
     local = not model.startswith(("models:/", "runs:/"))
     params = _params(AuditParams, model=_absolute(model) if local else model, train=[_absolute(t) for t in train],
-                     queries=_absolute(queries), n_queries=n_queries, sampling=sampling, stratify_by=stratify_by,
+                     queries=_absolute(queries), split=split, id_field=id_field, text_field=text_field,
+                     n_queries=n_queries, sampling=sampling, stratify_by=stratify_by,
                      strategy=strategy, layers=layers, top_k=top_k, query_rank=query_rank, damping=damping,
                      device=device, precision=precision, batch_size=batch_size, max_length=max_length,
                      on_long=on_long, shard_size=shard_size, seed=seed, explain_top=explain_top,
@@ -321,7 +329,8 @@ def audit(model: Annotated[str, typer.Option(help="Local model directory, or mod
 def _absolute(path: str | Path) -> str:
     """Paths as the manifest records them: absolute, so the audit can be found and rerun from anywhere (a glob
     pattern keeps its pattern)."""
-    return str(Path(path).expanduser().absolute())
+    text = os.path.expanduser(str(path))
+    return text if os.path.isabs(text) else os.path.join(os.getcwd(), text)
 
 
 def _params(cls, **values):

@@ -19,8 +19,26 @@ from .pipeline import EngineSpec
 
 
 def _snippet(row: dict[str, Any], n: int = 200) -> str:
-    text = row.get("text") or f"{row.get('prompt', '')}{row.get('completion', '')}"
+    if row.get("text") is None and row.get("prompt") is None and row.get("messages") is not None:
+        text = " | ".join(f"{m['role']}: {m['content']}" for m in row["messages"])
+    else:
+        text = row.get("text") or f"{row.get('prompt', '')}{row.get('completion', '')}"
     return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def documents_by_id(inputs: Inputs, wanted: set[str]) -> dict[str, dict[str, Any]]:
+    """The rows of the ``wanted`` training documents, read through the shard manifest: the ids files say which
+    shards hold them, and only those shards are read (each checked against its content hash)."""
+    from .pipeline import read_shard
+
+    out: dict[str, dict[str, Any]] = {}
+    for shard in inputs.shards:
+        ids = pl.read_parquet(shard.ids_path, columns=["id"])["id"] if shard.ids_path else None
+        if ids is not None and not ids.is_in(list(wanted)).any():
+            continue
+        rows = read_shard(shard).filter(pl.col("id").is_in(list(wanted)))
+        out |= {r["id"]: r for r in rows.to_dicts()}
+    return out
 
 
 def merge_candidates(spec: EngineSpec, p: AuditParams, inputs: Inputs, shard_paths: list[str], queries_path: str,
@@ -33,9 +51,7 @@ def merge_candidates(spec: EngineSpec, p: AuditParams, inputs: Inputs, shard_pat
     queries = pl.read_parquet(queries_path).select(
         pl.col("id").alias("query_id"), pl.col("prompt").alias("query_prompt"),
         pl.col("completion").alias("query_completion"))
-    train = pl.concat([pl.read_parquet(s.path) for s in inputs.shards], how="vertical_relaxed")
-    wanted = set(top["train_id"].to_list())
-    docs_by_id = {r["id"]: r for r in train.filter(pl.col("id").is_in(list(wanted))).to_dicts()}
+    docs_by_id = documents_by_id(inputs, set(top["train_id"].to_list()))
     top = top.with_columns(pl.col("train_id").map_elements(lambda i: _snippet(docs_by_id[i]), return_dtype=pl.String)
                            .alias("snippet"))
     explained = top.filter(pl.col("rank") <= p.explain_top)
@@ -71,7 +87,9 @@ def validate_outputs(p: AuditParams, inputs: Inputs, candidates_path: str, queri
     from .validation import validate_candidates
 
     cands = pl.read_parquet(candidates_path)
-    train_ids = pl.concat([pl.read_parquet(s.path, columns=["id"]) for s in inputs.shards])["id"]
+    from .inputs import shard_ids
+
+    train_ids = shard_ids(inputs).collect()["id"]
     query_ids = pl.read_parquet(queries_path, columns=["id"])["id"]
     report = validate_candidates(cands, train_ids=train_ids, query_ids=query_ids, k=p.top_k)
     out = report.to_json()

@@ -16,7 +16,7 @@ Progress = Callable[[int, int], None]
 
 
 def rows_of(df: pl.DataFrame) -> list[dict[str, Any]]:
-    cols = [c for c in ("id", "text", "prompt", "completion", "source") if c in df.columns]
+    cols = [c for c in ("id", "text", "prompt", "completion", "messages", "source") if c in df.columns]
     return df.select(cols).to_dicts()
 
 

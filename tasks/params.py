@@ -13,7 +13,11 @@ class AuditParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="Local Hugging Face model directory, or models:/NAME/VERSION, runs:/ID/PATH")
-    train: list[str] = Field(description="Training JSONL/Parquet files or directories of shards", min_length=1)
+    train: list[str] = Field(description="Training data: JSONL/Parquet files, directories of them, quoted glob "
+                                         "patterns, or datasets save_to_disk directories", min_length=1)
+    split: str = Field("train", description="The split of a datasets DatasetDict directory")
+    id_field: str = Field("id", description="Column holding the document id (absent: ids derived as NAME#ROW)")
+    text_field: str = Field("text", description="Column holding the document text")
     queries: str = Field(description="Query source: JSONL/Parquet with id, prompt, completion")
     n_queries: int | None = Field(None, ge=1, description="How many queries to sample (all if empty)")
     sampling: Literal["random", "stratified"] = "random"

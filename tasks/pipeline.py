@@ -21,8 +21,9 @@ import functools
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -41,9 +42,12 @@ from influence_engine import (
     merge,
 )
 from influence_engine.atomic import write_json_atomic
+from influence_engine.errors import DataError
 from influence_engine.factors import load_basis, save_basis
 
+from .data import Fields, data_fingerprint
 from .engine_io import encode_frame, score_frame, write_parquet_atomic
+from .sources import RowRange, read_range
 
 Progress = Callable[[int, int], None]  # (documents done, tokens done)
 Notice = Callable[[str], None]
@@ -67,6 +71,10 @@ class EngineSpec:
     def engine(self) -> InfluenceEngine:
         return _engine(self)
 
+    def tokenizer(self):  # noqa: ANN201 (a transformers tokenizer)
+        """The model's tokenizer alone (no weights), cached per process: what the per-shard input stage needs."""
+        return _tokenizer(self.model_dir, self.trust_remote_code)
+
 
 @functools.lru_cache(maxsize=4)
 def _engine(spec: EngineSpec) -> InfluenceEngine:
@@ -74,6 +82,20 @@ def _engine(spec: EngineSpec) -> InfluenceEngine:
                                            precision=spec.precision, batch_size=spec.batch_size,
                                            max_length=spec.max_length, seed=spec.seed, on_long=spec.on_long,
                                            trust_remote_code=spec.trust_remote_code)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model_dir: str, trust_remote_code: bool):  # noqa: ANN202
+    from transformers import AutoTokenizer
+
+    from influence_engine.errors import ModelError
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"--model {model_dir}: the tokenizer could not be loaded: {first[:300]}",
+                         hint="save the tokenizer into the model directory") from None
 
 
 # ------------------------------------------------------------------------------------------------ whole
@@ -136,16 +158,44 @@ def score(eng: InfluenceEngine, docs: Sequence[Example], queries: Sequence[Examp
 # -------------------------------------------------------------------------------------------- per shard
 @dataclass(frozen=True)
 class Shard:
-    """A unit of mapping and resume: ``key`` (a fingerprint of its documents) names every file derived from it."""
+    """A unit of mapping and resume: a range of rows of a training source (read in place, never copied).
+    ``key`` (the fingerprint of its documents' ids and contents) names every file derived from it and is checked
+    on every read, so a source changed under a running audit is refused. ``ids_path``: its ids and content hashes
+    (Parquet ``id``, ``content_hash``, ``line``), written by the input stage."""
 
     index: int
-    path: str
+    rows: RowRange
     key: str
     n_docs: int
+    fields: Fields = Fields()
+    ids_path: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Shard:
+        if "path" in raw:  # an audit made before sources were read in place: a copied Parquet shard
+            return cls(raw["index"], RowRange(raw["path"], "parquet", Path(raw["path"]).stem, 0, raw["n_docs"]),
+                       raw["key"], raw["n_docs"])
+        return cls(raw["index"], RowRange(**raw["rows"]), raw["key"], raw["n_docs"], Fields(**raw.get("fields", {})),
+                   raw.get("ids_path", ""))
+
+
+def read_shard(shard: Shard) -> pl.DataFrame:
+    """The shard's rows, read from its source; raises a one-line :class:`DataError` when they are not the rows the
+    audit read first (the source changed)."""
+    df, _ = read_range(shard.rows, "train", shard.fields)
+    key = data_fingerprint(df)[:16] if df.height else ""
+    if key != shard.key:
+        raise DataError(f"{shard.rows.label}: the source changed during the audit (content hash {key or 'empty'}, "
+                        f"was {shard.key})", hint="rerun the audit once the data stops changing: it is then read "
+                                                 "as a new audit")
+    return df
 
 
 def shard_docs(eng: InfluenceEngine, shard: Shard) -> list[Example]:
-    return encode_frame(eng, pl.read_parquet(shard.path), "train")
+    return encode_frame(eng, read_shard(shard), "train")
 
 
 def covariance_partial(spec: EngineSpec, shard: Shard, factor_dir: str) -> str:

@@ -289,7 +289,10 @@ def _append(path: Path, rows: pl.DataFrame) -> pl.DataFrame:
 def _content_hashes(audit_dir: Path, train_ids: Iterable[str]) -> dict[str, str]:
     wanted = set(train_ids)
     out: dict[str, str] = {}
-    for shard in sorted((audit_dir / "inputs").glob("train-*.parquet")):
+    for ids in sorted((audit_dir / "inputs").glob("ids-*.parquet")):  # the shard manifest's ids and hashes
+        found = pl.read_parquet(ids, columns=["id", "content_hash"]).filter(pl.col("id").is_in(list(wanted)))
+        out |= dict(zip(found["id"].to_list(), found["content_hash"].to_list(), strict=True))
+    for shard in sorted((audit_dir / "inputs").glob("train-*.parquet")):  # audits from before: copied shards
         cols = [c for c in pl.read_parquet_schema(shard) if c in ("id", "text", "prompt", "completion")]
         for row in pl.read_parquet(shard, columns=cols).filter(pl.col("id").is_in(list(wanted))).iter_rows(
                 named=True):

@@ -14,6 +14,7 @@ from . import candidates, inputs, pipeline, record
 from .inputs import Inputs
 from .params import AuditParams
 from .pipeline import EngineSpec, Shard
+from .sources import RowRange
 
 
 def _retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -25,9 +26,19 @@ def _retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
 _MLFLOW = {"retries": 2, "retry_delay_seconds": 2, "retry_condition_fn": _retry_unless_user_error}
 
 
-@task(name="load-and-validate-inputs")
-def load_and_validate_inputs(p: AuditParams) -> Inputs:
-    return inputs.load_inputs(p, get_run_logger())
+@task(name="plan-input-shards")
+def plan_input_shards(p: AuditParams) -> inputs.Plan:
+    return inputs.plan_inputs(p)
+
+
+@task(name="load-and-validate-shard")
+def load_and_validate_shard(spec: inputs.LoadSpec, index: int, rows: RowRange) -> dict[str, Any]:
+    return inputs.load_shard(spec, index, rows)
+
+
+@task(name="finish-inputs")
+def finish_inputs(p: AuditParams, plan: inputs.Plan, stats: list[dict[str, Any]]) -> Inputs:
+    return inputs.finish_inputs(p, plan, stats, get_run_logger())
 
 
 @task(name="sample-queries")

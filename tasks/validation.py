@@ -117,6 +117,8 @@ def _describe(entry: dict[str, Any]) -> str:
         text = f"error: {obs['error']}"
     elif obs.get("unexpected_count") is not None:
         text = f"{obs['unexpected_count']} unexpected values: {obs.get('unexpected_values', [])}"
+        if obs.get("unexpected_rows"):
+            text += f" at {', '.join(obs['unexpected_rows'])}"
     elif "observed_value" in obs:
         text = f"observed {obs['observed_value']}"
     else:
@@ -231,6 +233,8 @@ def _run(suite_name: str, frame: pd.DataFrame, checks: list[_Check]) -> Validati
         observed: dict[str, Any] = {k: _jsonable(raw[k]) for k in _OBSERVED_KEYS if k in raw}
         if "partial_unexpected_list" in raw:
             observed["unexpected_values"] = _jsonable(list(raw["partial_unexpected_list"])[:_SHOWN_VALUES])
+        if raw.get("partial_unexpected_index_list"):
+            observed["unexpected_index"] = _jsonable(list(raw["partial_unexpected_index_list"])[:_SHOWN_VALUES])
         error = _exception_message(res.exception_info)
         if error:
             observed["error"] = error.splitlines()[0][:300]
@@ -278,7 +282,7 @@ def _non_empty_strings(ge: _GE, column: str, present: set[str]) -> list[_Check]:
 
 
 def _validate_documents(df: pl.DataFrame | pd.DataFrame, suite: str, content: tuple[str, ...], *,
-                        max_length: int, truncate: bool) -> ValidationReport:
+                        max_length: int, truncate: bool, sources: Sequence[str] | None = None) -> ValidationReport:
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, not {max_length}")
     ge = _ge()
@@ -293,6 +297,11 @@ def _validate_documents(df: pl.DataFrame | pd.DataFrame, suite: str, content: tu
         checks.append(_Check("id_unique", gxe.ExpectColumnValuesToBeUnique(column="id"),
                              "ids must be unique"))
     for column in content:
+        if column == "messages":  # chat rows: their structure is checked when read (tasks.data)
+            if column in present:
+                checks.append(_Check("messages_not_null", gxe.ExpectColumnValuesToNotBeNull(column=column),
+                                     "every row needs its messages"))
+            continue
         checks += _non_empty_strings(ge, column, present)
     if "n_tokens" in present:
         upper = None if truncate else max_length
@@ -311,11 +320,16 @@ def _validate_documents(df: pl.DataFrame | pd.DataFrame, suite: str, content: tu
                    f"rows over max_length={max_length}" + (", truncated" if truncate else ""),
                    informational=True),
         ]
-    return _run(suite, pdf, checks)
+    report = _run(suite, pdf, checks)
+    for r in report.results:  # the rows GE found, named as the reader names them (file:line)
+        index = r["observed"].pop("unexpected_index", None)
+        if sources is not None and index:
+            r["observed"]["unexpected_rows"] = [str(sources[int(i)]) for i in index if str(i).isdigit()]
+    return report
 
 
 def validate_training_frame(df: pl.DataFrame | pd.DataFrame, *, max_length: int,
-                            truncate: bool) -> ValidationReport:
+                            truncate: bool, sources: Sequence[str] | None = None) -> ValidationReport:
     """Run the ``influence_audit.training_input`` suite on tokenised training documents.
 
     ``df`` has ``id``, ``text`` (or ``prompt`` and ``completion``) and ``n_tokens`` (token count before
@@ -323,12 +337,18 @@ def validate_training_frame(df: pl.DataFrame | pd.DataFrame, *, max_length: int,
     content columns not null, strings and not blank; ``n_tokens`` not null, an integer column, and between
     1 and ``max_length`` (only ``>= 1`` when ``truncate``). The informational check
     ``tokens_over_max_length`` always passes and reports in ``observed["unexpected_count"]`` how many rows
-    exceed ``max_length`` (the rows that truncation shortens).
+    exceed ``max_length`` (the rows that truncation shortens). Chat rows (``messages``) are checked not null
+    (their structure is checked when read). With ``sources`` (each row's ``file:line``), failed expectations name
+    the rows they found (``observed["unexpected_rows"]``).
     """
     columns = set(map(str, df.columns))
     pair = {"prompt", "completion"} & columns
-    content = ("prompt", "completion") if pair and "text" not in columns else ("text",)
-    return _validate_documents(df, TRAINING_SUITE, content, max_length=max_length, truncate=truncate)
+    if "messages" in columns and not pair and "text" not in columns:
+        content: tuple[str, ...] = ("messages",)
+    else:
+        content = ("prompt", "completion") if pair and "text" not in columns else ("text",)
+    return _validate_documents(df, TRAINING_SUITE, content, max_length=max_length, truncate=truncate,
+                               sources=sources)
 
 
 def validate_query_frame(df: pl.DataFrame | pd.DataFrame, *, max_length: int,
@@ -338,8 +358,34 @@ def validate_query_frame(df: pl.DataFrame | pd.DataFrame, *, max_length: int,
     Like :func:`validate_training_frame` with ``prompt`` and ``completion`` (both required, non-empty
     strings) instead of ``text``.
     """
-    return _validate_documents(df, QUERY_SUITE, ("prompt", "completion"), max_length=max_length,
-                               truncate=truncate)
+    columns = set(map(str, df.columns))
+    content = ("messages",) if "messages" in columns and "prompt" not in columns else ("prompt", "completion")
+    return _validate_documents(df, QUERY_SUITE, content, max_length=max_length, truncate=truncate)
+
+
+def summarise_shard_reports(reports: Sequence[tuple[str, dict[str, Any]]]) -> ValidationReport:
+    """One training-input report from the per-shard reports (``(shard label, report JSON)`` pairs): each
+    expectation once, its counts summed over the shards, and for a failed one the shards and rows it failed at
+    (``observed["failed_in"]``: shard, rows, values)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for label, rep in reports:
+        for r in rep["results"]:
+            entry = merged.setdefault(r["check"], {k: r[k] for k in ("check", "expectation", "column", "informational",
+                                                                      "why")} | {"success": True, "observed": {}})
+            obs, got = entry["observed"], r["observed"]
+            for key in ("element_count", "unexpected_count", "missing_count"):
+                if got.get(key) is not None:
+                    obs[key] = obs.get(key, 0) + int(got[key])
+            if "error" in got:
+                obs.setdefault("error", got["error"])
+            if not r["success"]:
+                entry["success"] = False
+                obs.setdefault("failed_in", []).append({"shard": label, "rows": got.get("unexpected_rows", []),
+                                                        "values": got.get("unexpected_values", [])})
+                obs.setdefault("unexpected_values", got.get("unexpected_values", []))
+                obs.setdefault("unexpected_rows", got.get("unexpected_rows", []))
+    results = list(merged.values())
+    return ValidationReport(TRAINING_SUITE, all(r["success"] for r in results), results)
 
 
 # ------------------------------------------------------------------------------------------ output suite
