@@ -90,7 +90,8 @@ class Fields:
             df = df.rename({field: target})
         if "id" not in df.columns and self.id == "id" and kind == "train":
             number = pl.col(SOURCE).str.extract(r":(\d+)$")
-            df = df.with_columns(pl.concat_str([pl.lit(f"{name}#"), number]).alias("id"))
+            label = name.replace(":", "_")  # the review commands split QUERY_ID:TRAIN_ID:VERDICT on ':'
+            df = df.with_columns(pl.concat_str([pl.lit(f"{label}#"), number]).alias("id"))
         return df
 
 
@@ -638,7 +639,7 @@ def _check_duplicate_ids(df: pl.DataFrame) -> None:
         where = dup.filter(pl.col("id") == first_id)[SOURCE].to_list()
         raise DataError(f"duplicate id {first_id!r} at {where[0]} and {where[1]}"
                         + (f" (+{len(where) - 2} more)" if len(where) > 2 else ""),
-                        hint="ids must be unique across all files of a dataset")
+                        hint="ids must be unique across all files of a dataset (derived ids: pass --id-field)")
 
 
 # --------------------------------------------------------------------------------------------------- hashing

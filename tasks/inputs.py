@@ -273,7 +273,8 @@ def finish_inputs(p: AuditParams, plan: Plan, stats: list[dict[str, Any]], log: 
         ids_path = adir / "inputs" / f"ids-{i:05d}-{s['key']}.parquet"
         if not ids_path.exists():
             _link_or_copy(Path(s["ids_path"]), ids_path)
-        shards.append(Shard(i, RowRange(**s["rows"]), s["key"], s["n_docs"], plan.spec.fields, str(ids_path)))
+        rows = RowRange(**(s["rows"] | {"stamp": tuple(s["rows"]["stamp"])}))
+        shards.append(Shard(i, rows, s["key"], s["n_docs"], plan.spec.fields, str(ids_path)))
     write_json_atomic(adir / "shards.json", {"sources": plan.sources, "shards": [sh.to_json() for sh in shards],
                                              "stats": [{k: s[k] for k in ("label", "n_docs", "n_tokens", "n_truncated",
                                                                           "n_unknown_tokens", "key")} for s in loaded]})
@@ -293,8 +294,8 @@ def finish_inputs(p: AuditParams, plan: Plan, stats: list[dict[str, Any]], log: 
                 log.warning(f"{unk_count} of {total} {what} tokens ({unk_count / max(total, 1):.1%}) are the "
                             f"tokenizer's unknown token {eng.tokenizer.unk_token!r}: its vocabulary does not cover "
                             f"this text")
-    return Inputs(audit_id, str(adir), plan.spec.engine.model_dir, eng.fingerprint, data_fp, query_fp, shards, n_docs, n_tokens, n_truncated, str(queries_all),
-                  queries.height, as_json, n_unk)
+    return Inputs(audit_id, str(adir), plan.spec.engine.model_dir, eng.fingerprint, data_fp, query_fp, shards,
+                  n_docs, n_tokens, n_truncated, str(queries_all), queries.height, as_json, n_unk)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

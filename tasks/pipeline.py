@@ -178,19 +178,27 @@ class Shard:
         if "path" in raw:  # an audit made before sources were read in place: a copied Parquet shard
             return cls(raw["index"], RowRange(raw["path"], "parquet", Path(raw["path"]).stem, 0, raw["n_docs"]),
                        raw["key"], raw["n_docs"])
-        return cls(raw["index"], RowRange(**raw["rows"]), raw["key"], raw["n_docs"], Fields(**raw.get("fields", {})),
+        return cls(raw["index"], RowRange(**(raw["rows"] | {"stamp": tuple(raw["rows"].get("stamp", (-1, -1)))})),
+                   raw["key"], raw["n_docs"], Fields(**raw.get("fields", {})),
                    raw.get("ids_path", ""))
 
 
 def read_shard(shard: Shard) -> pl.DataFrame:
     """The shard's rows, read from its source; raises a one-line :class:`DataError` when they are not the rows the
     audit read first (the source changed)."""
-    df, _ = read_range(shard.rows, "train", shard.fields)
+    hint = "rerun the audit once the data stops changing: it is then read as a new audit"
+    try:
+        df, _ = read_range(shard.rows, "train", shard.fields)
+    except DataError as exc:
+        if shard.rows.changed():
+            raise DataError(f"{shard.rows.label}: the source changed during the audit (size or modification time "
+                            f"differ, and its rows no longer read: {str(exc).split(': ', 1)[-1][:120]})",
+                            hint=hint) from None
+        raise
     key = data_fingerprint(df)[:16] if df.height else ""
     if key != shard.key:
         raise DataError(f"{shard.rows.label}: the source changed during the audit (content hash {key or 'empty'}, "
-                        f"was {shard.key})", hint="rerun the audit once the data stops changing: it is then read "
-                                                 "as a new audit")
+                        f"was {shard.key})", hint=hint)
     return df
 
 

@@ -30,7 +30,7 @@ import glob
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,15 @@ class RowRange:
     byte_start: int = 0
     byte_stop: int = -1
     split: str | None = None
+    stamp: tuple[int, int] = (-1, -1)  # the source's (size, mtime_ns) when planned
+
+    def changed(self) -> bool:
+        """Whether the source's size or modification time differs from when the range was planned."""
+        try:
+            ident = source_identity(self)
+        except DataError:
+            return True
+        return self.stamp != (-1, -1) and (ident["size"], ident["mtime_ns"]) != tuple(self.stamp)
 
     @property
     def label(self) -> str:
@@ -213,16 +222,18 @@ def arrow_dataset(source: Source | RowRange) -> Any:
 def plan_ranges(source: Source, shard_size: int | None) -> list[RowRange]:
     """Cut a source into ranges of ``shard_size`` rows (JSONL: lines; None: one range for the whole source).
     Parquet and Arrow row counts come from metadata; a JSONL file is read once, in chunks, for its line offsets."""
+    ident = source_identity(source)
+    stamp = (ident["size"], ident["mtime_ns"])
     if source.form == "parquet":
         n = _parquet_rows(source.path)
     elif source.form == "arrow":
         n = arrow_dataset(source).num_rows
     elif shard_size is None:
-        return [RowRange(source.path, source.form, source.name, 0, -1)]
+        return [RowRange(source.path, source.form, source.name, 0, -1, stamp=stamp)]
     else:
-        return _jsonl_ranges(source, shard_size)
+        return [replace(r, stamp=stamp) for r in _jsonl_ranges(source, shard_size)]
     step = shard_size or max(n, 1)
-    return [RowRange(source.path, source.form, source.name, a, min(a + step, n), split=source.split)
+    return [RowRange(source.path, source.form, source.name, a, min(a + step, n), split=source.split, stamp=stamp)
             for a in range(0, n, step)]
 
 
