@@ -611,7 +611,7 @@ def _jsonable(value: Any) -> Any:
 
 def _concat(frames: list[tuple[Path, pl.DataFrame, tuple[str, ...]]], form: tuple[str, ...]) -> pl.DataFrame:
     if len(frames) == 1:
-        return frames[0][1].with_columns(pl.col(c).cast(pl.String) for c in ("id", *form))
+        return frames[0][1].with_columns(pl.col(c).cast(pl.String) for c in ("id", *form) if c != MESSAGES)
     seen: dict[str, tuple[pl.DataType, Path]] = {}
     for path, df, _ in frames:
         for name, dtype in df.schema.items():
@@ -624,7 +624,8 @@ def _concat(frames: list[tuple[Path, pl.DataFrame, tuple[str, ...]]], form: tupl
                                     hint="use one type per field across all files")
             else:
                 seen[name] = (dtype, path)
-    parts = [df.with_columns(pl.col(c).cast(pl.String) for c in ("id", *form)) for _, df, _ in frames]
+    strings = [c for c in ("id", *form) if c != MESSAGES]
+    parts = [df.with_columns(pl.col(c).cast(pl.String) for c in strings) for _, df, _ in frames]
     try:
         return pl.concat(parts, how="diagonal_relaxed")
     except _PANIC as exc:

@@ -407,7 +407,11 @@ def test_document_ids_never_name_files(world, tmp_path):
     df = add_content_hashes(pl.DataFrame({"id": ["../../escaped", "a/b", "/abs", "c"],
                                           "text": ["the cat sat", "a dog ran", "the cat ran", "a dog sat"]}))
     key = data_fingerprint(df)[:16]
-    shard = pipeline.Shard(0, str(write_parquet_atomic(df, tmp_path / "in" / "shard.parquet")), key, df.height)
+    from tasks.sources import plan_ranges, resolve_sources
+
+    write_parquet_atomic(df, tmp_path / "in" / "shard.parquet")
+    (rows,) = plan_ranges(resolve_sources(tmp_path / "in" / "shard.parquet")[0], None)
+    shard = pipeline.Shard(0, rows, key, df.height)
     spec = pipeline.EngineSpec(str(world["model"]), device="cpu", max_length=32)
     fdir = tmp_path / "factors"
     basis = pipeline.eigenbasis([pipeline.covariance_partial(spec, shard, str(fdir))], str(fdir))
