@@ -7,10 +7,12 @@ and mapping.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from influence_engine import Factors, get_strategy
 from tasks.bookkeeping import AuditBook
@@ -34,8 +36,12 @@ from tasks.stages import (
     validate_outputs,
 )
 
+# Mapped tasks run in at most this many threads (the default runner's pool is unbounded): each holds one shard, so
+# the flow's memory is bounded by it, not by the corpus. INFLUENCE_AUDIT_THREADS overrides.
+THREADS = int(os.environ.get("INFLUENCE_AUDIT_THREADS") or min(4, os.cpu_count() or 1))
 
-@flow(name="influence_audit", log_prints=True)
+
+@flow(name="influence_audit", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=THREADS))
 def influence_audit(params: AuditParams) -> dict[str, Any]:
     """Run one influence audit; returns the audit id, MLflow run id, metrics and where results are.
 

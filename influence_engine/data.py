@@ -127,16 +127,23 @@ def encode(tokenizer, rows: Iterable[Mapping[str, str]], *, max_length: int,
                 cut = min(n_original - max_length, start - 1)  # drop the prompt's start first
                 ids, start = ids[cut:], start - cut
             ids = ids[:max_length]
-        out.append(Example(str(doc_id), tuple(int(t) for t in ids), max(1, start), n_original,
+        out.append(Example(str(doc_id), tuple(map(int, ids)), max(1, start), n_original,
                            None if mask is None else tuple(mask)))
     return out
 
 
 def _batched(tokenizer, texts: list[str | None], special: bool) -> list[list[int] | None]:
-    """Token ids of each text (None stays None), in one tokenizer call."""
+    """Token ids of each text (None stays None), in one tokenizer call: the Rust backend's directly when it
+    neither truncates nor pads (what the transformers wrapper would call, without its per-text Python objects)."""
     todo = [i for i, t in enumerate(texts) if t is not None]
     out: list[list[int] | None] = [None] * len(texts)
-    if todo:
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if todo and backend is not None and backend.truncation is None and backend.padding is None:
+        batch = [texts[i] for i in todo]
+        encode_fast = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        for i, e in zip(todo, encode_fast(batch, add_special_tokens=special), strict=True):
+            out[i] = e.ids
+    elif todo:
         enc = tokenizer([texts[i] for i in todo], add_special_tokens=special)["input_ids"]
         for i, ids in zip(todo, enc, strict=True):
             out[i] = list(ids)

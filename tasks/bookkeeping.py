@@ -38,6 +38,7 @@ class AuditBook:
         self.home = resolve_home(p.output_dir)
         self.tracking_uri = configure_tracking(p.tracking_uri, self.home)
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
         self.manifest: dict[str, Any] = {"params": p.model_dump(), "stages": {}, "home": str(self.home)}
         self.audit_dir: Path | None = None
         self.run_id: str | None = None
@@ -48,18 +49,20 @@ class AuditBook:
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Time a stage and mark it running, then done, in the manifest."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         self.manifest["stages"][name] = "running"
         PROGRESS.info(f"{name} ...")
         yield
         self.seconds[name] = round(time.perf_counter() - t0, 3)
+        self.cpu_seconds[name] = round(time.process_time() - c0, 3)  # this process's threads (not Dask workers)
         self.manifest["stages"][name] = "done"
         PROGRESS.info(f"{name} done in {self.seconds[name]:.1f} s")
         self._write()
 
     def _write(self, **extra: Any) -> None:
         if self.audit_dir is not None:
-            write_json_atomic(self.audit_dir / "manifest.json", self.manifest | {"seconds": self.seconds} | extra)
+            timing = {"seconds": self.seconds, "cpu_seconds": self.cpu_seconds}
+            write_json_atomic(self.audit_dir / "manifest.json", self.manifest | timing | extra)
 
     def _tracked(self, what: Callable[[], Any]) -> Any:
         """``what()``, or None when MLflow is unreachable (remembered: the flow ends saying so)."""
