@@ -26,6 +26,17 @@ def _snippet(row: dict[str, Any], n: int = 200) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def _with_prompt_and_completion(queries: pl.DataFrame) -> pl.DataFrame:
+    """Chat queries (``messages``) shown as a prompt (the turns before the last, ``role: content | ...``) and a
+    completion (the last assistant message)."""
+    if "prompt" in queries.columns or "messages" not in queries.columns:
+        return queries
+    return queries.with_columns(
+        pl.col("messages").map_elements(lambda m: " | ".join(f"{t['role']}: {t['content']}" for t in m[:-1]),
+                                        return_dtype=pl.String).alias("prompt"),
+        pl.col("messages").list.last().struct.field("content").alias("completion"))
+
+
 def documents_by_id(inputs: Inputs, wanted: set[str]) -> dict[str, dict[str, Any]]:
     """The rows of the ``wanted`` training documents, read through the shard manifest: the ids files say which
     shards hold them, and only those shards are read (each checked against its content hash)."""
@@ -48,7 +59,7 @@ def merge_candidates(spec: EngineSpec, p: AuditParams, inputs: Inputs, shard_pat
     if path.exists():
         return str(path)
     top = merge_top_k([pl.read_parquet(x) for x in shard_paths], p.top_k)
-    queries = pl.read_parquet(queries_path).select(
+    queries = _with_prompt_and_completion(pl.read_parquet(queries_path)).select(
         pl.col("id").alias("query_id"), pl.col("prompt").alias("query_prompt"),
         pl.col("completion").alias("query_completion"))
     docs_by_id = documents_by_id(inputs, set(top["train_id"].to_list()))
