@@ -21,6 +21,7 @@ _EXPORTS = {
     "CovariancePartial": "factors", "Eigenbasis": "factors", "Factors": "factors", "LambdaPartial": "factors",
     "eigendecompose": "factors", "finalize": "factors", "merge": "factors",
     "PreparedQueries": "queries",
+    "DocumentSignals": "quality",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine import Explanation, InfluenceEngine, ScoreResult, load_pretrained, model_fingerprint  # noqa: F401
     from .errors import DataError, FactorMismatchError, ModelError, NumericalError, UserError  # noqa: F401
     from .factors import CovariancePartial, Eigenbasis, Factors, LambdaPartial, eigendecompose, finalize, merge  # noqa: F401
+    from .quality import DocumentSignals  # noqa: F401
     from .queries import PreparedQueries  # noqa: F401
 
 

@@ -56,6 +56,7 @@ from .factors import (
 from .fusion import fuse_activations
 from .layers import LayerSpec, layer_spec, select_layers
 from .passes import PassConfig, Progress, Runner
+from .quality import DocumentSignalAccumulator, DocumentSignals
 from .queries import GradientAccumulator, PreparedQueries, QueryAccumulator
 from .scoring import ScoreAccumulator, SelfInfluenceAccumulator, TopK, check_scores
 
@@ -412,3 +413,14 @@ class InfluenceEngine:
         acc = SelfInfluenceAccumulator(factors)
         self.runner.run(examples, acc, self._cfg("true"), progress)
         return acc.values
+
+    def document_signals(self, examples: Sequence[Example], factors: Factors,
+                         progress: Progress | None = None) -> list[DocumentSignals]:
+        """Self-influence (per document and per token position) and loss of each document, in one pass, in
+        ``examples`` order: the engine's part of a query-free quality audit (quality.py)."""
+        self.check_factors(factors)
+        if len({e.id for e in examples}) != len(examples):
+            raise UserError("document ids are not unique")
+        acc = DocumentSignalAccumulator(factors, examples)
+        self.runner.run(examples, acc, self._cfg("true"), progress)
+        return [acc.signals[e.id] for e in examples]

@@ -42,6 +42,9 @@ class PassContext:
     gemm_dtype: torch.dtype | None = None
     padded: bool = True
     objective: int = 0  # which label set's backward pass is running (passes with labels like ``sampled+true``)
+    # p(the data's next token) at each position that predicts a target, (B, T), 0 elsewhere; set by passes whose
+    # labels include ``true``, before any backward hook runs (per-document losses come from it: quality.py)
+    target_probs: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.gemm_dtype is None:
@@ -341,6 +344,8 @@ class Runner:
                 # tensor hooks do not fire on a tensor changed in place: a tracked head's output keeps its values
                 in_place = self._in_place and logits.untyped_storage().data_ptr() not in storages
                 grad = LogitGradient(logits, batch, labels, cfg.seed, in_place=in_place)
+            if "true" in labels:
+                ctx.target_probs = grad.probs[labels.index("true")].view(batch.input_ids.shape)
             root = logits.view_as(logits)  # a view as the root, so hooks on the logits (a tracked head) still fire
             del logits
             for k in range(len(labels)):
