@@ -339,6 +339,9 @@ app.add_typer(webhook_app, name="webhook")
 from influence_audit.cli_sync import sync as _sync  # noqa: E402
 
 app.command("sync")(_sync)
+from influence_audit.cli_quality import quality as _quality  # noqa: E402
+
+app.command("quality")(_quality)
 
 
 def _usage_error_types() -> tuple[type[Exception], ...]:
