@@ -74,7 +74,7 @@ def quality(model: Annotated[Path, typer.Option("--model", help="Local Hugging F
     texts = {r["id"]: document_text(r) for r in train_df.select(
         [c for c in ("id", "text", "prompt", "completion") if c in train_df.columns]).iter_rows(named=True)}
     if html is not None:
-        render_quality_html(report, html, title="Training-data quality report", texts=texts,
+        render_quality_html(report, html, title="Training-data quality report", texts=texts, hot_spots=hot,
                             meta={"model": str(model), "strategy": strategy, "layers": layers,
                                   "documents": str(report.height)})
     out.print(escape(terminal_report(report, texts)), highlight=False, soft_wrap=True)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+QUALITY_FIELDS = ("cutoff", "near_duplicate_threshold", "hot_spots")
+INFLUENCE_FIELDS = ("queries", "n_queries", "sampling", "stratify_by", "top_k", "query_rank", "explain_top", "planted")
 
 
 class AuditParams(BaseModel):
@@ -14,7 +17,11 @@ class AuditParams(BaseModel):
 
     model: str = Field(description="Local Hugging Face model directory, or models:/NAME/VERSION, runs:/ID/PATH")
     train: list[str] = Field(description="Training JSONL/Parquet files or directories of shards", min_length=1)
-    queries: str = Field(description="Query source: JSONL/Parquet with id, prompt, completion")
+    mode: Literal["influence", "quality"] = Field(
+        "influence", description="influence: rank documents per query; quality: a query-free data-quality report "
+                                 "(outliers, memorised, near-duplicate and low-quality documents; docs/quality.md)")
+    queries: str | None = Field(None, description="Query source: JSONL/Parquet with id, prompt, completion "
+                                                  "(required in influence mode)")
     n_queries: int | None = Field(None, ge=1, description="How many queries to sample (all if empty)")
     sampling: Literal["random", "stratified"] = "random"
     stratify_by: str | None = Field(None, description="Column to stratify query sampling by")
@@ -39,6 +46,16 @@ class AuditParams(BaseModel):
     planted: str | None = Field(None, description="JSON {query_id: [train ids]} of known culprits: logs "
                                                   "planted_recall_at_10")
     trust_remote_code: bool = False
+    cutoff: float = Field(3.5, gt=0, description="quality mode: robust z-score from which an issue is flagged")
+    near_duplicate_threshold: float = Field(0.7, gt=0, le=1, description="quality mode: Jaccard similarity "
+                                                                         "(character 5-grams) of near duplicates")
+    hot_spots: int = Field(10, ge=0, description="quality mode: token positions kept per document (0: all)")
+
+    @model_validator(mode="after")
+    def _queries_in_influence_mode(self) -> AuditParams:
+        if self.mode == "influence" and not self.queries:
+            raise ValueError("queries are required in influence mode (or set mode: quality)")
+        return self
 
     @field_validator("damping")
     @classmethod
@@ -53,4 +70,11 @@ class AuditParams(BaseModel):
 
     def identity(self) -> dict:
         """The parameters that define the audit's result (not where it is written or recorded)."""
-        return self.model_dump(exclude={"output_dir", "experiment", "tracking_uri", "device", "batch_size"})
+        out = self.model_dump(exclude={"output_dir", "experiment", "tracking_uri", "device", "batch_size"})
+        if self.mode == "influence":  # as before quality mode existed: influence audits keep their ids
+            for key in ("mode", *QUALITY_FIELDS):
+                out.pop(key)
+        else:  # what a quality report does not depend on
+            for key in INFLUENCE_FIELDS:
+                out.pop(key)
+        return out

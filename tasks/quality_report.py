@@ -20,11 +20,12 @@ from matplotlib.figure import Figure
 from influence_engine.atomic import atomic_path
 
 from .quality import ABOUT, ISSUE_TYPES, issue_reason, snippet, summary
-from .report import _CSS, _placeholder, _save, _tokens_html
+from .report import _CSS, _placeholder, _save
 
 __all__ = ["plot_loss_vs_self_influence", "plot_self_influence", "render_quality_html", "terminal_report"]
 
 TOP_PER_ISSUE = 10
+HOT_SHOWN = 3
 _COLOURS = {"outlier": "#d7301f", "memorised": "#7b3294", "near_duplicate": "#e6a100", "low_quality": "#2b83ba"}
 
 
@@ -102,8 +103,13 @@ def _summary_html(report: pl.DataFrame) -> str:
             f"<th>mean score</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
+def _hot_html(hot: Mapping[str, list[tuple[str, float]]], doc_id: str) -> str:
+    spots = hot.get(doc_id, [])[:HOT_SHOWN]
+    return ", ".join(f"<code>{_e(tok.strip() or repr(tok))}</code> {100 * share:.0f}%" for tok, share in spots)
+
+
 def _issue_html(report: pl.DataFrame, issue: str, texts: Mapping[str, str],
-                tokens: Mapping[str, tuple[list[str], list[float]]]) -> str:
+                hot: Mapping[str, list[tuple[str, float]]]) -> str:
     flagged = report.filter(pl.col(issue))
     top = report.sort([f"{issue}_score", "id"], descending=[True, False]).head(TOP_PER_ISSUE)
     out = [f'<section id="{_e(issue)}"><h2>{_e(issue)} issues</h2>',
@@ -112,29 +118,26 @@ def _issue_html(report: pl.DataFrame, issue: str, texts: Mapping[str, str],
            f"this issue (1 - mean score): <b>{1 - float(report[f'{issue}_score'].mean() or 0.0):.3f}</b>.</p>",
            "<p>Documents representing the most severe instances of this issue:</p>",
            "<table><thead><tr><th>id</th><th>flagged</th><th>score</th><th>self-influence</th><th>loss</th>"
-           "<th>why</th><th>text</th></tr></thead><tbody>"]
+           "<th>why</th><th>hot spots (share of self-influence)</th><th>text</th></tr></thead><tbody>"]
     for r in top.iter_rows(named=True):
         why = issue_reason(r["reason"], issue) if r[issue] else ""
         out.append(f'<tr><td>{_e(r["id"])}</td><td>{"yes" if r[issue] else "no"}</td>'
                    f'<td class="num">{r[f"{issue}_score"]:.3f}</td><td class="num">{_num(r["self_influence"])}</td>'
-                   f'<td class="num">{_num(r["loss"])}</td><td>{_e(why)}</td>'
+                   f'<td class="num">{_num(r["loss"])}</td><td>{_e(why)}</td><td>{_hot_html(hot, r["id"])}</td>'
                    f'<td>{_e(snippet(texts.get(r["id"], ""), 240))}</td></tr>')
-    out.append("</tbody></table>")
-    for r in top.filter(pl.col(issue)).head(3).iter_rows(named=True):
-        if r["id"] in tokens:
-            strs, scores = tokens[r["id"]]
-            out.append(f'<details><summary>{_e(r["id"])}: self-influence by token (hot spots dark)</summary>'
-                       f"{_tokens_html(strs, scores)}</details>")
-    out.append("</section>")
+    out.append("</tbody></table></section>")
     return "\n".join(out)
 
 
 def render_quality_html(report: pl.DataFrame, path: str | Path, *, title: str, meta: Mapping[str, str],
-                        texts: Mapping[str, str],
-                        tokens: Mapping[str, tuple[list[str], list[float]]] | None = None) -> Path:
+                        texts: Mapping[str, str], hot_spots: pl.DataFrame | None = None) -> Path:
     """One self-contained HTML page (inline CSS, no scripts or links): a ``meta`` table, the summary by issue
-    type, then per issue type (most issues first) what it means, its count and its top documents; ``tokens``
-    (per document: token strings and per-token self-influence) shades the top flagged documents' hot spots."""
+    type, then per issue type (most issues first) what it means, its count and its top documents, each with its
+    text and its hot spots (the tokens holding most of its self-influence, from ``hot_spots``)."""
+    hot: dict[str, list[tuple[str, float]]] = {}
+    if hot_spots is not None:
+        for r in hot_spots.sort(["id", "rank"]).iter_rows(named=True):
+            hot.setdefault(r["id"], []).append((r["token"], r["share"]))
     meta_rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in meta.items())
     order = summary(report).sort("num_issues", descending=True, maintain_order=True)["issue_type"].to_list()
     page = "\n".join([
@@ -143,7 +146,7 @@ def render_quality_html(report: pl.DataFrame, path: str | Path, *, title: str, m
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
         f'<header><h1>{_e(title)}</h1><table class="meta"><tbody>{meta_rows}</tbody></table></header>',
         _summary_html(report),
-        *[_issue_html(report, t, texts, tokens or {}) for t in order],
+        *[_issue_html(report, t, texts, hot) for t in order],
         "</body></html>", ""])
     target = Path(path)
     with atomic_path(target) as tmp:
