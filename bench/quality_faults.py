@@ -141,9 +141,10 @@ def recall_table(report, faults: dict[str, list[str]], top_fraction: float = 0.1
         in_top = sum(any(i in top[t] for t in issues) for i in ids)
         found = sum(i in flagged_any for i in ids)
         by_issue = {t: sum(i in set(report.filter(pl.col(t))["id"].to_list()) for i in ids) for t in ISSUE_TYPES}
+        top_by = {t: sum(i in top[t] for i in ids) for t in ISSUE_TYPES}
         rows.append({"fault": kind, "n": len(ids), "issue": "/".join(issues),
                      "recall_top_10pct": in_top / len(ids), "recall_flagged": found / len(ids),
-                     "flagged_by": by_issue})
+                     "flagged_by": by_issue, "in_top_10pct_of": top_by})
     return rows
 
 
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"({', '.join(f'{k} {len(v)}' for k, v in faults.items())}) -> {path}")
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
+    reused = any((args.out_dir / "model").glob("demo-gpt2-*/demo_manifest.json"))
     model_dir = ensure_demo_model(args.out_dir / "model", path, seed=args.seed)
     seconds["train_model"] = time.perf_counter() - t0
     train = pl.DataFrame(corpus)
@@ -196,14 +198,19 @@ def main(argv: list[str] | None = None) -> dict:
     table = recall_table(report, faults)
     from tasks.quality import ISSUE_TYPES
 
-    flagged = report.filter(pl.any_horizontal([pl.col(t) for t in ISSUE_TYPES])).height
+    flagged_ids = set(report.filter(pl.any_horizontal([pl.col(t) for t in ISSUE_TYPES]))["id"].to_list())
+    flagged = len(flagged_ids)
+    planted_or_source = {i for v in faults.values() for i in v} | {s for s in source.values() if s.startswith("doc-")}
+    others = sorted(flagged_ids - planted_or_source)
     per_issue = {t: int(report[t].sum()) for t in ISSUE_TYPES}
-    print(f"\n{'fault':<16} {'n':>3}  {'issue':<24} {'recall@top10%':>13} {'flagged':>8}  flagged by")
+    print(f"\n{'fault':<16} {'n':>3}  {'issue':<24} {'recall@top10%':>13} {'flagged':>8}  flagged by / in top 10% of")
     for r in table:
         print(f"{r['fault']:<16} {r['n']:>3}  {r['issue']:<24} {r['recall_top_10pct']:>13.2f} "
-              f"{r['recall_flagged']:>8.2f}  {r['flagged_by']}")
+              f"{r['recall_flagged']:>8.2f}  {r['flagged_by']} / {r['in_top_10pct_of']}")
     print(f"\nflagged: {flagged} of {report.height} documents ({flagged / report.height:.1%}); per issue {per_issue}")
-    print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+    print(f"flagged besides the planted faults and the originals of planted copies: {len(others)} {others}")
+    print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
+          + (" (model reused from an earlier run)" if reused else ""))
     result = {"benchmark": "quality_faults", "commit": _git("rev-parse", "--short", "HEAD"),
               "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
               "machine": f"2-core shared CPU ({platform.machine()}, {os.cpu_count()} visible cores), torch "
@@ -213,7 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "documents": report.height, "planted": {k: len(v) for k, v in faults.items()},
               "strategy": args.strategy, "flagged": flagged, "flagged_fraction": flagged / report.height,
-              "flagged_per_issue": per_issue, "recall": table, "seconds": seconds}
+              "flagged_per_issue": per_issue, "flagged_others": others, "recall": table, "seconds": seconds,
+              "model_reused": reused}
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / f"quality_faults-{datetime.now(timezone.utc):%Y%m%d}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -32,6 +32,7 @@ from tasks.stages import (
     fit_covariance_partial,
     fit_lambda_partial,
     home_dir,
+    inputs_json,
     merge_and_eigendecompose,
 )
 
@@ -61,6 +62,7 @@ def quality_audit(p: AuditParams) -> dict[str, Any]:
     seconds["load_inputs"] = round(time.perf_counter() - t0, 3)
     audit_dir = Path(inputs.audit_dir)
     manifest: dict[str, Any] = {"params": p.model_dump(), "mode": "quality", "audit_id": inputs.audit_id,
+                                "inputs": {k: v for k, v in inputs_json(inputs).items() if k != "validation"},
                                 "stages": {"load_inputs": "done"}, "mlflow": "pending"}
     run_id: str | None = None
     tracking_error: TrackingUnavailable | None = None

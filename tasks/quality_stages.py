@@ -125,13 +125,18 @@ def _texts(inputs: Inputs, ids: set[str] | None = None) -> dict[str, str]:
     return out
 
 
+def quality_paths(audit_dir: str | Path) -> dict[str, str]:
+    """The report, the hot spots and the review items of a quality audit."""
+    d = Path(audit_dir)
+    return {"report": str(d / REPORT_FILE), "hot_spots": str(d / HOT_SPOTS_FILE),
+            "candidates": str(d / "candidates.parquet")}
+
+
 @task(name="merge-quality-report")
 def merge_quality_report(inputs: Inputs, signal_paths: list[str], settings: QualitySettings) -> dict[str, str]:
     """Combine every shard's signals into the report (the scores need the whole corpus's distribution and
     near-duplicate groups cross shards), gather the hot spots and write the review items."""
-    d = Path(inputs.audit_dir)
-    paths = {"report": str(d / REPORT_FILE), "hot_spots": str(d / HOT_SPOTS_FILE),
-             "candidates": str(d / "candidates.parquet")}
+    paths = quality_paths(inputs.audit_dir)
     if Path(paths["candidates"]).exists():
         return paths
     signals = pl.concat([pl.read_parquet(x) for x in signal_paths], how="vertical")

@@ -86,6 +86,13 @@ def _record_succeeded(manifest: dict[str, Any], audit_dir: Path, params: Any) ->
 
     inputs = _inputs(manifest)
     run_id = start_run.fn(params, inputs, inputs.audit_id)
+    if params.mode == "quality":
+        from .quality_stages import quality_paths, record_quality
+
+        record_quality.fn(params, inputs, run_id, quality_paths(audit_dir), _validation_reports(audit_dir),
+                          dict(manifest.get("seconds") or {}), bool(manifest.get("factors_cached", False)))
+        finish_run.fn(run_id, succeeded=True, validation_passed=True)
+        return run_id
     record_results.fn(params, inputs, run_id, str(audit_dir / "candidates.parquet"), _validation_reports(audit_dir),
                       dict(manifest.get("seconds") or {}), bool(manifest.get("factors_cached", False)))
     finish_run.fn(run_id, succeeded=True, validation_passed=True)
