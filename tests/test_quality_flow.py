@@ -77,3 +77,18 @@ def test_review_decisions_on_quality_flags_feed_the_flagged_documents(quality_ru
     row = flagged.row(0, named=True)
     assert (row["train_id"], row["query_id"], row["verdict"]) == (COPY_ID, "near_duplicate", "culprit")
     assert MlflowClient().get_run(result["run_id"]).data.tags["review.culprit"] == "1"
+
+
+def test_sync_records_a_quality_audit_in_another_store(quality_run):
+    """`influence-audit sync` (here into a store that has never seen the audit) records it as a quality audit."""
+    from tasks.sync import sync_one
+
+    home, rows, params, result = quality_run
+    uri = f"sqlite:///{Path(home) / 'other' / 'mlflow.db'}"
+    outcome = sync_one(Path(result["audit_dir"]) / "manifest.json", tracking_uri=uri, home=Path(home))
+    assert outcome.action == "recorded" and outcome.run_id != result["run_id"]
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(outcome.run_id)
+    assert run.data.tags["audit.status"] == "succeeded" and run.data.metrics["flagged_near_duplicate"] == 2
+    assert {"quality_report.json", "candidates.json", "report.html"} <= {a.path for a in
+                                                                           client.list_artifacts(outcome.run_id)}
