@@ -11,6 +11,7 @@ Typical use (the pipeline's tasks call exactly these)::
     queries = eng.prepare_queries(eng.encode(query_rows, where="queries"), factors, rank=32)
     result = eng.score(docs, queries, top_k=50)        # streaming top-k per query
     expl = eng.explain(docs[:3], queries)              # per-layer and per-token breakdowns
+    signals = eng.document_signals(docs, factors)      # no queries: self-influence (per token too) and loss
 
 Small models (every document's gradients fit in memory: ``eng.gradient_cache_bytes(len(docs))``) fit and score
 with one pass over the documents instead of three::

@@ -36,10 +36,9 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -426,15 +425,7 @@ def review_items(report: pl.DataFrame, texts: dict[str, str]) -> pl.DataFrame:
                                      "rank": pl.Int64, "snippet": pl.String})
 
 
-def settings_json(settings: QualitySettings) -> dict[str, Any]:
-    return asdict(settings)
-
-
 def hot_spots_path(report_path: str | Path) -> Path:
     """Where the per-token Parquet goes beside a report: ``REPORT.tokens.parquet``."""
     p = Path(report_path)
     return p.with_name(re.sub(r"\.parquet$", "", p.name) + ".tokens.parquet")
-
-
-def elapsed(t0: float) -> float:
-    return round(time.perf_counter() - t0, 3)
