@@ -24,11 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import re
 import string
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -148,13 +146,6 @@ def recall_table(report, faults: dict[str, list[str]], top_fraction: float = 0.1
     return rows
 
 
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except Exception:
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-dir", type=Path, default=REPO / ".influence-audit" / "bench-quality")
@@ -167,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from influence_audit.demo.model import ensure_demo_model, read_jsonl
-    from tasks.engine_io import get_engine
+    from tasks.pipeline import EngineSpec
     from tasks.quality import QualitySettings, quality_report
 
     torch.set_num_threads(1)
@@ -186,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     seconds["train_model"] = time.perf_counter() - t0
     train = pl.DataFrame(corpus)
     t0 = time.perf_counter()
-    eng = get_engine(str(model_dir), "mlp", "cpu", "fp32", 16, 128, args.seed)
+    eng = EngineSpec(str(model_dir), "mlp", "cpu", "fp32", 16, 128, args.seed).engine()
     docs = eng.encode(train.to_dicts(), where="train")
     factors = eng.fit_factors(docs, args.strategy)
     seconds["fit_factors"] = time.perf_counter() - t0
@@ -211,13 +202,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"flagged besides the planted faults and the originals of planted copies: {len(others)} {others}")
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
           + (" (model reused from an earlier run)" if reused else ""))
-    result = {"benchmark": "quality_faults", "commit": _git("rev-parse", "--short", "HEAD"),
-              "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-              "machine": f"2-core shared CPU ({platform.machine()}, {os.cpu_count()} visible cores), torch "
-                         f"{torch.__version__}, 1 thread",
-              "command": "PYTHONPATH=$PWD OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/quality_faults.py "
-                         + " ".join(argv if argv is not None else sys.argv[1:]),
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from provenance import provenance
+
+    result = {"benchmark": "quality_faults", "provenance": provenance(),
+              "machine": f"2-core shared CPU ({os.cpu_count()} visible cores), torch {torch.__version__}, 1 thread",
               "documents": report.height, "planted": {k: len(v) for k, v in faults.items()},
               "strategy": args.strategy, "flagged": flagged, "flagged_fraction": flagged / report.height,
               "flagged_per_issue": per_issue, "flagged_others": others, "recall": table, "seconds": seconds,

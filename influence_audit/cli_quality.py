@@ -40,32 +40,28 @@ def quality(model: Annotated[Path, typer.Option("--model", help="Local Hugging F
             html: Annotated[Path | None, typer.Option(help="Also write the HTML report here")] = None,
             trust_remote_code: bool = False) -> None:
     """Flag outliers, memorised, near-duplicate and low-quality training documents (no queries needed)."""
-    from influence_audit.cli import _Bar, _check_flags, _engine
+    from influence_audit.cli import _Bar, _check_flags, _check_out_file, _spec, _warn_unknown
     from influence_engine.errors import UserError
+    from tasks import pipeline
     from tasks.data import data_fingerprint, read_rows
-    from tasks.engine_io import factor_settings, fit_factors_to, load_factors_if_fresh, write_parquet_atomic
+    from tasks.engine_io import encode_frame, write_parquet_atomic
     from tasks.quality import QualitySettings, document_text, hot_spots_path, quality_report
     from tasks.quality_report import render_quality_html, terminal_report
 
     _check_flags(strategy, damping, on_long)
-    if out_path.suffix != ".parquet":
-        raise UserError(f"--out {out_path}: the report must be a .parquet file")
+    _check_out_file(out_path, ".parquet")
     settings = QualitySettings(cutoff=cutoff, near_duplicate_threshold=near_duplicate_threshold, hot_spots=hot_spots)
     settings.check()
-    if html is not None and html.suffix not in (".html", ".htm"):
+    if html is not None and html.suffix.lower() not in (".html", ".htm"):
         raise UserError(f"--html {html}: give an .html file")
     train_df = read_rows(train, "train")
-    eng = _engine(model, layers, device, precision, batch_size, max_length, seed, on_long, trust_remote_code)
-    docs = eng.encode([{k: r[k] for k in ("id", "text", "prompt", "completion", "source") if k in r}
-                       for r in train_df.to_dicts()], where="train")
+    eng = _spec(model, layers, device, precision, batch_size, max_length, seed, on_long, trust_remote_code).engine()
+    docs = encode_frame(eng, train_df, "train")
+    _warn_unknown(eng, docs, "training")
     t0 = time.perf_counter()
-    fitted = load_factors_if_fresh(factors, eng, strategy) if factors is not None else None
-    if fitted is not None:
-        err.print(f"reusing factors in {escape(str(factors))}")
-    else:
-        meta = factor_settings(eng, strategy, damping, data_fingerprint(train_df))
-        with _Bar(f"fitting {strategy} factors", len(docs)) as bar:
-            fitted = fit_factors_to(factors, eng, docs, strategy, damping, meta, bar)
+    factor_settings = eng.factor_settings(strategy, damping, data_fingerprint=data_fingerprint(train_df))
+    with _Bar(f"fitting {strategy} factors", len(docs)) as bar:
+        fitted = pipeline.fit(eng, docs, factor_settings, out_dir=factors, progress=bar, notice=err.print).factors
     with _Bar("self-influence, loss and hot spots", len(docs)) as bar:
         report, hot = quality_report(eng, train_df, docs, fitted, settings, bar)
     write_parquet_atomic(report, out_path)

@@ -22,6 +22,8 @@ _EXPORTS = {
     "eigendecompose": "factors", "finalize": "factors", "merge": "factors",
     "PreparedQueries": "queries",
     "DocumentSignals": "quality",
+    "FactorSettings": "settings", "stable_key": "settings",
+    "STRATEGIES": "strategies", "Strategy": "strategies", "get_strategy": "strategies",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -33,6 +35,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .factors import CovariancePartial, Eigenbasis, Factors, LambdaPartial, eigendecompose, finalize, merge  # noqa: F401
     from .quality import DocumentSignals  # noqa: F401
     from .queries import PreparedQueries  # noqa: F401
+    from .settings import FactorSettings, stable_key  # noqa: F401
+    from .strategies import STRATEGIES, Strategy, get_strategy  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -11,7 +11,8 @@ Files, in the audit directory (named by what they depend on, so a rerun skips wh
     candidates.parquet            review items: flagged documents keyed by issue type (query_id) and document
     validation/*.json, plots/*.png, report.html, manifest.json
 
-Task bodies are calls into :mod:`tasks.quality` (signals, report) and :mod:`tasks.quality_report` (page, plots).
+Plain functions (``influence-audit sync`` calls them directly), then the Prefect tasks that wrap them (each body
+is one call). The signals and the report are :mod:`tasks.quality`'s, the page and plots :mod:`tasks.quality_report`'s.
 """
 
 from __future__ import annotations
@@ -21,14 +22,17 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from prefect import task
+from prefect import get_run_logger, task
 
-from influence_engine import Factors
+from influence_engine import Factors, FactorSettings, stable_key
 from influence_engine.atomic import atomic_path, write_json_atomic
 
 from .data import add_content_hashes, data_fingerprint, read_rows, shard_frame
-from .engine_io import encode_frame, settings_key, write_parquet_atomic
+from .engine_io import encode_frame, write_parquet_atomic
+from .inputs import Inputs, InputValidationError, engine_spec, resolve_model
 from .params import AuditParams
+from .paths import audit_dir, resolve_home
+from .pipeline import EngineSpec, Shard
 from .quality import (
     ISSUE_TYPES,
     QualitySettings,
@@ -40,7 +44,7 @@ from .quality import (
     snippet,
     unigram_counts,
 )
-from .stages import EngineSpec, Inputs, InputValidationError, Shard, _logger, home_dir, resolve_model
+from .stages import _MLFLOW
 
 REPORT_FILE = "quality_report.parquet"
 HOT_SPOTS_FILE = "hot_spots.parquet"
@@ -52,15 +56,14 @@ def settings_of(p: AuditParams) -> QualitySettings:
                            hot_spots=p.hot_spots)
 
 
-@task(name="load-and-validate-training-data")
-def load_quality_inputs(p: AuditParams) -> Inputs:
+def load_quality_inputs(p: AuditParams, log: Any = None) -> Inputs:
     """Read and tokenise the training documents, validate them with Great Expectations, write the shards and
     the corpus's token counts. No queries: the returned inputs have none."""
     from .validation import validate_training_frame
 
     settings_of(p).check()
     model_dir = resolve_model(p.model)
-    eng = EngineSpec.of(p, model_dir).engine()
+    eng = engine_spec(p, model_dir).engine()
     train = read_rows(p.train, "train")
     docs = encode_frame(eng, train, "train")
     train = train.with_columns(pl.Series("n_tokens", [e.n_tokens_original for e in docs], dtype=pl.Int64))
@@ -69,25 +72,26 @@ def load_quality_inputs(p: AuditParams) -> Inputs:
     if not report.success:
         raise InputValidationError("input validation failed:\n" + report.summary(), as_json)
     data_fp = data_fingerprint(train)
-    audit_id = settings_key(p.identity() | {"model_fingerprint": eng.fingerprint, "data": data_fp})[:12]
-    audit_dir = home_dir(p) / "audits" / audit_id
-    write_json_atomic(audit_dir / "validation" / "training_input.json", as_json["training_input"])
+    audit_id = stable_key(p.identity() | {"model_fingerprint": eng.fingerprint, "data": data_fp}, length=12)
+    adir = audit_dir(resolve_home(p.output_dir), audit_id)
+    write_json_atomic(adir / "validation" / "training_input.json", as_json["training_input"])
     shards = []
     for i, shard in enumerate(shard_frame(add_content_hashes(train), p.shard_size)):
         key = data_fingerprint(shard)[:16]
-        path = audit_dir / "inputs" / f"train-{i:05d}-{key}.parquet"
+        path = adir / "inputs" / f"train-{i:05d}-{key}.parquet"
         if not path.exists():
             write_parquet_atomic(shard, path)
         shards.append(Shard(i, str(path), key, shard.height))
-    counts_path = audit_dir / "quality" / "unigram_counts.npy"
+    counts_path = adir / "quality" / "unigram_counts.npy"
     if not counts_path.exists():
         with atomic_path(counts_path) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, unigram_counts(docs, eng.model.get_input_embeddings().num_embeddings))
     n_tokens, n_truncated = sum(len(e.input_ids) for e in docs), sum(e.truncated for e in docs)
-    _logger().info(f"quality audit {audit_id}: {train.height} documents in {len(shards)} shards, {n_tokens} tokens "
-                   f"({n_truncated} truncated)")
-    return Inputs(audit_id, str(audit_dir), model_dir, eng.fingerprint, data_fp, "", shards, train.height, n_tokens,
+    if log is not None:
+        log.info(f"quality audit {audit_id}: {train.height} documents in {len(shards)} shards, {n_tokens} tokens "
+                 f"({n_truncated} truncated)")
+    return Inputs(audit_id, str(adir), model_dir, eng.fingerprint, data_fp, "", shards, train.height, n_tokens,
                   n_truncated, "", 0, as_json)
 
 
@@ -96,19 +100,17 @@ def _signal_paths(audit_dir: str, shard: Shard) -> tuple[Path, Path]:
     return d / f"signals-{shard.index:05d}-{shard.key}.parquet", d / f"hot-{shard.index:05d}-{shard.key}.parquet"
 
 
-@task(name="quality-signals-shard")
-def quality_shard(spec: EngineSpec, shard: Shard, factors_dir: str, audit_dir: str, strategy: str,
-                  settings: QualitySettings) -> str:
+def quality_shard_signals(spec: EngineSpec, settings: FactorSettings, shard: Shard, factor_dir: str, adir: str,
+                          quality: QualitySettings) -> str:
     """One pass over a shard: self-influence, loss and hot spots per document, plus the text signals."""
-    signals_path, hot_path = _signal_paths(audit_dir, shard)
+    signals_path, hot_path = _signal_paths(adir, shard)
     if not signals_path.exists():
         eng = spec.engine()
-        factors = Factors.load(factors_dir, model_fingerprint=eng.fingerprint, layers=list(eng.specs),
-                               strategy=strategy)
+        factors = Factors.load(factor_dir, settings=settings, layers=list(eng.specs))
         df = pl.read_parquet(shard.path)
         docs = encode_frame(eng, df, "train")
-        counts = np.load(Path(audit_dir) / "quality" / "unigram_counts.npy")
-        signals, hot = shard_signals(eng, df.to_dicts(), docs, factors, counts, settings)
+        counts = np.load(Path(adir) / "quality" / "unigram_counts.npy")
+        signals, hot = shard_signals(eng, df.to_dicts(), docs, factors, counts, quality)
         write_parquet_atomic(hot, hot_path)  # first: the signals file marks the shard done
         write_parquet_atomic(signals, signals_path)
     return str(signals_path)
@@ -132,7 +134,6 @@ def quality_paths(audit_dir: str | Path) -> dict[str, str]:
             "candidates": str(d / "candidates.parquet")}
 
 
-@task(name="merge-quality-report")
 def merge_quality_report(inputs: Inputs, signal_paths: list[str], settings: QualitySettings) -> dict[str, str]:
     """Combine every shard's signals into the report (the scores need the whole corpus's distribution and
     near-duplicate groups cross shards), gather the hot spots and write the review items."""
@@ -149,8 +150,7 @@ def merge_quality_report(inputs: Inputs, signal_paths: list[str], settings: Qual
     return paths
 
 
-@task(name="validate-quality-report")
-def validate_quality_outputs(inputs: Inputs, report_path: str) -> dict:
+def validate_quality_outputs(inputs: Inputs, report_path: str, log: Any = None) -> dict:
     from .quality_validation import validate_quality_report
 
     report = pl.read_parquet(report_path)
@@ -158,8 +158,8 @@ def validate_quality_outputs(inputs: Inputs, report_path: str) -> dict:
     result = validate_quality_report(report, train_ids=train_ids)
     out = result.to_json()
     write_json_atomic(Path(inputs.audit_dir) / "validation" / "quality_report.json", out)
-    if not result.success:
-        _logger().error(result.summary())
+    if not result.success and log is not None:
+        log.error(result.summary())
     return out
 
 
@@ -197,7 +197,6 @@ def render_outputs(p: AuditParams, inputs: Inputs, run_id: str | None, paths: di
     return [*plots, html]
 
 
-@task(name="record-quality-in-mlflow", retries=2, retry_delay_seconds=2)
 def record_quality(p: AuditParams, inputs: Inputs, run_id: str, paths: dict[str, str], validation: dict[str, dict],
                    stage_seconds: dict[str, float], factors_cached: bool) -> dict[str, float]:
     """Metrics, the review items (``candidates.json``), the whole report as the table ``quality_report.json``,
@@ -221,7 +220,6 @@ def record_quality(p: AuditParams, inputs: Inputs, run_id: str, paths: dict[str,
     return metrics
 
 
-@task(name="open-quality-review")
 def open_quality_review(p: AuditParams, inputs: Inputs, run_id: str, candidates_path: str) -> str:
     """Hand the flagged documents to people: a Prefect markdown artifact per audit, by issue type."""
     from prefect.artifacts import create_markdown_artifact
@@ -247,8 +245,37 @@ def open_quality_review(p: AuditParams, inputs: Inputs, run_id: str, candidates_
                                         description=f"Review quality audit {inputs.audit_id}"))
 
 
-def quality_result(inputs: Inputs, run_id: str | None, paths: dict[str, str], metrics: dict[str, Any],
-                   seconds: dict[str, float], cached: bool) -> dict[str, Any]:
-    return {"audit_id": inputs.audit_id, "run_id": run_id, "audit_dir": inputs.audit_dir, "mode": "quality",
-            "report": paths["report"], "hot_spots": paths["hot_spots"], "candidates": paths["candidates"],
-            "metrics": metrics, "seconds": seconds, "factors_cached": cached}
+# ------------------------------------------------------------------------------------------------- Prefect
+
+
+@task(name="load-and-validate-training-data")
+def load_quality_inputs_task(p: AuditParams) -> Inputs:
+    return load_quality_inputs(p, get_run_logger())
+
+
+@task(name="quality-signals-shard")
+def quality_shard(spec: EngineSpec, settings: FactorSettings, shard: Shard, factor_dir: str, adir: str,
+                  quality: QualitySettings) -> str:
+    return quality_shard_signals(spec, settings, shard, factor_dir, adir, quality)
+
+
+@task(name="merge-quality-report")
+def merge_quality_report_task(inputs: Inputs, signal_paths: list[str], quality: QualitySettings) -> dict[str, str]:
+    return merge_quality_report(inputs, signal_paths, quality)
+
+
+@task(name="validate-quality-report")
+def validate_quality_task(inputs: Inputs, report_path: str) -> dict:
+    return validate_quality_outputs(inputs, report_path, get_run_logger())
+
+
+@task(name="record-quality-in-mlflow", **_MLFLOW)
+def record_quality_task(p: AuditParams, inputs: Inputs, run_id: str, paths: dict[str, str],
+                        validation: dict[str, dict], stage_seconds: dict[str, float],
+                        factors_cached: bool) -> dict[str, float]:
+    return record_quality(p, inputs, run_id, paths, validation, stage_seconds, factors_cached)
+
+
+@task(name="open-quality-review")
+def open_quality_review_task(p: AuditParams, inputs: Inputs, run_id: str, candidates_path: str) -> str:
+    return open_quality_review(p, inputs, run_id, candidates_path)

@@ -37,7 +37,7 @@ def _gibberish(seed: int = 0) -> str:
 def crafted(demo_data, tmp_path_factory):
     """The crafted corpus, a demo model trained on it for a few epochs, and its report."""
     from influence_audit.demo.model import read_jsonl, train_demo_model
-    from tasks.engine_io import get_engine
+    from tasks.pipeline import EngineSpec
 
     rows = read_jsonl(demo_data / "corpus.jsonl")[:40]
     sents = rows[7]["text"].split(". ")
@@ -48,7 +48,7 @@ def crafted(demo_data, tmp_path_factory):
     path = d / "corpus.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     model_dir = train_demo_model(path, d / "model", epochs=3, log=None)
-    eng = get_engine(str(model_dir), "mlp", "cpu", "fp32", 16, 128, 0)
+    eng = EngineSpec(str(model_dir), "mlp", "cpu", "fp32", 16, 128, 0).engine()
     train = pl.DataFrame(rows)
     docs = eng.encode(rows, where="train")
     factors = eng.fit_factors(docs, "ekfac")
