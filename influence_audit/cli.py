@@ -275,6 +275,13 @@ def _run_audit(params, dask: str | None = None, cluster_class: str | None = None
 def _print_summary(result: dict) -> None:
     m = result["metrics"]
     out.print(f"[bold green]audit {result['audit_id']} succeeded[/]  MLflow run [bold]{result['run_id']}[/]")
+    if result.get("mode") == "quality":
+        out.print(f"  {int(m['documents'])} documents, {int(m['tokens']):,} tokens; {int(m['flagged'])} flagged ("
+                  + ", ".join(f"{t} {int(m[f'flagged_{t}'])}" for t in ("outlier", "memorised", "near_duplicate",
+                                                                         "low_quality")) + ")")
+        out.print("  stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
+        out.print(f"  report: {result['report']}")
+        return
     out.print(f"  {int(m['documents'])} documents, {int(m['tokens']):,} tokens, {int(m['queries'])} queries; "
               f"factors {'reused from cache' if result['factors_cached'] else 'fitted'}")
     out.print("  stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
@@ -287,7 +294,10 @@ def _print_summary(result: dict) -> None:
 @app.command()
 def audit(model: Annotated[str, typer.Option(help="Local model directory, or models:/NAME/VERSION, runs:/ID/PATH")],
           train: TrainOpt,
-          queries: Annotated[Path, typer.Option(help="Query source: JSONL/Parquet with id, prompt, completion")],
+          queries: Annotated[Path | None, typer.Option(
+              help="Query source: JSONL/Parquet with id, prompt, completion (none in --mode quality)")] = None,
+          mode: Annotated[str, typer.Option(help="influence | quality (a query-free data-quality audit: "
+                                                 "docs/quality.md)")] = "influence",
           n_queries: Annotated[int | None, typer.Option(help="How many queries to sample (default all)")] = None,
           sampling: Annotated[str, typer.Option(help="random | stratified")] = "random",
           stratify_by: Annotated[str | None, typer.Option(help="Column for stratified sampling")] = None,
@@ -305,11 +315,17 @@ def audit(model: Annotated[str, typer.Option(help="Local model directory, or mod
           dask_cluster_class: Annotated[str | None, typer.Option(help="e.g. dask_cuda.LocalCUDACluster for GPUs")]
           = None) -> None:
     """Run the full audit flow: validate, sample, fit, score, merge, validate, record in MLflow, open review."""
+    from influence_engine.errors import UserError
     from tasks.params import AuditParams
 
+    if mode not in ("influence", "quality"):
+        raise UserError(f"--mode {mode!r}: choose influence or quality")
+    if mode == "influence" and queries is None:
+        raise UserError("--queries is required", hint="give a query file, or --mode quality for a query-free audit")
     local = not model.startswith(("models:/", "runs:/"))
     params = _params(AuditParams, model=_absolute(model) if local else model, train=[_absolute(t) for t in train],
-                     queries=_absolute(queries), n_queries=n_queries, sampling=sampling, stratify_by=stratify_by,
+                     mode=mode, queries=_absolute(queries) if queries else None, n_queries=n_queries,
+                     sampling=sampling, stratify_by=stratify_by,
                      strategy=strategy, layers=layers, top_k=top_k, query_rank=query_rank, damping=damping,
                      device=device, precision=precision, batch_size=batch_size, max_length=max_length,
                      on_long=on_long, shard_size=shard_size, seed=seed, explain_top=explain_top,

@@ -105,7 +105,8 @@ def preflight(p: AuditParams) -> None:
     from .data import check_columns
 
     check_columns(p.train, "train")
-    read_rows(p.queries, "queries")
+    if p.queries:  # none in quality mode
+        read_rows(p.queries, "queries")
     if p.planted and not Path(p.planted).is_file():
         raise UserError(f"--planted {p.planted}: no such file", hint="give a JSON file {query_id: [train ids]}")
     check_writable(resolve_home(p.output_dir), f"--output-dir {resolve_home(p.output_dir)}")

@@ -408,18 +408,20 @@ def snippet(text: str, n: int = 200) -> str:
 
 def review_items(report: pl.DataFrame, texts: dict[str, str]) -> pl.DataFrame:
     """The flagged documents as review items keyed by issue type (``query_id``) and document (``train_id``),
-    ranked by score within the type: the shape the review commands and the flagged-documents Parquet use."""
+    ranked by score within the type: the shape the review commands and the flagged-documents Parquet use. Where a
+    query's prompt and completion stand: what the issue means and how many it flags; the snippet starts with the
+    document's reason for this issue, in brackets."""
     out: dict[str, list] = {c: [] for c in REVIEW_COLUMNS}
     for t in ISSUE_TYPES:
         rows = report.filter(pl.col(t)).sort([f"{t}_score", "id"], descending=[True, False])
         for rank, r in enumerate(rows.iter_rows(named=True), start=1):
             out["query_id"].append(t)
             out["query_prompt"].append(ABOUT[t])
-            out["query_completion"].append(issue_reason(r["reason"], t))
+            out["query_completion"].append(f"{rows.height} flagged document{'s' if rows.height != 1 else ''}")
             out["train_id"].append(r["id"])
             out["score"].append(float(r[f"{t}_score"]))
             out["rank"].append(rank)
-            out["snippet"].append(snippet(texts.get(r["id"], "")))
+            out["snippet"].append(f"[{issue_reason(r['reason'], t)}] {snippet(texts.get(r['id'], ''))}")
     return pl.DataFrame(out, schema={"query_id": pl.String, "query_prompt": pl.String,
                                      "query_completion": pl.String, "train_id": pl.String, "score": pl.Float64,
                                      "rank": pl.Int64, "snippet": pl.String})

@@ -235,11 +235,10 @@ def open_quality_review(p: AuditParams, inputs: Inputs, run_id: str, candidates_
         rows = items.filter(pl.col("query_id") == t)
         lines += [f"## {t} ({rows.height} flagged)", ""]
         if rows.height:
-            lines += ["| rank | document | score | why | snippet |", "|---|---|---|---|---|"]
+            lines += ["| rank | document | score | [why] snippet |", "|---|---|---|---|"]
             for r in rows.head(20).iter_rows(named=True):
-                why = r["query_completion"].replace("|", "\\|")
-                lines.append(f"| {r['rank']} | `{r['train_id']}` | {r['score']:.3f} | {why} | "
-                             f"{snippet(r['snippet'], 100).replace('|', chr(92) + '|')} |")
+                lines.append(f"| {r['rank']} | `{r['train_id']}` | {r['score']:.3f} | "
+                             f"{snippet(r['snippet'], 200).replace('|', chr(92) + '|')} |")
             lines.append("")
     return str(create_markdown_artifact(key=f"quality-{inputs.audit_id.lower()}-review", markdown="\n".join(lines),
                                         description=f"Review quality audit {inputs.audit_id}"))

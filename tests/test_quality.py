@@ -186,6 +186,9 @@ def test_cli_bad_flags_get_one_line_and_no_output(crafted, tmp_path, monkeypatch
           str(out)], "missing.jsonl"),
         (["quality", "--model", str(tmp_path / "no-model"), "--train", str(crafted["path"]), "--out", str(out)],
          "no-model: no such directory"),
+        (["audit", "--model", str(crafted["model"]), "--train", str(crafted["path"])], "--queries is required"),
+        (["audit", "--mode", "qualty", "--model", str(crafted["model"]), "--train", str(crafted["path"])],
+         "--mode 'qualty'"),
     ]
     for args, expect in cases:
         monkeypatch.setattr("sys.argv", ["influence-audit", *args])
