@@ -43,6 +43,7 @@ from .cache import (
 )
 from .data import Example, encode
 from .errors import ModelError, UserError
+from .experts import track_experts
 from .factors import (
     CovarianceAccumulator,
     CovariancePartial,
@@ -54,8 +55,9 @@ from .factors import (
     finalize,
 )
 from .fusion import fuse_activations
-from .layers import LayerSpec, layer_spec, select_layers
+from .layers import LayerSpec, layer_spec
 from .passes import PassConfig, Progress, Runner
+from .presets import resolve_layers
 from .queries import GradientAccumulator, PreparedQueries, QueryAccumulator
 from .scoring import ScoreAccumulator, SelfInfluenceAccumulator, TopK, check_scores
 
@@ -156,7 +158,7 @@ class Explanation:
 class InfluenceEngine:
     """A model with hooks on its tracked layers, and the passes that fit factors and score documents."""
 
-    def __init__(self, model: nn.Module, tokenizer=None, *, layers: str = "mlp", device: str = "auto",
+    def __init__(self, model: nn.Module, tokenizer=None, *, layers: str = "auto", device: str = "auto",
                  precision: str = "fp32", batch_size: int = 8, max_length: int = 512, seed: int = 0,
                  on_long: str = "truncate", fisher: str = "sampled", padding_side: str = "right",
                  pad_to_multiple: int = 1, fingerprint: str | None = None, fuse: bool = True):
@@ -176,8 +178,8 @@ class InfluenceEngine:
         # activations Hugging Face computes in Python (same formula; see fusion.py)
         self.fused = fuse_activations(model) if fuse else 0
         self.model, self.tokenizer = model, tokenizer
-        self.layers = layers
-        self.tracked = select_layers(model, layers)
+        self.layers = resolve_layers(model, layers)
+        self.tracked = track_experts(model, self.layers, precision)
         self.specs: dict[str, LayerSpec] = {n: layer_spec(n, m) for n, m in self.tracked.items()}
         self.batch_size, self.max_length, self.seed = batch_size, max_length, seed
         self.on_long, self.fisher, self.padding_side = on_long, fisher, padding_side
@@ -235,7 +237,7 @@ class InfluenceEngine:
     def _covariance_partial(acc: CovarianceAccumulator) -> CovariancePartial:
         return CovariancePartial(acc.total.specs, {n: t.cpu().double() for n, t in acc.total.A.items()},
                                  {n: t.cpu().double() for n, t in acc.total.S.items()}, acc.total.n_tokens,
-                                 acc.total.n_docs)
+                                 acc.total.n_docs, dict(acc.total.tokens))
 
     def gradient_cache_bytes(self, n_docs: int) -> int:
         """Memory a :class:`GradientCache` of ``n_docs`` documents takes on this engine's device."""

@@ -14,14 +14,15 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from .data import Batch, Example, collate, example_seed
-from .errors import UserError
+from .errors import ModelError, UserError
+from .experts import dense_rows, routed_mask
 from .layers import LayerSpec
 
 Progress = Callable[[int, int], None]  # (documents done, tokens done)
@@ -42,10 +43,21 @@ class PassContext:
     gemm_dtype: torch.dtype | None = None
     padded: bool = True
     objective: int = 0  # which label set's backward pass is running (passes with labels like ``sampled+true``)
+    n_tokens: int | None = None  # tokens a layer saw, when not the whole batch's (experts: tokens routed to it)
 
     def __post_init__(self) -> None:
         if self.gemm_dtype is None:
             self.gemm_dtype = self.dtype
+
+    @property
+    def tokens(self) -> int:
+        """Real tokens the layer being processed saw in this batch (the normaliser of its ``A``)."""
+        return self.batch.n_tokens if self.n_tokens is None else self.n_tokens
+
+    def routed(self, routed: torch.Tensor) -> PassContext:
+        """This context for an expert layer that sees only the flat positions ``routed`` of the batch."""
+        mask = routed_mask(routed, self.mask)
+        return replace(self, mask=mask, padded=True, n_tokens=int(mask.sum()))
 
     def masked(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``x`` in ``dtype`` (default ``self.dtype``) with padding positions exactly zero; no copy when
@@ -319,11 +331,28 @@ class Runner:
         def hook_for(spec: LayerSpec):
             def forward_hook(module, inputs, output):
                 storages.add(output.untyped_storage().data_ptr())
+                a, layer_ctx, routed = inputs[0].detach(), ctx, getattr(module, "routed", None)
+                shape = tuple(ctx.mask.shape)
+                if routed is not None:  # an expert: its routed tokens' rows, placed where they are in the batch
+                    layer_ctx = ctx.routed(routed)
+                    a = dense_rows(a, routed, shape)
+                elif a.dim() == 2:  # tokens flattened by the model (a MoE block's shared expert): one row each
+                    if a.shape[0] != shape[0] * shape[1]:
+                        raise ModelError(f"layer {spec.name} sees {a.shape[0]} rows, not the batch's {shape[0]} x "
+                                         f"{shape[1]} tokens (an expert whose routing the engine cannot see)",
+                                         hint="track other --layers, or load the model with transformers >= 5 "
+                                              "(fused experts)")
+                    a = a.view(*shape, -1)
                 with torch.autocast(device_type, enabled=False):  # accumulators choose their own dtypes
-                    state = acc.forward(spec, inputs[0].detach(), ctx)
+                    state = acc.forward(spec, a, layer_ctx)
 
                 def grad_hook(g):
-                    acc.backward(spec, state, g, ctx)
+                    if routed is not None:
+                        g = dense_rows(g, routed, shape)
+                        layer_ctx.objective = ctx.objective
+                    elif g.dim() == 2:
+                        g = g.view(*shape, -1)
+                    acc.backward(spec, state, g, layer_ctx)
 
                 output.register_hook(grad_hook)
 
