@@ -171,7 +171,8 @@ def score(model: ModelOpt, train: TrainOpt,
             err.print(f"reusing factors in {factors}")
     if fitted is None:
         meta = factor_settings(eng, strategy, damping, data_fingerprint(train_df))
-        one_pass = strategy in ("kfac", "ekfac") and eng.gradient_cache_bytes(len(docs)) <= gradient_cache_gb * 2**30
+        one_pass = (strategy in ("kfac", "ekfac") and len(eng.layer_groups()) == 1
+                    and eng.gradient_cache_bytes(len(docs)) <= gradient_cache_gb * 2**30)
         label = f"fitting {strategy} factors" + (" (one pass: gradients kept for scoring)" if one_pass else "")
         try:
             with _Bar(label, len(docs)) as bar:
