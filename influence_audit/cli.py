@@ -61,10 +61,12 @@ class _Bar:
         self.progress.update(self.task, completed=docs, rate=f"{rate:,.0f} tok/s")
 
 
-ModelOpt = Annotated[Path, typer.Option("--model", help="Local Hugging Face causal LM directory.")]
+ModelOpt = Annotated[Path, typer.Option("--model", help="Local Hugging Face causal LM directory, or a PEFT LoRA "
+                                                        "adapter directory (its base model local).")]
 TrainOpt = Annotated[list[Path], typer.Option("--train", help="Training JSONL/Parquet file(s) or a directory.")]
 StrategyOpt = Annotated[str, typer.Option(help="identity | diagonal | kfac | ekfac")]
-LayersOpt = Annotated[str, typer.Option(help="mlp | attention | all | a regex on module names")]
+LayersOpt = Annotated[str, typer.Option(help="auto (lora on a LoRA adapter, else mlp) | mlp | attention | all | lora | "
+                                             "a regex on module names (see `influence-audit layers`)")]
 DampingOpt = Annotated[str, typer.Option(help="'auto' (0.1 x mean eigenvalue per layer) or a number")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
 PrecisionOpt = Annotated[str, typer.Option(help="fp32 | bf16 (autocast, fp32 accumulation) | fp64")]
@@ -94,7 +96,7 @@ def _engine(model: Path, layers: str, device: str, precision: str, batch_size: i
 @app.command("fit-factors")
 def fit_factors(model: ModelOpt, train: TrainOpt,
                 out_dir: Annotated[Path, typer.Option("--out", help="Directory for factors.safetensors + .json")],
-                strategy: StrategyOpt = "ekfac", layers: LayersOpt = "mlp", damping: DampingOpt = "auto",
+                strategy: StrategyOpt = "ekfac", layers: LayersOpt = "auto", damping: DampingOpt = "auto",
                 device: DeviceOpt = "auto", precision: PrecisionOpt = "fp32", seed: int = 0,
                 batch_size: Annotated[int, typer.Option(help="Documents per batch (halved on out-of-memory)")] = 8,
                 max_length: int = 512, on_long: OnLongOpt = "truncate", trust_remote_code: bool = False) -> None:
@@ -129,7 +131,7 @@ def score(model: ModelOpt, train: TrainOpt,
           queries: Annotated[Path, typer.Option(help="Queries JSONL/Parquet: id, prompt, completion")],
           out_path: Annotated[Path, typer.Option("--out", help="Output Parquet: query_id, train_id, score, rank")],
           factors: Annotated[Path | None, typer.Option(help="Factors directory (fitted and stored if empty)")] = None,
-          strategy: StrategyOpt = "ekfac", layers: LayersOpt = "mlp",
+          strategy: StrategyOpt = "ekfac", layers: LayersOpt = "auto",
           top_k: Annotated[int, typer.Option(help="Candidates per query; 0 writes every pair")] = 50,
           query_rank: Annotated[int, typer.Option(help="Low-rank query compression; 0 keeps them exact")] = 32,
           damping: DampingOpt = "auto", device: DeviceOpt = "auto", precision: PrecisionOpt = "fp32",
@@ -261,7 +263,7 @@ def audit(model: Annotated[str, typer.Option(help="Local model directory, or mod
           n_queries: Annotated[int | None, typer.Option(help="How many queries to sample (default all)")] = None,
           sampling: Annotated[str, typer.Option(help="random | stratified")] = "random",
           stratify_by: Annotated[str | None, typer.Option(help="Column for stratified sampling")] = None,
-          strategy: StrategyOpt = "ekfac", layers: LayersOpt = "mlp", top_k: int = 50, query_rank: int = 32,
+          strategy: StrategyOpt = "ekfac", layers: LayersOpt = "auto", top_k: int = 50, query_rank: int = 32,
           damping: DampingOpt = "auto", device: DeviceOpt = "auto", precision: PrecisionOpt = "fp32",
           batch_size: int = 8, max_length: int = 512, on_long: OnLongOpt = "truncate",
           shard_size: Annotated[int, typer.Option(help="Documents per shard (unit of mapping and resume)")] = 1000,
@@ -340,6 +342,11 @@ app.add_typer(webhook_app, name="webhook")
 from influence_audit.cli_sync import sync as _sync  # noqa: E402
 
 app.command("sync")(_sync)
+from influence_audit.cli_models import layers as _layers  # noqa: E402
+from influence_audit.cli_models import plan as _plan  # noqa: E402
+
+app.command("layers")(_layers)
+app.command("plan")(_plan)
 
 
 def _usage_error_types() -> tuple[type[Exception], ...]:

@@ -352,7 +352,7 @@ class InfluenceEngine:
         if strategy in ("kfac", "ekfac"):
             cov, gc = self.fit_covariance_cached(examples, progress) if cache else (
                 self.fit_covariance(examples, progress), None)
-            basis = eigendecompose(cov, self.device)
+            basis = eigendecompose(cov, self.device, self.device_memory_budget)
         if strategy in ("ekfac", "diagonal"):
             lam = self.fit_lambda(examples, basis if strategy == "ekfac" else None, progress, cache=gc)
         factors = self.finalize(strategy, basis=basis, lambdas=lam, covariance=cov, damping=damping)

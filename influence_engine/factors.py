@@ -147,19 +147,23 @@ def load_basis(path: str | Path) -> Eigenbasis:
     return Eigenbasis(specs, *({n: t[f"{key}/{n}"] for n in specs} for key in ("Q_A", "lambda_A", "Q_S", "lambda_S")))
 
 
-def eigendecompose(cov: CovariancePartial, device: torch.device | str | None = None) -> Eigenbasis:
-    """Eigendecompose the mean covariances in float64 (negative round-off eigenvalues clipped to 0).
+def eigendecompose(cov: CovariancePartial, device: torch.device | str | None = None,
+                   device_budget: int | None = None) -> Eigenbasis:
+    """Eigendecompose the mean covariances in float64 (negative round-off eigenvalues clipped to 0), one layer
+    at a time.
 
-    ``device``: where ``eigh`` runs (default the CPU); a GPU is many times faster at GPT-2 widths. The
-    result is on the CPU either way."""
+    ``device``: where ``eigh`` runs (default the CPU); a GPU is many times faster at GPT-2 widths. A layer whose
+    matrices and eigenvectors in float64 (``16 max(in, out)^2`` bytes) exceed ``device_budget`` runs on the CPU.
+    The result is on the CPU either way."""
     if cov.n_tokens == 0:
         raise UserError("no tokens were seen while fitting covariances", hint="the training data is empty")
     device = torch.device(device) if device is not None else torch.device("cpu")
     out = Eigenbasis(cov.specs, {}, {}, {}, {})
-    for n in cov.specs:
+    for n, spec in cov.specs.items():
+        big = device_budget is not None and 16 * max(spec.a_dim, spec.out_features) ** 2 > device_budget
         for key, mat, count, qs, ls in (("A", cov.A[n], max(1, cov.layer_tokens(n)), out.Q_A, out.lambda_A),
                                         ("S", cov.S[n], cov.n_docs, out.Q_S, out.lambda_S)):
-            m = mat.to(device, torch.float64) / count
+            m = mat.to("cpu" if big else device, torch.float64) / count
             _check_finite(n, f"covariance {key}", m)
             m = 0.5 * (m + m.T)
             vals, vecs = torch.linalg.eigh(m)

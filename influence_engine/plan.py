@@ -6,7 +6,8 @@ fp64; ``g`` of its GEMM dtype: 2 in bf16):
 * covariance pass: running sums ``A`` (``a²``) and ``S`` (``o²``) on the device in ``b``; the partial leaves in
   float64 (``8 (a² + o²)`` on the host).
 * eigendecomposition: one layer at a time, each of ``A`` and ``S`` with its eigenvectors in float64 on the device
-  (``16 max(a, o)²`` at the peak); the basis ``Q_A, Q_S`` (and eigenvalues) in float64 on the host.
+  (``16 max(a, o)²`` at the peak; on the host for a layer that does not fit the budget); the basis ``Q_A, Q_S``
+  (and eigenvalues) in float64 on the host.
 * eigenvalue correction: ``Q_A, Q_S`` in ``g`` and the sums ``Λ`` (``o a``) in float64 on the device.
 * stored factors: ``Q_A, Q_S, Λ`` in ``b`` (EK-FAC; K-FAC the same, diagonal ``o a``, identity nothing).
 * scoring: prepared queries, ``Q r (o + a)`` values at rank ``r`` (``Q o a`` kept whole).
@@ -36,7 +37,7 @@ _FIT_PASSES = {"identity": 0, "diagonal": 1, "kfac": 1, "ekfac": 2}
 
 def gib(n: float) -> str:
     """Bytes in the largest unit that keeps the number readable."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
             return f"{n / size:,.1f} {unit}"
     return f"{int(n)} B"
@@ -58,8 +59,9 @@ class LayerMemory:
 
     @property
     def device_peak(self) -> int:
-        """The most this layer alone needs on the device in any stage."""
-        return max(self.covariance_device, self.eigen_device, self.lambda_device)
+        """The most this layer alone needs on the device in a pass (its eigendecomposition runs on the host
+        when it does not fit)."""
+        return max(self.covariance_device, self.lambda_device)
 
 
 def layer_memory(spec: LayerSpec, itemsize: int, gemm_itemsize: int, strategy: str) -> LayerMemory:
@@ -133,15 +135,17 @@ class Plan:
         out = [f"{len(L)} tracked layers, strategy {self.strategy}, precision {self.precision}, "
                f"batch {self.batch_size} x {self.max_length} tokens"]
         if self.tokens is not None:
-            passes = self.fit_passes + 1
-            out.append(f"data: {self.docs:,} documents, {self.tokens:,} tokens; {passes} passes over them "
-                       f"({self.fit_passes} to fit, 1 to score): {passes * self.tokens:,} tokens to process"
+            fit = self.fit_passes * max(1, len(self.groups))
+            out.append(f"data: {self.docs:,} documents, {self.tokens:,} tokens; {fit + 1} passes over them "
+                       f"({fit} to fit, 1 to score): {(fit + 1) * self.tokens:,} tokens to process"
                        + (f" (or {self.tokens:,} in one pass when the gradient cache fits)"
-                          if self.strategy in ("kfac", "ekfac") else ""))
+                          if self.strategy in ("kfac", "ekfac") and len(self.groups) <= 1 else ""))
         out.append(f"model weights (device): {gib(self.model_bytes)}; one batch (device, estimate): "
                    f"{gib(self.batch_bytes)}")
         stages = [("covariance pass", sum(m.covariance_device for m in L), sum(m.covariance_host for m in L)),
-                  ("eigendecomposition (one layer at a time)", max((m.eigen_device for m in L), default=0),
+                  ("eigendecomposition (one layer at a time)", max((m.eigen_device for m in L if self.device_budget
+                                                                    is None or m.eigen_device <= self.device_budget),
+                                                                   default=0),
                    sum(m.basis_host for m in L)),
                   ("eigenvalue correction", sum(m.lambda_device for m in L), sum(8 * m.out * m.a_dim for m in L)
                    if self.strategy in ("ekfac", "diagonal") else 0),
@@ -154,13 +158,14 @@ class Plan:
                        f"{gib(self.gradient_cache_bytes)}")
         if self.device_budget is not None:
             out.append(f"device budget for factors: {gib(self.device_budget)}: "
-                       + (f"{len(self.groups)} covariance pass(es) over groups of layers" if self.groups and
-                          not self.too_large() else f"{len(self.too_large())} layer(s) do not fit"))
+                       + (f"{len(self.groups)} group(s) of layers, one covariance and one eigenvalue-correction "
+                          f"pass each" if not self.too_large() else f"{len(self.too_large())} layer(s) do not fit"))
         biggest = sorted(L, key=lambda m: -m.device_peak)[:per_layer]
-        out.append(f"largest layers (device peak; covariance device/host; stored factors), of {len(L)}:")
+        out.append(f"largest layers of {len(L)} (device peak in a pass; covariance device / host; eigh device; "
+                   f"stored factors):")
         for m in biggest:
-            out.append(f"  {m.name}  in {m.a_dim} out {m.out}: peak {gib(m.device_peak)}; "
-                       f"{gib(m.covariance_device)} / {gib(m.covariance_host)}; {gib(m.factors_host)}")
+            out.append(f"  {m.name} (a {m.a_dim}, out {m.out}): {gib(m.device_peak)}; {gib(m.covariance_device)} / "
+                       f"{gib(m.covariance_host)}; {gib(m.eigen_device)}; {gib(m.factors_host)}")
         return out
 
 
@@ -224,3 +229,39 @@ def model_shape(model) -> tuple[int, int, int, int]:
     blocks = get("num_hidden_layers", "n_layer", "num_layers")
     vocab = get("vocab_size") or model.get_input_embeddings().num_embeddings
     return n_params, hidden, blocks, vocab
+
+
+def meta_model(source, *, trust_remote_code: bool = False):
+    """A transformers causal LM with the shapes of ``source`` (a model or LoRA adapter directory, or a config) on the
+    meta device: no weights are read or allocated, so an 8B-parameter model costs nothing to plan. A LoRA adapter's
+    layers are injected from its ``adapter_config.json``; fused experts are expanded (experts.py)."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+    from .errors import ModelError
+    from .experts import expand_experts
+    from .lora import base_model_dir, is_adapter_dir
+
+    adapter = None
+    if isinstance(source, PretrainedConfig):
+        cfg = source
+    else:
+        path = Path(source)
+        if is_adapter_dir(path):
+            adapter, path = path, base_model_dir(path)
+        if not (path / "config.json").is_file():
+            raise ModelError(f"--model {path}: no config.json", hint="give a local Hugging Face model directory")
+        cfg = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+        if adapter is not None:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            raw = json.loads((adapter / "adapter_config.json").read_text())
+            known = set(LoraConfig.__dataclass_fields__)
+            inject_adapter_in_model(LoraConfig(**{k: v for k, v in raw.items() if k in known}), model)
+    expand_experts(model)
+    return model

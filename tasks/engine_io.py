@@ -24,7 +24,7 @@ Progress = Callable[[int, int], None]
 
 
 @functools.lru_cache(maxsize=4)
-def get_engine(model: str, layers: str = "mlp", device: str = "auto", precision: str = "fp32", batch_size: int = 8,
+def get_engine(model: str, layers: str = "auto", device: str = "auto", precision: str = "fp32", batch_size: int = 8,
                max_length: int = 512, seed: int = 0, on_long: str = "truncate",
                trust_remote_code: bool = False) -> InfluenceEngine:
     """A cached engine for a local model directory."""

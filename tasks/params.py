@@ -19,7 +19,8 @@ class AuditParams(BaseModel):
     sampling: Literal["random", "stratified"] = "random"
     stratify_by: str | None = Field(None, description="Column to stratify query sampling by")
     strategy: Literal["identity", "diagonal", "kfac", "ekfac"] = "ekfac"
-    layers: str = Field("mlp", description="mlp | attention | all | regex on module names")
+    layers: str = Field("auto", description="auto (lora on a LoRA adapter, else mlp) | mlp | attention | all | "
+                                            "lora | regex on module names")
     top_k: int = Field(50, ge=0, description="Candidates per query (0 = every document)")
     query_rank: int = Field(32, ge=0, description="Low-rank query compression (0 = exact)")
     damping: str = Field("auto", description="'auto' (0.1 x mean eigenvalue) or a number")
