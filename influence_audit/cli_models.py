@@ -42,18 +42,18 @@ def layers(model: ModelOpt,
 
     m = meta_model(model, trust_remote_code=trust_remote_code)
     out.print(f"{model}: {type(m).__name__} ({getattr(m.config, 'model_type', '?')}); default --layers auto = "
-              f"{resolve_layers(m, 'auto')}")
+              f"{resolve_layers(m, 'auto')}", soft_wrap=True)
     for preset in PRESETS:
         try:
             specs = _specs(m, preset)
         except UserError:
-            out.print(f"[bold]{preset}[/]: nothing")
+            out.print(f"[bold]{preset}[/]: nothing", soft_wrap=True)
             continue
         params = sum(s.out_features * s.a_dim for s in specs.values())
-        out.print(f"[bold]{preset}[/]: {len(specs)} layers, {params:,} weights")
+        out.print(f"[bold]{preset}[/]: {len(specs)} layers, {params:,} weights", soft_wrap=True)
         for line in ([f"  {s.name}  {s.kind} {s.out_features} x {s.in_features}{' + bias' if s.bias else ''}"
                       for s in specs.values()] if names else _grouped(specs)):
-            out.print(line, highlight=False)
+            out.print(line, highlight=False, soft_wrap=True)
 
 
 def plan(model: ModelOpt, layers: LayersOpt = "auto", strategy: StrategyOpt = "ekfac",
