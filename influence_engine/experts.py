@@ -194,3 +194,53 @@ def track_experts(model: nn.Module, layers: str, precision: str) -> dict[str, nn
             raise ModelError(f"--precision fp64: this model's experts cannot run in float64 ({exc})",
                              hint="use --precision fp32") from None
     return tracked
+
+
+# ----------------------------------------------------------------------------- older per-expert Linear layouts
+class GatheredRows(torch.overrides.TorchFunctionMode):
+    """Where the rows of a per-expert ``nn.Linear`` came from, in older MoE layouts (transformers 4 Mixtral,
+    Qwen2-MoE, OLMoE, ...): each expert is called on its tokens' rows gathered from the flattened hidden states, and
+    its output is scattered back with ``final.index_add_(0, token_idx, out)``. That ``token_idx`` is the routing:
+    layers that saw ``n`` gathered rows wait (:meth:`expect`) until an ``index_add`` along dimension 0 with ``n``
+    indices places them. Active only during the forward pass of models whose tracked layers sit under
+    ``experts.<i>.``."""
+
+    _INDEX_ADD = {torch.Tensor.index_add_, torch.Tensor.index_add, torch.index_add}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[tuple[int, str, object]] = []
+
+    def expect(self, rows: int, name: str, place) -> None:
+        self.pending.append((rows, name, place))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._INDEX_ADD and self.pending:
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            index = args[2] if len(args) > 2 else kwargs.get("index")
+            if dim == 0 and isinstance(index, torch.Tensor) and index.dim() == 1:
+                n = index.numel()
+                ready = [p for p in self.pending if p[0] == n]
+                self.pending = [p for p in self.pending if p[0] != n]
+                for _, _, place in ready:
+                    place(index)
+        return func(*args, **kwargs)
+
+    def check(self) -> None:
+        """Refuse a forward pass that left gathered rows unplaced (a layout this does not know)."""
+        from .errors import ModelError
+
+        if self.pending:
+            rows, name, _ = self.pending[0]
+            raise ModelError(f"layer {name} saw {rows} gathered rows whose tokens the engine cannot place (no "
+                             f"index_add back into the hidden states)",
+                             hint="track other --layers, or load the model with transformers >= 5 (fused experts)")
+
+
+def gathers_rows(tracked: dict[str, nn.Module]) -> bool:
+    """Whether tracked layers sit in per-expert modules of an older layout (``...experts.<i>.<layer>``)."""
+    import re
+
+    pattern = re.compile(r"(^|\.)experts\.\d+\.")
+    return any(pattern.search(n) and not isinstance(m, ExpertLinear) for n, m in tracked.items())

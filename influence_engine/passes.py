@@ -22,7 +22,7 @@ from torch import nn
 
 from .data import Batch, Example, collate, example_seed
 from .errors import ModelError, UserError
-from .experts import dense_rows, routed_mask
+from .experts import GatheredRows, dense_rows, gathers_rows, routed_mask
 from .layers import LayerSpec
 
 Progress = Callable[[int, int], None]  # (documents done, tokens done)
@@ -268,6 +268,7 @@ class Runner:
         # the logits' gradient overwrites the logits, unless the model's graph keeps them for its backward
         # (a final op that saves its output): autograd then refuses, and passes fall back to a copy
         self._in_place = True
+        self.gathered = gathers_rows(tracked)  # older per-expert layouts: place gathered rows (experts.py)
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
@@ -328,31 +329,44 @@ class Runner:
         device_type = self.device.type
         storages: set[int] = set()  # of tracked outputs: a tracked head's output is the logits themselves
 
+        recorder = GatheredRows() if self.gathered else None
+        fired: set[str] = set()
+        shape = tuple(ctx.mask.shape)
+
         def hook_for(spec: LayerSpec):
             def forward_hook(module, inputs, output):
                 storages.add(output.untyped_storage().data_ptr())
-                a, layer_ctx, routed = inputs[0].detach(), ctx, getattr(module, "routed", None)
-                shape = tuple(ctx.mask.shape)
-                if routed is not None:  # an expert: its routed tokens' rows, placed where they are in the batch
-                    layer_ctx = ctx.routed(routed)
-                    a = dense_rows(a, routed, shape)
-                elif a.dim() == 2:  # tokens flattened by the model (a MoE block's shared expert): one row each
-                    if a.shape[0] != shape[0] * shape[1]:
+                fired.add(spec.name)
+                a = inputs[0].detach()
+                cell: dict[str, Any] = {"ctx": ctx, "routed": getattr(module, "routed", None)}
+
+                def start(routed: torch.Tensor | None) -> None:
+                    x = a
+                    if routed is not None:  # an expert: its routed tokens' rows, placed where they are in the batch
+                        cell["ctx"], cell["routed"] = ctx.routed(routed), routed
+                        x = dense_rows(a, routed, shape)
+                    elif x.dim() == 2:  # tokens flattened by the model (a MoE block's shared expert): one row each
+                        x = x.view(*shape, -1)
+                    with torch.autocast(device_type, enabled=False):  # accumulators choose their own dtypes
+                        cell["state"] = acc.forward(spec, x, cell["ctx"])
+
+                if a.dim() == 2 and cell["routed"] is None and a.shape[0] != shape[0] * shape[1]:
+                    if recorder is None:
                         raise ModelError(f"layer {spec.name} sees {a.shape[0]} rows, not the batch's {shape[0]} x "
                                          f"{shape[1]} tokens (an expert whose routing the engine cannot see)",
-                                         hint="track other --layers, or load the model with transformers >= 5 "
-                                              "(fused experts)")
-                    a = a.view(*shape, -1)
-                with torch.autocast(device_type, enabled=False):  # accumulators choose their own dtypes
-                    state = acc.forward(spec, a, layer_ctx)
+                                         hint="track other --layers")
+                    recorder.expect(a.shape[0], spec.name, start)  # placed when its output is scattered back
+                else:
+                    start(cell["routed"])
 
                 def grad_hook(g):
-                    if routed is not None:
-                        g = dense_rows(g, routed, shape)
+                    layer_ctx = cell["ctx"]
+                    if cell["routed"] is not None:
+                        g = dense_rows(g, cell["routed"], shape)
                         layer_ctx.objective = ctx.objective
                     elif g.dim() == 2:
                         g = g.view(*shape, -1)
-                    acc.backward(spec, state, g, layer_ctx)
+                    acc.backward(spec, cell["state"], g, layer_ctx)
 
                 output.register_hook(grad_hook)
 
@@ -365,17 +379,26 @@ class Runner:
                         else contextlib.nullcontext())
             with autocast:
                 embeds = self.model.get_input_embeddings()(batch.input_ids).detach().requires_grad_(True)
-                logits = self.model(inputs_embeds=embeds, attention_mask=batch.attention_mask.long(),
-                                    position_ids=batch.position_ids, use_cache=False).logits
+                with recorder or contextlib.nullcontext():
+                    logits = self.model(inputs_embeds=embeds, attention_mask=batch.attention_mask.long(),
+                                        position_ids=batch.position_ids, use_cache=False).logits
+                if recorder is not None:
+                    recorder.check()
                 # tensor hooks do not fire on a tensor changed in place: a tracked head's output keeps its values
                 in_place = self._in_place and logits.untyped_storage().data_ptr() not in storages
                 grad = LogitGradient(logits, batch, labels, cfg.seed, in_place=in_place)
+            # layers the model skipped this batch (an older layout's expert no token was routed to) see zeros
+            idle = [self.specs[n] for n in self.tracked if n not in fired]
+            empty = ctx.routed(torch.zeros(0, dtype=torch.long, device=self.device))
+            states = {s.name: acc.forward(s, embeds.new_zeros(*shape, s.in_features), empty) for s in idle}
             root = logits.view_as(logits)  # a view as the root, so hooks on the logits (a tracked head) still fire
             del logits
             for k in range(len(labels)):
-                ctx.objective = k
+                ctx.objective = empty.objective = k
                 torch.autograd.grad(root, embeds, grad.switch(k) if k else grad.grad,
                                     retain_graph=k + 1 < len(labels))
+                for s in idle:
+                    acc.backward(s, states[s.name], embeds.new_zeros(*shape, s.out_features), empty)
         except BaseException:
             acc.abort_batch()
             raise

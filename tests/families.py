@@ -135,6 +135,8 @@ def reference_covariances(ref: nn.Module, layers: dict[str, nn.Module], examples
         for h in handles:
             h.remove()
         for n, m in layers.items():
+            if n not in seen and not isinstance(m, ExpertLinear):
+                continue  # an older layout's expert no token of this example was routed to: not called
             if isinstance(m, ExpertLinear):
                 a, g = _expert_rows(modules[prefix + n.rsplit(".", 2)[0]], m, *seen[n.rsplit(".", 2)[0]])
             else:
@@ -167,3 +169,63 @@ def _expert_rows(owner: nn.Module, layer: ExpertLinear, inputs: tuple, output: t
     h = owner._apply_gate(u) if hasattr(owner, "_apply_gate") else owner.act_fn(u)
     (g_up,) = torch.autograd.grad(h, u, g_down @ w_down)
     return x, g_up
+
+
+class _OldExpert(nn.Module):
+    """transformers 4's ``MixtralBlockSparseTop2MLP``: one expert as three Linear layers."""
+
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.w1 = nn.Linear(hidden, inner, bias=False)
+        self.w2 = nn.Linear(inner, hidden, bias=False)
+        self.w3 = nn.Linear(hidden, inner, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+class OldSparseMoeBlock(nn.Module):
+    """transformers 4's ``MixtralSparseMoeBlock`` (per-expert Linear layers, a Linear router ``gate``), with the
+    weights of a fused transformers-5 block: the same function, laid out the old way."""
+
+    def __init__(self, fused_block: nn.Module):
+        super().__init__()
+        experts = fused_block.experts
+        E, two_inner, hidden = experts.gate_up_proj.shape
+        self.top_k = fused_block.top_k
+        self.gate = nn.Linear(hidden, E, bias=False)
+        self.experts = nn.ModuleList(_OldExpert(hidden, two_inner // 2) for _ in range(E))
+        with torch.no_grad():
+            self.gate.weight.copy_(fused_block.gate.weight)
+            for e, ex in enumerate(self.experts):
+                w_gate, w_up = experts.gate_up_proj[e].chunk(2, dim=0)
+                ex.w1.weight.copy_(w_gate)
+                ex.w3.weight.copy_(w_up)
+                ex.w2.weight.copy_(experts.down_proj[e])
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        B, T, H = hidden_states.shape
+        hidden_states = hidden_states.view(-1, H)
+        routing = nn.functional.softmax(self.gate(hidden_states), dim=1, dtype=torch.float)
+        routing, selected = torch.topk(routing, self.top_k, dim=-1)
+        routing = (routing / routing.sum(dim=-1, keepdim=True)).to(hidden_states.dtype)
+        final = torch.zeros_like(hidden_states)
+        mask = nn.functional.one_hot(selected, num_classes=len(self.experts)).permute(2, 1, 0)
+        for e, expert in enumerate(self.experts):
+            idx, top_x = torch.where(mask[e])
+            if top_x.numel() == 0:  # as transformers 4 did: an expert without tokens is not called
+                continue
+            out = expert(hidden_states[None, top_x].reshape(-1, H)) * routing[top_x, idx, None]
+            final.index_add_(0, top_x, out.to(hidden_states.dtype))
+        return final.view(B, T, H)
+
+
+def tiny_old_moe(seed: int = 0, experts: int = 4) -> nn.Module:
+    """A tiny Mixtral whose MoE blocks use the older per-expert ``nn.Linear`` layout."""
+    torch.manual_seed(seed)
+    cfg = T.AutoConfig.for_model("mixtral", **COMMON, num_local_experts=experts, num_experts_per_tok=2)
+    model = T.AutoModelForCausalLM.from_config(cfg).double().eval()
+    model.set_experts_implementation("eager")
+    for layer in model.model.layers:
+        layer.mlp = OldSparseMoeBlock(layer.mlp).double()
+    return model

@@ -18,7 +18,16 @@ import copy
 import numpy as np
 import pytest
 import torch
-from families import FAMILIES, MOE_FAMILIES, RTOL, reference_covariances, reference_gradients, tiny_lora, tiny_model
+from families import (
+    FAMILIES,
+    MOE_FAMILIES,
+    RTOL,
+    reference_covariances,
+    reference_gradients,
+    tiny_lora,
+    tiny_model,
+    tiny_old_moe,
+)
 from helpers import random_examples
 
 from influence_engine import InfluenceEngine, eigendecompose
@@ -77,6 +86,10 @@ def test_family_matches_autograd(model_type):
     if model_type in MOE_FAMILIES:  # every expert is a layer; routers never are
         experts = [n for n, m in eng.tracked.items() if isinstance(m, ExpertLinear)]
         assert len(experts) == 2 * 2 * 4, experts
+        cov = eng.fit_covariance(DOCS)  # each token goes to its top 2 of 4 experts: counts add up to 2 per token
+        tokens = sum(len(d.input_ids) for d in DOCS)
+        assert sum(cov.layer_tokens(n) for n in experts if ".layers.0." in n and "down" in n) == 2 * tokens
+        assert all(0 < cov.layer_tokens(n) < tokens for n in experts)
         assert not any(n.endswith(("gate", "router", "shared_expert_gate")) for n in eng.tracked)
 
 
@@ -89,3 +102,14 @@ def test_lora_adapter_matches_autograd():
     assert all(".lora_A." in n or ".lora_B." in n for n in eng.specs)
     base = _check_family(adapted, unwrap(copy.deepcopy(adapted)), layers="mlp", prefix="base_model.model.")
     assert all("lora" not in n for n in base.specs) and any(n.endswith("up_proj.base_layer") for n in base.specs)
+
+
+def test_older_per_expert_linear_layout_matches_autograd():
+    """transformers 4's layout: each expert three nn.Linear layers called on its gathered tokens, the output
+    scattered back with index_add_ (whose indices place the rows). With 8 experts some get no token in a batch."""
+    ref = tiny_old_moe(experts=8)
+    eng = _check_family(ref, copy.deepcopy(ref), layers="mlp")
+    assert len(eng.specs) == 2 * 8 * 3 and not any(n.endswith(".gate") for n in eng.specs)
+    cov = eng.fit_covariance(DOCS)
+    tokens = sum(len(d.input_ids) for d in DOCS)
+    assert sum(cov.layer_tokens(n) for n in eng.specs if ".layers.0." in n and n.endswith("w2")) == 2 * tokens
