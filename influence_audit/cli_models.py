@@ -62,7 +62,8 @@ def plan(model: ModelOpt, layers: LayersOpt = "auto", strategy: StrategyOpt = "e
          batch_size: int = 8, max_length: int = 512,
          queries: Annotated[int, typer.Option(help="Queries to prepare")] = 32, query_rank: int = 32,
          device_memory_gb: Annotated[float | None, typer.Option(
-             help="Device memory for factors in GiB (default: free memory of the GPU, if any)")] = None,
+             help="Device memory for factors in GiB (default: 80% of the GPU's free memory less the model, "
+                  "if there is a GPU)")] = None,
          per_layer: Annotated[int, typer.Option(help="Largest layers to list")] = 8,
          trust_remote_code: bool = False) -> None:
     """Print the memory each stage needs (factors per layer and in total, on device and host; a batch; the
@@ -70,7 +71,7 @@ def plan(model: ModelOpt, layers: LayersOpt = "auto", strategy: StrategyOpt = "e
     import torch
 
     from influence_engine.errors import UserError
-    from influence_engine.plan import make_plan, meta_model, model_shape
+    from influence_engine.plan import groups_within, make_plan, meta_model, model_shape
 
     if precision not in ("fp32", "bf16", "fp64"):
         raise UserError(f"--precision {precision!r}: choose one of fp32, fp64, bf16")
@@ -86,9 +87,13 @@ def plan(model: ModelOpt, layers: LayersOpt = "auto", strategy: StrategyOpt = "e
     p = make_plan(specs, strategy=strategy, precision=precision, n_params=n_params, hidden=hidden, n_blocks=blocks,
                   vocab=vocab, batch_size=batch_size, max_length=max_length, queries=queries, query_rank=query_rank,
                   docs=docs, tokens=tokens, device_budget=budget)
-    if budget is None and torch.cuda.is_available():
+    if budget is None and torch.cuda.is_available():  # as the engine will see it once the model is loaded
+        from influence_engine.engine import GPU_FACTOR_SHARE
+
         free, _ = torch.cuda.mem_get_info()
-        p.device_budget = max(0, int(0.9 * free) - p.model_bytes - p.batch_bytes)
+        p.device_budget = int(GPU_FACTOR_SHARE * max(0, free - p.model_bytes))
+        p.groups = groups_within([(m.name, max(m.covariance_device, m.lambda_device)) for m in p.layers],
+                                 p.device_budget)
     for line in p.lines(per_layer):
         out.print(line, highlight=False, soft_wrap=True)
     if p.too_large():

@@ -63,6 +63,7 @@ from .queries import GradientAccumulator, PreparedQueries, QueryAccumulator
 from .scoring import ScoreAccumulator, SelfInfluenceAccumulator, TopK, check_scores
 
 PRECISIONS = ("fp32", "fp64", "bf16")
+GPU_FACTOR_SHARE = 0.8  # of a GPU's free memory (after the model is loaded) that factors may take
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -193,11 +194,12 @@ class InfluenceEngine:
         self.on_long, self.fisher, self.padding_side = on_long, fisher, padding_side
         self.pad_to_multiple = pad_to_multiple
         self.runner = Runner(model, self.tracked, self.specs, self.device)
-        # bytes the factors may take on the device; on a GPU, what is free once the model is there, less a batch
+        # bytes the factors may take on the device; on a GPU, 80% of what is free once the model is there (the rest
+        # for batches, which halve on out-of-memory anyway)
         self.device_memory_budget = device_memory_budget
         if device_memory_budget is None and self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            self.device_memory_budget = max(0, int(0.9 * free) - self.plan().batch_bytes)
+            self.device_memory_budget = int(GPU_FACTOR_SHARE * free)
         if self.device_memory_budget is not None:
             self.plan().check()  # refuse now, not mid-run, when even one layer's factors cannot fit
         if tokenizer is not None:
