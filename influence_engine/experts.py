@@ -9,14 +9,15 @@ the tokens routed to it, with the same arithmetic as transformers' own eager loo
 post-expert norm, routing weight applied to the expert's output, sum over the experts chosen for a token).
 
 Each expert is then a layer like any other, with one difference: it sees only the tokens routed to it. The
-pass presents its inputs and output gradients as dense ``(B, T, ·)`` tensors that are zero outside those tokens
-(:func:`dense_rows`) with a per-layer token mask (:func:`routed_context`), so every accumulator works unchanged
+pass presents its inputs and output gradients as ``(B, T', ·)`` tensors, each document's routed tokens side by side
+(:func:`routed_view`), with a per-layer token mask (``PassContext.routed``), so every accumulator works unchanged
 and counts (the normaliser of the activation covariance ``A``) are the expert's own routed, non-padding tokens.
+Accumulators that need token positions (per-token explanations) get ``T' = T`` with rows at their positions.
 The routing weight multiplies the expert's output after ``down_proj``, so it is part of ``down_proj``'s output
 gradient (and, through the chain rule, ``gate_up_proj``'s): the expert's gradient is exactly the model's.
 
-Cost: the dense view makes an expert layer's accumulator work scale with all ``B·T`` tokens of the batch rather
-than the ``≈ B·T·k/E`` routed to it (``E/k`` times the minimum: 4x for Mixtral's 8 experts, top-2). The model's
+Cost: ``T'`` is the most tokens any document of the batch sent to the expert, so an expert's accumulator work
+scales with its routed tokens (``≈ B·T·k/E``, more when routing is uneven), not with the whole batch. The model's
 own compute is unchanged (experts run on their routed tokens only).
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -154,18 +156,43 @@ def use_eager_experts(model: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the pass's view
-def routed_mask(routed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool: the real (non-padding) tokens among the flat positions ``routed``."""
-    flat = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
-    flat[routed] = True
-    return flat.view_as(mask) & mask
+@dataclass
+class RoutedView:
+    """Where an expert's rows go in the ``(B, T', ·)`` tensors the accumulators see: row ``rows[j]`` of the expert's
+    input (or output gradient) at ``[b[j], t[j]]``, zeros elsewhere. ``mask`` (B, T') marks those places and
+    ``n_tokens`` counts them (real, non-padding tokens routed to the expert)."""
+
+    rows: torch.Tensor
+    b: torch.Tensor
+    t: torch.Tensor
+    mask: torch.Tensor
+    n_tokens: int
+
+    def place(self, x: torch.Tensor) -> torch.Tensor:
+        B, T = self.mask.shape
+        out = x.new_zeros(B, T, x.shape[-1])
+        out[self.b, self.t] = x[self.rows]
+        return out
 
 
-def dense_rows(rows: torch.Tensor, routed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """``rows`` (n, d) for flat positions ``routed`` placed into a zero ``(B, T, d)`` tensor."""
-    out = rows.new_zeros(shape[0] * shape[1], rows.shape[-1])
-    out[routed] = rows
-    return out.view(*shape, rows.shape[-1])
+def routed_view(routed: torch.Tensor, mask: torch.Tensor, packed: bool = True) -> RoutedView:
+    """The view of an expert that saw flat batch positions ``routed`` (padding positions dropped). ``packed``: each
+    document's routed tokens side by side from position 0, so ``T'`` is the most any document sent to the expert
+    (``≈ T k / E``) and the accumulators' GEMMs scale with the routed tokens; otherwise ``T' = T`` with every row at
+    its token's position (for per-token explanations)."""
+    B, T = mask.shape
+    b, t = routed // T, routed % T
+    rows = mask[b, t].nonzero().squeeze(1)
+    b, t = b[rows], t[rows]
+    at = torch.zeros(B, T, dtype=torch.bool, device=mask.device)
+    at[b, t] = True
+    if not packed:
+        return RoutedView(rows, b, t, at, int(rows.numel()))
+    counts = at.sum(1)
+    width = max(1, int(counts.max())) if B else 1  # one wait for the device per expert and batch
+    t = (at.cumsum(1) - 1)[b, t]
+    view_mask = torch.arange(width, device=mask.device) < counts[:, None]
+    return RoutedView(rows, b, t, view_mask, int(rows.numel()))
 
 
 def expert_modules(model: nn.Module) -> Iterator[tuple[str, ExpertLinear]]:

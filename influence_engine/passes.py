@@ -22,7 +22,7 @@ from torch import nn
 
 from .data import Batch, Example, collate, example_seed
 from .errors import ModelError, UserError
-from .experts import GatheredRows, dense_rows, gathers_rows, routed_mask
+from .experts import GatheredRows, RoutedView, gathers_rows, routed_view
 from .layers import LayerSpec
 
 Progress = Callable[[int, int], None]  # (documents done, tokens done)
@@ -54,10 +54,9 @@ class PassContext:
         """Real tokens the layer being processed saw in this batch (the normaliser of its ``A``)."""
         return self.batch.n_tokens if self.n_tokens is None else self.n_tokens
 
-    def routed(self, routed: torch.Tensor) -> PassContext:
-        """This context for an expert layer that sees only the flat positions ``routed`` of the batch."""
-        mask = routed_mask(routed, self.mask)
-        return replace(self, mask=mask, padded=True, n_tokens=int(mask.sum()))
+    def routed(self, view: RoutedView) -> PassContext:
+        """This context for an expert layer that sees only some tokens of the batch, laid out as ``view``."""
+        return replace(self, mask=view.mask, padded=True, n_tokens=view.n_tokens)
 
     def masked(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``x`` in ``dtype`` (default ``self.dtype``) with padding positions exactly zero; no copy when
@@ -93,7 +92,11 @@ class Accumulator(Protocol):
 
 
 class BaseAccumulator:
-    """Default no-op batch bookkeeping: the forward state is the activation itself."""
+    """Default no-op batch bookkeeping: the forward state is the activation itself. ``positional``: whether the
+    accumulator needs every token at its position in the batch (per-token scores); otherwise a layer that sees only
+    some tokens (a MoE expert) hands over just those, each document's side by side."""
+
+    positional = False
 
     def begin_batch(self, ctx: PassContext) -> None:
         pass
@@ -338,31 +341,33 @@ class Runner:
                 storages.add(output.untyped_storage().data_ptr())
                 fired.add(spec.name)
                 a = inputs[0].detach()
-                cell: dict[str, Any] = {"ctx": ctx, "routed": getattr(module, "routed", None)}
+                cell: dict[str, Any] = {"ctx": ctx, "view": None}
 
                 def start(routed: torch.Tensor | None) -> None:
                     x = a
-                    if routed is not None:  # an expert: its routed tokens' rows, placed where they are in the batch
-                        cell["ctx"], cell["routed"] = ctx.routed(routed), routed
-                        x = dense_rows(a, routed, shape)
+                    if routed is not None:  # an expert: its routed tokens' rows, each document's side by side
+                        view = routed_view(routed, ctx.mask, packed=not getattr(acc, "positional", False))
+                        cell["ctx"], cell["view"] = ctx.routed(view), view
+                        x = view.place(a)
                     elif x.dim() == 2:  # tokens flattened by the model (a MoE block's shared expert): one row each
                         x = x.view(*shape, -1)
                     with torch.autocast(device_type, enabled=False):  # accumulators choose their own dtypes
                         cell["state"] = acc.forward(spec, x, cell["ctx"])
 
-                if a.dim() == 2 and cell["routed"] is None and a.shape[0] != shape[0] * shape[1]:
+                routed = getattr(module, "routed", None)
+                if a.dim() == 2 and routed is None and a.shape[0] != shape[0] * shape[1]:
                     if recorder is None:
                         raise ModelError(f"layer {spec.name} sees {a.shape[0]} rows, not the batch's {shape[0]} x "
                                          f"{shape[1]} tokens (an expert whose routing the engine cannot see)",
                                          hint="track other --layers")
                     recorder.expect(a.shape[0], spec.name, start)  # placed when its output is scattered back
                 else:
-                    start(cell["routed"])
+                    start(routed)
 
                 def grad_hook(g):
                     layer_ctx = cell["ctx"]
-                    if cell["routed"] is not None:
-                        g = dense_rows(g, cell["routed"], shape)
+                    if cell["view"] is not None:
+                        g = cell["view"].place(g)
                         layer_ctx.objective = ctx.objective
                     elif g.dim() == 2:
                         g = g.view(*shape, -1)
@@ -389,8 +394,10 @@ class Runner:
                 grad = LogitGradient(logits, batch, labels, cfg.seed, in_place=in_place)
             # layers the model skipped this batch (an older layout's expert no token was routed to) see zeros
             idle = [self.specs[n] for n in self.tracked if n not in fired]
-            empty = ctx.routed(torch.zeros(0, dtype=torch.long, device=self.device))
-            states = {s.name: acc.forward(s, embeds.new_zeros(*shape, s.in_features), empty) for s in idle}
+            none = routed_view(torch.zeros(0, dtype=torch.long, device=self.device), ctx.mask,
+                               packed=not getattr(acc, "positional", False))
+            empty = ctx.routed(none)
+            states = {s.name: acc.forward(s, embeds.new_zeros(*none.mask.shape, s.in_features), empty) for s in idle}
             root = logits.view_as(logits)  # a view as the root, so hooks on the logits (a tracked head) still fire
             del logits
             for k in range(len(labels)):
@@ -398,7 +405,7 @@ class Runner:
                 torch.autograd.grad(root, embeds, grad.switch(k) if k else grad.grad,
                                     retain_graph=k + 1 < len(labels))
                 for s in idle:
-                    acc.backward(s, states[s.name], embeds.new_zeros(*shape, s.out_features), empty)
+                    acc.backward(s, states[s.name], embeds.new_zeros(*none.mask.shape, s.out_features), empty)
         except BaseException:
             acc.abort_batch()
             raise

@@ -90,6 +90,12 @@ def test_family_matches_autograd(model_type):
         tokens = sum(len(d.input_ids) for d in DOCS)
         assert sum(cov.layer_tokens(n) for n in experts if ".layers.0." in n and "down" in n) == 2 * tokens
         assert all(0 < cov.layer_tokens(n) < tokens for n in experts)
+        # per-expert, per-token explanations (rows at their tokens' positions) add up to the scores
+        prepared = eng.prepare_queries(QUERIES, eng.fit_factors(DOCS, "ekfac", damping=1e-3), rank=0)
+        scores = eng.score(DOCS, prepared, top_k=0).all_scores
+        for j, ex in enumerate(eng.explain(DOCS, prepared)):
+            assert set(ex.layer_token_scores) == set(eng.specs)
+            np.testing.assert_allclose([ex.score(q) for q in range(len(QUERIES))], scores[:, j], rtol=1e-9)
         assert not any(n.endswith(("gate", "router", "shared_expert_gate")) for n in eng.tracked)
 
 
