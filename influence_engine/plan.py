@@ -149,7 +149,9 @@ class Plan:
                    sum(m.basis_host for m in L)),
                   ("eigenvalue correction", sum(m.lambda_device for m in L), sum(8 * m.out * m.a_dim for m in L)
                    if self.strategy in ("ekfac", "diagonal") else 0),
-                  ("stored factors", 0, sum(m.factors_host for m in L)),
+                  ("stored factors (on the device while queries are prepared)",
+                   sum(m.factors_host for m in L) if len(self.groups) <= 1 else max(
+                       (m.factors_host for m in L), default=0), sum(m.factors_host for m in L)),
                   (f"prepared queries ({self.queries} at rank {self.query_rank or 'full'})", self.query_bytes, 0)]
         for label, dev, host in stages:
             out.append(f"  {label}: device {gib(dev)}, host {gib(host)}")
