@@ -49,11 +49,6 @@ class PassContext:
         if self.gemm_dtype is None:
             self.gemm_dtype = self.dtype
 
-    @property
-    def tokens(self) -> int:
-        """Real tokens the layer being processed saw in this batch (the normaliser of its ``A``)."""
-        return self.batch.n_tokens if self.n_tokens is None else self.n_tokens
-
     def routed(self, view: RoutedView) -> PassContext:
         """This context for an expert layer that sees only some tokens of the batch, laid out as ``view``."""
         return replace(self, mask=view.mask, padded=True, n_tokens=view.n_tokens)
