@@ -80,3 +80,12 @@ def unwrap(peft_model: nn.Module) -> nn.Module:
     """The transformers model inside a ``PeftModel`` (its LoRA layers injected): what the engine runs."""
     inner = peft_model.base_model
     return getattr(inner, "model", inner)
+
+
+def layers_for(model_dir: str | os.PathLike[str], layers: str) -> str:
+    """``--layers`` resolved for a model directory without loading it: ``auto`` is ``lora`` for an adapter
+    directory and ``mlp`` otherwise (as :func:`~influence_engine.presets.resolve_layers` decides on the loaded
+    model)."""
+    if layers != "auto":
+        return layers
+    return "lora" if is_adapter_dir(model_dir) else "mlp"

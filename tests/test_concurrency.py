@@ -25,6 +25,8 @@ from reliability_support import (
 )
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # three audits against a real Prefect server
+
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
