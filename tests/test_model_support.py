@@ -157,3 +157,16 @@ def test_cli_scores_an_adapter_and_prints_its_layers_and_plan(adapter_dirs, tmp_
     assert re.search(r"data: 12 documents, \d+ tokens; 3 passes", res.output)
     res = runner.invoke(app, ["plan", "--model", str(adapter), "--device-memory-gb", "0.000001"])
     assert res.exit_code == 1 and "layer(s) do not fit" in res.output
+
+
+def test_audit_inputs_accept_an_adapter_and_resolve_its_layers(adapter_dirs):
+    """The flow's engine and factor settings track the adapter by default (the same layers the engine resolves)."""
+    from tasks.inputs import engine_spec, resolve_model
+    from tasks.params import AuditParams
+
+    base, adapter = adapter_dirs
+    model_dir = resolve_model(str(adapter))
+    p = AuditParams(model=model_dir, train=["."], queries=".")
+    assert p.layers == "auto"
+    assert engine_spec(p, model_dir).layers == "lora" and engine_spec(p, str(base)).layers == "mlp"
+    assert engine_spec(p.model_copy(update={"layers": "attention"}), model_dir).layers == "attention"
