@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .errors import ModelError
+
+if TYPE_CHECKING:  # torch is imported only when a model is loaded
+    from torch import nn
 
 ADAPTER_CONFIG = "adapter_config.json"
 
