@@ -1,8 +1,8 @@
 """Where a benchmark figure came from: the commit, the machine and the command, recorded in every result file.
 
-The commit is ``$INFLUENCE_AUDIT_COMMIT`` when set (a tree copied without its git directory (the GPU machine: pass it on the
-command line, e.g. ``INFLUENCE_AUDIT_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_run.sh`` prepared here),
-else ``git rev-parse HEAD`` (with ``-dirty`` when tracked files have uncommitted changes).
+The commit is ``$INFLUENCE_AUDIT_COMMIT`` when set: a tree copied without its git directory (the GPU machine)
+records the commit given on the command line, e.g. ``INFLUENCE_AUDIT_COMMIT=$(git rev-parse --short HEAD)``
+taken here; otherwise ``git rev-parse HEAD``, with ``-dirty`` when tracked files have uncommitted changes.
 """
 
 from __future__ import annotations
