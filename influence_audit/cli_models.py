@@ -71,22 +71,19 @@ def plan(model: ModelOpt, layers: LayersOpt = "auto", strategy: StrategyOpt = "e
     import torch
 
     from influence_engine.errors import UserError
-    from influence_engine.plan import groups_within, make_plan, meta_model, model_shape
+    from influence_engine.plan import groups_within, plan_for
 
     if precision not in ("fp32", "bf16", "fp64"):
         raise UserError(f"--precision {precision!r}: choose one of fp32, fp64, bf16")
-    m = meta_model(model, trust_remote_code=trust_remote_code)
-    specs = _specs(m, layers)
     docs = tokens = None
     if train:
         docs, tokens = _count_tokens(model, train, max_length, trust_remote_code)
     budget = None
     if device_memory_gb is not None:
         budget = int(device_memory_gb * 2**30)
-    n_params, hidden, blocks, vocab = model_shape(m)
-    p = make_plan(specs, strategy=strategy, precision=precision, n_params=n_params, hidden=hidden, n_blocks=blocks,
-                  vocab=vocab, batch_size=batch_size, max_length=max_length, queries=queries, query_rank=query_rank,
-                  docs=docs, tokens=tokens, device_budget=budget)
+    p = plan_for(model, layers, trust_remote_code=trust_remote_code, strategy=strategy, precision=precision,
+                 batch_size=batch_size, max_length=max_length, queries=queries, query_rank=query_rank, docs=docs,
+                 tokens=tokens, device_budget=budget)
     if budget is None and torch.cuda.is_available():  # as the engine will see it once the model is loaded
         from influence_engine.engine import GPU_FACTOR_SHARE
 

@@ -267,3 +267,15 @@ def meta_model(source, *, trust_remote_code: bool = False):
             inject_adapter_in_model(LoraConfig(**{k: v for k, v in raw.items() if k in known}), model)
     expand_experts(model)
     return model
+
+
+def plan_for(source, layers: str = "auto", *, trust_remote_code: bool = False, **settings) -> Plan:
+    """The plan of a model or adapter directory (or a config) from its config alone (:func:`meta_model`);
+    ``settings`` are :func:`make_plan`'s (strategy, precision, batch_size, ..., device_budget)."""
+    from .layers import layer_spec, select_layers
+    from .presets import resolve_layers
+
+    model = meta_model(source, trust_remote_code=trust_remote_code)
+    specs = {n: layer_spec(n, m) for n, m in select_layers(model, resolve_layers(model, layers)).items()}
+    n_params, hidden, blocks, vocab = model_shape(model)
+    return make_plan(specs, n_params=n_params, hidden=hidden, n_blocks=blocks, vocab=vocab, **settings)

@@ -78,7 +78,7 @@ def resolve_model(model: str) -> str:
 
 def engine_spec(p: AuditParams, model_dir: str) -> EngineSpec:
     return EngineSpec(model_dir, layers_for(model_dir, p.layers), p.device, p.precision, p.batch_size,
-                      p.max_length, p.seed, p.on_long, p.trust_remote_code)
+                      p.max_length, p.seed, p.on_long, p.trust_remote_code, p.device_memory_gb)
 
 
 def factor_settings(p: AuditParams, inputs: Inputs) -> FactorSettings:
@@ -108,6 +108,11 @@ def preflight(p: AuditParams) -> None:
 
     check_columns(p.train, "train")
     read_rows(p.queries, "queries")
+    if p.device_memory_gb is not None and not p.model.startswith(("models:/", "runs:/")):
+        from influence_engine.plan import plan_for  # from the config alone: refuse a layer that cannot fit, now
+
+        plan_for(resolve_model(p.model), p.layers, trust_remote_code=p.trust_remote_code, precision=p.precision,
+                 device_budget=int(p.device_memory_gb * 2**30)).check()
     if p.planted and not Path(p.planted).is_file():
         raise UserError(f"--planted {p.planted}: no such file", hint="give a JSON file {query_id: [train ids]}")
     check_writable(resolve_home(p.output_dir), f"--output-dir {resolve_home(p.output_dir)}")

@@ -25,6 +25,8 @@ class AuditParams(BaseModel):
     query_rank: int = Field(32, ge=0, description="Low-rank query compression (0 = exact)")
     damping: str = Field("auto", description="'auto' (0.1 x mean eigenvalue) or a number")
     device: str = "auto"
+    device_memory_gb: float | None = Field(None, gt=0, description="Device memory for factors in GiB; layers are "
+                                           "fitted in groups beyond it (default: 80% of a GPU's free memory)")
     precision: Literal["fp32", "bf16", "fp64"] = "fp32"
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(512, ge=2)
@@ -56,5 +58,6 @@ class AuditParams(BaseModel):
         """The parameters that define the audit's result (not where it is written or recorded, nor how it is
         computed), without those left at their defaults: a parameter added later, left at its default, keeps
         every existing audit's id (and so its MLflow run and review)."""
-        return self.model_dump(exclude={"output_dir", "experiment", "tracking_uri", "device", "batch_size"},
+        return self.model_dump(exclude={"output_dir", "experiment", "tracking_uri", "device", "batch_size",
+                                        "device_memory_gb"},
                                exclude_defaults=True)

@@ -63,6 +63,7 @@ class EngineSpec:
     seed: int = 0
     on_long: str = "truncate"
     trust_remote_code: bool = False
+    device_memory_gb: float | None = None  # for factors on the device (None: 80% of a GPU's free memory)
 
     def engine(self) -> InfluenceEngine:
         return _engine(self)
@@ -70,10 +71,11 @@ class EngineSpec:
 
 @functools.lru_cache(maxsize=4)
 def _engine(spec: EngineSpec) -> InfluenceEngine:
+    budget = None if spec.device_memory_gb is None else int(spec.device_memory_gb * 2**30)
     return InfluenceEngine.from_pretrained(spec.model_dir, layers=spec.layers, device=spec.device,
                                            precision=spec.precision, batch_size=spec.batch_size,
                                            max_length=spec.max_length, seed=spec.seed, on_long=spec.on_long,
-                                           trust_remote_code=spec.trust_remote_code)
+                                           trust_remote_code=spec.trust_remote_code, device_memory_budget=budget)
 
 
 # ------------------------------------------------------------------------------------------------ whole

@@ -170,3 +170,27 @@ def test_audit_inputs_accept_an_adapter_and_resolve_its_layers(adapter_dirs):
     assert p.layers == "auto"
     assert engine_spec(p, model_dir).layers == "lora" and engine_spec(p, str(base)).layers == "mlp"
     assert engine_spec(p.model_copy(update={"layers": "attention"}), model_dir).layers == "attention"
+
+
+def test_score_and_audit_refuse_a_layer_larger_than_the_device_budget_before_any_pass(adapter_dirs, tmp_path):
+    """One line with the plan's numbers; score before any pass (no output), audit in its preflight (before Prefect
+    starts or any model is loaded)."""
+    from typer.testing import CliRunner
+
+    from influence_audit.cli import app
+    from tasks.inputs import preflight
+    from tasks.params import AuditParams
+
+    base, _ = adapter_dirs
+    train = write_jsonl(tmp_path / "train.jsonl", corpus(4))
+    qs = write_jsonl(tmp_path / "q.jsonl", queries(1))
+    out = tmp_path / "scores.parquet"
+    res = CliRunner().invoke(app, ["score", "--model", str(base), "--train", str(train), "--queries", str(qs),
+                                   "--out", str(out), "--device", "cpu", "--device-memory-gb", "1e-6"])
+    assert isinstance(res.exception, UserError) and not out.exists()
+    assert re.match(r"layer transformer\.h\.\d\.mlp\.c_\w+ needs [\d.]+ KiB on the device for its factors .*the "
+                    r"budget is 1\.0 KiB \(4 of 4 layers do not fit\)", str(res.exception)), str(res.exception)
+    p = AuditParams(model=str(base), train=[str(train)], queries=str(qs), device_memory_gb=1e-6)
+    with pytest.raises(UserError, match=r"needs [\d.]+ KiB on the device .* \(4 of 4 layers do not fit\)"):
+        preflight(p)
+    assert p.identity() == AuditParams(model=str(base), train=[str(train)], queries=str(qs)).identity()
