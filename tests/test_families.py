@@ -78,7 +78,12 @@ def _check_family(ref: torch.nn.Module, model: torch.nn.Module, layers: str = "a
     return eng
 
 
-@pytest.mark.parametrize("model_type", list(FAMILIES))
+# close variants of a family checked in the fast suite (Llama- or GPT-2-like blocks): the slow suite checks them
+VARIANTS = {"mistral", "qwen2", "gemma", "granite", "cohere", "stablelm", "codegen", "gpt_bigcode"}
+
+
+@pytest.mark.parametrize("model_type", [pytest.param(t, marks=pytest.mark.slow) if t in VARIANTS else t
+                                        for t in FAMILIES])
 def test_family_matches_autograd(model_type):
     ref = tiny_model(model_type)
     eng = _check_family(ref, copy.deepcopy(ref), rtol=RTOL.get(model_type, 1e-9))
