@@ -1,8 +1,8 @@
 """Where a benchmark figure came from: the commit, the machine and the command, recorded in every result file.
 
-The commit is ``git rev-parse HEAD`` (with ``-dirty`` when the working tree has uncommitted changes), or
-``$INFLUENCE_AUDIT_COMMIT`` where the tree was copied without its git directory (the GPU machine: pass it on the
-command line, e.g. ``INFLUENCE_AUDIT_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_run.sh`` prepared here).
+The commit is ``$INFLUENCE_AUDIT_COMMIT`` when set: a tree copied without its git directory (the GPU machine)
+records the commit given on the command line, e.g. ``INFLUENCE_AUDIT_COMMIT=$(git rev-parse --short HEAD)``
+taken here; otherwise ``git rev-parse HEAD``, with ``-dirty`` when tracked files have uncommitted changes.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def commit() -> str:
     env = os.environ.get("INFLUENCE_AUDIT_COMMIT")
+    if env:  # given: the tree was copied (perhaps into another repository)
+        return env
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=30, check=True).stdout.strip()
@@ -28,7 +30,7 @@ def commit() -> str:
                                capture_output=True, text=True, timeout=30, check=True).stdout.strip()
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return env or "unknown"
+        return "unknown"
 
 
 def provenance(argv: list[str] | None = None) -> dict[str, Any]:

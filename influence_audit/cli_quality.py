@@ -26,7 +26,8 @@ def quality(model: Annotated[Path, typer.Option("--model", help="Local Hugging F
                               "REPORT.tokens.parquet)")],
             factors: Annotated[Path | None, typer.Option(help="Factors directory (fitted and stored if empty)")] = None,
             strategy: Annotated[str, typer.Option(help="identity | diagonal | kfac | ekfac")] = "ekfac",
-            layers: Annotated[str, typer.Option(help="mlp | attention | all | a regex on module names")] = "mlp",
+            layers: Annotated[str, typer.Option(help="auto (lora on a LoRA adapter, else mlp) | mlp | attention | "
+                                                      "all | lora | a regex on module names")] = "auto",
             damping: Annotated[str, typer.Option(help="'auto' (0.1 x mean eigenvalue per layer) or a number")] = "auto",
             device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
             precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp64")] = "fp32",
@@ -38,6 +39,8 @@ def quality(model: Annotated[Path, typer.Option("--model", help="Local Hugging F
             hot_spots: Annotated[int, typer.Option(help="Token positions per document in the per-token Parquet "
                                                         "(0: every token)")] = 10,
             html: Annotated[Path | None, typer.Option(help="Also write the HTML report here")] = None,
+            device_memory_gb: Annotated[float | None, typer.Option(
+                help="Device memory for factors in GiB (layers fitted in groups beyond it)")] = None,
             trust_remote_code: bool = False) -> None:
     """Flag outliers, memorised, near-duplicate and low-quality training documents (no queries needed)."""
     from influence_audit.cli import _Bar, _check_flags, _check_out_file, _spec, _warn_unknown
@@ -55,7 +58,8 @@ def quality(model: Annotated[Path, typer.Option("--model", help="Local Hugging F
     if html is not None and html.suffix.lower() not in (".html", ".htm"):
         raise UserError(f"--html {html}: give an .html file")
     train_df = read_rows(train, "train")
-    eng = _spec(model, layers, device, precision, batch_size, max_length, seed, on_long, trust_remote_code).engine()
+    eng = _spec(model, layers, device, precision, batch_size, max_length, seed, on_long, trust_remote_code,
+                device_memory_gb).engine()
     docs = encode_frame(eng, train_df, "train")
     _warn_unknown(eng, docs, "training")
     t0 = time.perf_counter()

@@ -49,7 +49,10 @@ class DocumentSignalAccumulator(SelfInfluenceAccumulator):
     """Self-influence per document and per token position, and the loss per document, in one pass.
 
     The self-influence per layer is the sum of the per-position products, so the positions add up to it
-    exactly; the documents' totals go through the base class's bookkeeping (``values``)."""
+    exactly; the documents' totals go through the base class's bookkeeping (``values``). ``positional``: a layer
+    that sees only some tokens (a MoE expert) hands them over at their positions, so positions add up across layers."""
+
+    positional = True
 
     def __init__(self, factors: Factors, examples: Sequence) -> None:
         super().__init__(factors)

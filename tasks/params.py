@@ -6,7 +6,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-QUALITY_FIELDS = ("cutoff", "near_duplicate_threshold", "hot_spots")
 INFLUENCE_FIELDS = ("queries", "n_queries", "sampling", "stratify_by", "top_k", "query_rank", "explain_top", "planted")
 
 
@@ -26,11 +25,14 @@ class AuditParams(BaseModel):
     sampling: Literal["random", "stratified"] = "random"
     stratify_by: str | None = Field(None, description="Column to stratify query sampling by")
     strategy: Literal["identity", "diagonal", "kfac", "ekfac"] = "ekfac"
-    layers: str = Field("mlp", description="mlp | attention | all | regex on module names")
+    layers: str = Field("auto", description="auto (lora on a LoRA adapter, else mlp) | mlp | attention | all | "
+                                            "lora | regex on module names")
     top_k: int = Field(50, ge=0, description="Candidates per query (0 = every document)")
     query_rank: int = Field(32, ge=0, description="Low-rank query compression (0 = exact)")
     damping: str = Field("auto", description="'auto' (0.1 x mean eigenvalue) or a number")
     device: str = "auto"
+    device_memory_gb: float | None = Field(None, gt=0, description="Device memory for factors in GiB; layers are "
+                                           "fitted in groups beyond it (default: 80% of a GPU's free memory)")
     precision: Literal["fp32", "bf16", "fp64"] = "fp32"
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(512, ge=2)
@@ -69,12 +71,13 @@ class AuditParams(BaseModel):
         return v
 
     def identity(self) -> dict:
-        """The parameters that define the audit's result (not where it is written or recorded)."""
-        out = self.model_dump(exclude={"output_dir", "experiment", "tracking_uri", "device", "batch_size"})
-        if self.mode == "influence":  # as before quality mode existed: influence audits keep their ids
-            for key in ("mode", *QUALITY_FIELDS):
-                out.pop(key)
-        else:  # what a quality report does not depend on
+        """The parameters that define the audit's result (not where it is written or recorded, nor how it is
+        computed), without those left at their defaults: a parameter added later, left at its default, keeps
+        every existing audit's id (and so its MLflow run and review). A quality audit drops the query parameters."""
+        out = self.model_dump(exclude={"output_dir", "experiment", "tracking_uri", "device", "batch_size",
+                                       "device_memory_gb"},
+                              exclude_defaults=True)
+        if self.mode == "quality":
             for key in INFLUENCE_FIELDS:
-                out.pop(key)
+                out.pop(key, None)
         return out

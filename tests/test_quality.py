@@ -163,7 +163,8 @@ def test_quality_mode_needs_no_queries_and_influence_ids_are_unchanged():
 
     q = AuditParams(model="m", train=["t"], mode="quality")
     assert q.queries is None and q.identity()["mode"] == "quality"
-    assert "top_k" not in q.identity() and "cutoff" in q.identity()
+    changed = AuditParams(model="m", train=["t"], mode="quality", top_k=7, cutoff=3.0).identity()
+    assert "top_k" not in changed and changed["cutoff"] == 3.0  # the query parameters do not define a report
     with pytest.raises(ValidationError, match="queries are required"):
         AuditParams(model="m", train=["t"])
     influence = AuditParams(model="m", train=["t"], queries="q").identity()
