@@ -65,3 +65,19 @@ def test_document_signals_do_not_depend_on_batching_or_padding_side():
         assert x.loss == pytest.approx(y.loss, rel=1e-12)
         np.testing.assert_allclose(x.token_loss, y.token_loss, rtol=1e-12)
     assert one[0].hot_spots(2) == list(np.argsort(-one[0].token_self_influence)[:2])
+
+
+def test_mixture_of_experts_signals_add_up_over_positions():
+    """Experts see only their routed tokens: placed at their positions, per-token self-influence still sums to the
+    document's, which equals the (packed) self-influence pass."""
+    from families import tiny_model
+
+    model = tiny_model("mixtral")
+    eng = fp64_engine(model, batch_size=3)
+    docs = random_examples(5, seed=7)
+    factors = eng.fit_factors(docs, "ekfac", damping=1e-3)
+    plain = eng.self_influence(docs, factors)
+    for d, s in zip(docs, eng.document_signals(docs, factors), strict=True):
+        assert s.self_influence == pytest.approx(plain[d.id], rel=1e-9)
+        assert s.token_self_influence.sum() == pytest.approx(s.self_influence, rel=1e-10)
+        assert s.loss == pytest.approx(_model_loss(model, d)[0], rel=1e-12)
