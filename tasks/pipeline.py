@@ -59,7 +59,7 @@ class EngineSpec:
     so mapped tasks on one worker load the model once."""
 
     model_dir: str
-    layers: str = "mlp"
+    layers: str = "auto"
     device: str = "auto"
     precision: str = "fp32"
     batch_size: int = 8
@@ -67,6 +67,7 @@ class EngineSpec:
     seed: int = 0
     on_long: str = "truncate"
     trust_remote_code: bool = False
+    device_memory_gb: float | None = None  # for factors on the device (None: 80% of a GPU's free memory)
 
     def engine(self) -> InfluenceEngine:
         return _engine(self)
@@ -78,10 +79,11 @@ class EngineSpec:
 
 @functools.lru_cache(maxsize=4)
 def _engine(spec: EngineSpec) -> InfluenceEngine:
+    budget = None if spec.device_memory_gb is None else int(spec.device_memory_gb * 2**30)
     return InfluenceEngine.from_pretrained(spec.model_dir, layers=spec.layers, device=spec.device,
                                            precision=spec.precision, batch_size=spec.batch_size,
                                            max_length=spec.max_length, seed=spec.seed, on_long=spec.on_long,
-                                           trust_remote_code=spec.trust_remote_code)
+                                           trust_remote_code=spec.trust_remote_code, device_memory_budget=budget)
 
 
 @functools.lru_cache(maxsize=4)
@@ -128,8 +130,8 @@ def fit(eng: InfluenceEngine, docs: Sequence[Example], settings: FactorSettings,
         if notice:
             notice(f"reusing factors in {out_dir}")
         return Fitted(stored, reused=True)
-    one_pass = get_strategy(settings.strategy).covariance and \
-        eng.gradient_cache_bytes(len(docs)) <= cache_budget_bytes
+    one_pass = get_strategy(settings.strategy).covariance and len(eng.layer_groups()) == 1 and \
+        eng.gradient_cache_bytes(len(docs)) <= cache_budget_bytes  # (layers fitted in groups: separate passes)
     fitted: Fitted | None = None
     if one_pass:
         import torch
@@ -174,10 +176,14 @@ class Shard:
         return asdict(self)
 
     @classmethod
+    def of_file(cls, index: int, path: str, key: str, n_docs: int) -> Shard:
+        """A shard that is a whole Parquet file of its own (the quality audit's copied shards, older audits')."""
+        return cls(index, RowRange(path, "parquet", Path(path).stem, 0, n_docs), key, n_docs)
+
+    @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Shard:
         if "path" in raw:  # an audit made before sources were read in place: a copied Parquet shard
-            return cls(raw["index"], RowRange(raw["path"], "parquet", Path(raw["path"]).stem, 0, raw["n_docs"]),
-                       raw["key"], raw["n_docs"])
+            return cls.of_file(raw["index"], raw["path"], raw["key"], raw["n_docs"])
         return cls(raw["index"], RowRange(**(raw["rows"] | {"stamp": tuple(raw["rows"].get("stamp", (-1, -1)))})),
                    raw["key"], raw["n_docs"], Fields(**raw.get("fields", {})),
                    raw.get("ids_path", ""))
