@@ -178,7 +178,7 @@ class Shard:
     @classmethod
     def of_file(cls, index: int, path: str, key: str, n_docs: int) -> Shard:
         """A shard that is a whole Parquet file of its own (the quality audit's copied shards, older audits')."""
-        return cls(index, RowRange(path, "parquet", Path(path).stem, 0, n_docs), key, n_docs)
+        return cls(index, RowRange(path, "copied", Path(path).stem, 0, n_docs), key, n_docs)
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Shard:

@@ -76,7 +76,7 @@ class RowRange:
     of file). A shard of the audit is one of these: a reference into the source, not a copy."""
 
     path: str
-    form: str
+    form: str  # jsonl | parquet | arrow | copied (a Parquet shard written by an audit, its source column kept)
     name: str
     start: int
     stop: int
@@ -296,7 +296,7 @@ def read_range(rows: RowRange, kind: Kind, fields: Fields | None = None,
     path = Path(rows.path)
     if rows.form == "jsonl":
         df = _read_jsonl_range(rows, kind, head)
-    elif rows.form == "parquet":
+    elif rows.form in ("parquet", "copied"):
         df = _read_parquet_range(rows, head)
     else:
         df = _read_arrow_range(rows, head)
@@ -340,6 +340,8 @@ def _read_parquet_range(rows: RowRange, head: int | None) -> pl.DataFrame:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{path}: not a valid Parquet file ({first[:200]})",
                         hint="the file is corrupt or truncated: re-export it") from None
+    if rows.form == "copied" and SOURCE in df.columns:
+        return df.select([c for c in df.columns if c not in (SOURCE, "content_hash")] + [SOURCE])
     if SOURCE in df.columns:
         _reserved(path)
     return df.with_columns(_source_expr(path, pl.int_range(rows.start + 1, rows.start + df.height + 1, dtype=pl.Int64)))
