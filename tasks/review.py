@@ -37,6 +37,7 @@ from .data import content_hash
 
 __all__ = [
     "FLAGGED_SCHEMA",
+    "RETRACTED",
     "REVIEW_TABLE",
     "VERDICTS",
     "ReviewDecision",
@@ -58,6 +59,9 @@ __all__ = [
 
 Verdict = Literal["culprit", "not-culprit", "unsure"]
 VERDICTS: tuple[str, ...] = ("culprit", "not-culprit", "unsure")
+# Recorded by `review pull` when the MLflow assessment behind a pair's latest decision is deleted: the pair is
+# undecided again. Never accepted as input.
+RETRACTED = "retracted"
 REVIEW_TABLE = "review_decisions.json"
 FLAGGED_FILE = "flagged_documents.parquet"
 FLAGGED_SCHEMA: dict[str, Any] = {
@@ -143,8 +147,10 @@ def load_decisions(home: str | os.PathLike[str] | None, audit_id: str) -> pl.Dat
 
 
 def latest_verdicts(decisions: pl.DataFrame) -> pl.DataFrame:
-    """One row per (query_id, train_id): the last decision submitted (later submissions win)."""
-    return decisions.unique(["query_id", "train_id"], keep="last", maintain_order=True)
+    """One row per (query_id, train_id): the last decision submitted (later submissions win). A pair whose
+    last row is a retraction (its MLflow assessment was deleted) is undecided again and left out."""
+    latest = decisions.unique(["query_id", "train_id"], keep="last", maintain_order=True)
+    return latest.filter(pl.col("verdict") != RETRACTED)
 
 
 def _review_state(candidates: pl.DataFrame, decisions: pl.DataFrame) -> dict[str, Any]:
@@ -415,7 +421,7 @@ def submit_review(home: str | os.PathLike[str] | None, audit_id: str, reviewer: 
             _call("record review", _record, run_id, all_decisions, state)
         except UserError as exc:
             raise UserError(f"decisions saved in {flagged}, but not yet on the MLflow run: {exc.message}",
-                            hint=f"`influence-audit review sync {audit_id}` records them once MLflow is back"
+                            hint=f"`influence-audit sync --audit-id {audit_id}` records them once MLflow is back"
                             ) from exc
     return {"audit_id": audit_id, "run_id": run_id, **state, "submitted": rows.height,
             "flagged_path": str(flagged)}
