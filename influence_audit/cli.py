@@ -246,7 +246,7 @@ def _print_summary(result: dict) -> None:
     out.print(f"[bold green]audit {result['audit_id']} succeeded[/]  MLflow run [bold]{result['run_id']}[/]")
     out.print(f"  {int(m['documents'])} documents, {int(m['tokens']):,} tokens, {int(m['queries'])} queries; "
               f"factors {'reused from cache' if result['factors_cached'] else 'fitted'}")
-    out.print("  stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
+    out.print("  stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()), soft_wrap=True)
     if "planted_recall_at_10" in m:
         out.print(f"  planted_recall_at_10 = [bold]{m['planted_recall_at_10']:.3f}[/]   "
                   f"planted_mrr = {m['planted_mrr']:.3f}")
@@ -314,11 +314,11 @@ def demo(output_dir: Annotated[Path | None, typer.Option(help="Project data dire
                          output_dir=str(home), planted=str(data / "planted.json"))
     result = _run_audit(params)
     _print_summary(result)
-    from tasks.tracking import configure_tracking
+    from influence_audit.cli_ui import print_ui
+    from tasks.ui import audit_ui
 
-    uri = configure_tracking(None, home)
-    out.print(f"\nOpen the MLflow UI:  mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000, "
-              f"experiment 'influence-audit', run {result['run_id']})")
+    typer.echo("")
+    print_ui(audit_ui(home, result["audit_id"]))
 
 
 from influence_audit.cli_review import review_app  # noqa: E402
@@ -339,6 +339,9 @@ app.add_typer(webhook_app, name="webhook")
 from influence_audit.cli_sync import sync as _sync  # noqa: E402
 
 app.command("sync")(_sync)
+from influence_audit.cli_ui import ui as _ui  # noqa: E402
+
+app.command("ui")(_ui)
 
 
 def _usage_error_types() -> tuple[type[Exception], ...]:

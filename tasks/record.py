@@ -36,7 +36,7 @@ def start_run(p: AuditParams, inputs: Inputs | None, audit_id: str) -> str:
 @task(name="record-in-mlflow", retries=2, retry_delay_seconds=2)
 def record_results(p: AuditParams, inputs: Inputs, run_id: str, candidates_path: str, validation: dict[str, dict],
                    stage_seconds: dict[str, float], factors_cached: bool) -> dict[str, float]:
-    """Plots, the HTML page, metrics and the candidate table on the audit's MLflow run."""
+    """Plots, the HTML page, metrics and the candidate table on the audit's MLflow run; one trace per query."""
     from .report import plot_layer_share, plot_score_distribution, render_html_report
     from .tracking import record_audit_results
 
@@ -64,6 +64,10 @@ def record_results(p: AuditParams, inputs: Inputs, run_id: str, candidates_path:
                          validation_reports=validation, plots=plots, html_report=html,
                          extra_artifacts=[audit_dir / "manifest.json"] if (audit_dir / "manifest.json").exists()
                          else [])
+    from .traces import document_texts, record_traces  # one trace per query: where reviewers mark culprits
+
+    record_traces(run_id, cands, audit_id=inputs.audit_id,
+                  texts=document_texts(audit_dir, cands["train_id"].unique().to_list()))
     return metrics
 
 
@@ -76,14 +80,34 @@ def finish_run(run_id: str, succeeded: bool, validation_passed: bool | None, err
 
 @task(name="open-review")
 def open_review(p: AuditParams, inputs: Inputs, run_id: str, candidates_path: str) -> str:
-    """Hand the candidate list to people: a Prefect markdown artifact linking the MLflow run."""
+    """Open the review: record marks already made in MLflow (a rerun keeps its review), start the Prefect-form
+    review where a server has the ``review`` deployment, and hand people a markdown artifact with the MLflow
+    addresses of the run and its traces (one per query: where reviewers mark culprits)."""
+    import mlflow
     from prefect.artifacts import create_markdown_artifact
 
+    from .review_pull import pull_review
+    from .review_runs import open_review_form
+    from .ui import audit_urls, ui_base, ui_command
+
+    home = Path(inputs.audit_dir).parent.parent
+    pulled = pull_review(home, inputs.audit_id)
+    try:
+        form = open_review_form(inputs.audit_id, str(home))
+    except Exception as exc:  # the review in MLflow stands without the form
+        form = f"Prefect-form review not started: {str(exc).splitlines()[0][:200]}"
+    uri = mlflow.get_tracking_uri()
+    urls = audit_urls(ui_base(uri), mlflow.get_run(run_id).info.experiment_id, run_id)
+    serve = ui_command(uri)
     cands = pl.read_parquet(candidates_path).filter(pl.col("rank") <= 3)
-    lines = [f"# Influence audit `{inputs.audit_id}`: review open", "",
-             f"MLflow run `{run_id}` (experiment `{p.experiment}`): the candidate table `candidates.json` and "
-             f"`report.html` are in its artifacts. Candidates are a first screen, not a verdict.", "",
-             f"Review in a terminal: `influence-audit review show {inputs.audit_id}`", "",
+    lines = [f"# Influence audit `{inputs.audit_id}`: review {pulled['status']}", "",
+             "Candidates are a first screen, not a verdict. Review them in MLflow: open the run's traces (one per "
+             "query), pick a candidate's span, add the feedback `culprit` (true, false or `unsure`).", "",
+             f"- traces: {urls['traces']}", f"- run: {urls['run']} (experiment `{p.experiment}`)",
+             *([f"- serve the UI first: `{serve}`"] if serve else []),
+             f"- decisions come back with `influence-audit review pull {inputs.audit_id}` (also on the `review-pull` "
+             "schedule); or decide in a terminal: `influence-audit review submit`",
+             f"- {form}", "",
              "| query | rank | document | score |", "|---|---|---|---|"]
     for r in cands.iter_rows(named=True):
         lines.append(f"| {r['query_id']} | {r['rank']} | {r['train_id']} | {r['score']:.4g} |")

@@ -55,6 +55,7 @@ __all__ = [
     "resolve_home",
     "review_markdown",
     "submit_review",
+    "valid_decisions",
 ]
 
 Verdict = Literal["culprit", "not-culprit", "unsure"]
@@ -492,6 +493,23 @@ def check_review_input(home: str, audit_id: str, reviewer: str, decisions: list[
     except ReviewInputError as exc:
         return str(exc)
     return None
+
+
+def valid_decisions(candidates: pl.DataFrame, decisions: Sequence[ReviewDecision]) -> list[ReviewDecision]:
+    """The decisions that name a candidate, each pair once (the first): what a refused form keeps."""
+    known = set(zip(candidates["query_id"].to_list(), candidates["train_id"].to_list(), strict=True))
+    out, seen = [], set()
+    for d in decisions:
+        if (d.query_id, d.train_id) in known and (d.query_id, d.train_id) not in seen:
+            seen.add((d.query_id, d.train_id))
+            out.append(d)
+    return out
+
+
+@task(name="valid-decisions")
+def valid_decisions_task(home: str, audit_id: str, decisions: list[ReviewDecision]) -> list[ReviewDecision]:
+    """:func:`valid_decisions` of the audit's candidates (the refused form is shown again with these)."""
+    return valid_decisions(load_candidates(home, audit_id), decisions)
 
 
 @task(name="submit-review")

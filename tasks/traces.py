@@ -118,7 +118,7 @@ def _write_query(client: Any, experiment_id: str, run_id: str, audit_id: str, gr
     first = group.row(0, named=True)
     qid = str(first["query_id"])
     root = client.start_trace(f"query {qid}", span_type="CHAIN", experiment_id=experiment_id, run_id=run_id,
-                              inputs={"query_id": qid, "prompt": first["query_prompt"]},
+                              inputs={"prompt": first["query_prompt"], "query_id": qid},
                               attributes={f"{ATTR}audit_id": audit_id, f"{ATTR}query_id": qid},
                               tags={AUDIT_TAG: audit_id, QUERY_TAG: qid})
     try:
