@@ -125,7 +125,8 @@ def _write_query(client: Any, experiment_id: str, run_id: str, audit_id: str, gr
         for row in group.sort("rank").iter_rows(named=True):
             tid = str(row["train_id"])
             span = client.start_span(f"#{row['rank']} {tid}", trace_id=root.trace_id, parent_id=root.span_id,
-                                     span_type="RETRIEVER", inputs={"query": first["query_completion"]},
+                                     span_type="RETRIEVER",
+                                     inputs={"prompt": first["query_prompt"], "completion": first["query_completion"]},
                                      attributes=_candidate_attributes(row))
             doc = {"id": tid, "page_content": texts.get(tid) or str(row["snippet"]),
                    "metadata": {"doc_uri": tid, "score": float(row["score"]), "rank": int(row["rank"])}}
