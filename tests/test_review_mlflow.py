@@ -236,3 +236,25 @@ def test_pull_all_reports_each_audit(home: Path, audit) -> None:
     assert audit_id in results and "error" not in results[audit_id]
     with pytest.raises(UserError, match="no audit"):
         pull_review(home, "no-such-audit")
+
+
+def test_ui_prints_whole_addresses_of_the_run_and_its_traces(home: Path, audit) -> None:
+    from typer.testing import CliRunner
+
+    from influence_audit.cli import app
+
+    audit_id, run_id, _ = audit
+    res = CliRunner().invoke(app, ["ui", audit_id, "--home", str(home), "--queries", "--port", "5123"],
+                             terminal_width=60)
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    exp = _exp(run_id)
+    run_url = f"http://127.0.0.1:5123/#/experiments/{exp}/runs/{run_id}"
+    assert any(line.endswith(f" {run_url}") for line in lines), lines  # whole, on one line (60 columns)
+    assert any(line.endswith(f" {run_url}/traces") for line in lines), lines
+    serve = next(line for line in lines if line.startswith("Serve the MLflow UI"))
+    assert f"/mlflow ui --backend-store-uri sqlite:///{home.resolve()}/mlflow.db --host 127.0.0.1 --port 5123" in serve
+    traces = {t.info.tags[QUERY_TAG]: t.info.trace_id for t in audit_traces(exp, audit_id)}
+    for qid, tid in traces.items():
+        assert f"  query {qid}: http://127.0.0.1:5123/#/experiments/{exp}/traces?selectedEvaluationId={tid}" in lines
+    assert lines[-1] == f"Then record the marks: influence-audit review pull {audit_id}"
