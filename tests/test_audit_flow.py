@@ -91,7 +91,6 @@ def test_factors_are_reused_by_a_later_audit_and_refit_after_the_model_changes(a
         MlflowClient().get_run(again["run_id"]).data.params["model_fingerprint"]
 
 
-@pytest.mark.slow
 def test_every_query_is_a_trace_and_a_rerun_keeps_the_review(audit, demo_model, demo_data):
     """One trace per audited query; a reviewer's mark made before a rerun of the same audit (a weekly schedule
     does this) is pulled at the rerun's end, its review stays in progress and no trace is written twice."""
