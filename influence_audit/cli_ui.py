@@ -26,8 +26,9 @@ def print_ui(info: dict[str, Any]) -> None:
 
 
 def ui(audit_id: Annotated[str | None, typer.Argument(help="Audit id (default: the newest finished audit)")] = None,
-       home: Annotated[Path | None, typer.Option("--home", help="Audit home (default $INFLUENCE_AUDIT_HOME or "
-                                                                "./.influence-audit)")] = None,
+       home: Annotated[Path | None, typer.Option(
+           "--output-dir", "--home", help="Where the audits are (default $INFLUENCE_AUDIT_HOME or ./.influence-audit)")
+       ] = None,
        tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow URI (default: the audit's)")]
        = None,
        port: Annotated[int, typer.Option(help="Port of the local UI (sqlite stores)")] = 5000,

@@ -1,16 +1,17 @@
-"""Recording stages: MLflow run, plots, HTML report, and the review hand-off (a Prefect artifact)."""
+"""Recording an audit: its MLflow run, plots, HTML report, and the review hand-off (a Prefect artifact).
+
+Plain functions: the flow's tasks (tasks/stages.py) wrap them; ``influence-audit sync`` calls them directly."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import polars as pl
-from prefect import task
 
+from .candidates import planted_metrics
+from .inputs import Inputs
 from .params import AuditParams
-from .stages import Inputs, planted_metrics
 
 
 def run_params(p: AuditParams, inputs: Inputs | None) -> dict[str, Any]:
@@ -25,7 +26,6 @@ def run_params(p: AuditParams, inputs: Inputs | None) -> dict[str, Any]:
     return params
 
 
-@task(name="start-mlflow-run", retries=2, retry_delay_seconds=2)
 def start_run(p: AuditParams, inputs: Inputs | None, audit_id: str) -> str:
     from .tracking import start_audit_run
 
@@ -33,7 +33,6 @@ def start_run(p: AuditParams, inputs: Inputs | None, audit_id: str) -> str:
                            tags={"audit.id": audit_id, "audit.dir": inputs.audit_dir if inputs else ""})
 
 
-@task(name="record-in-mlflow", retries=2, retry_delay_seconds=2)
 def record_results(p: AuditParams, inputs: Inputs, run_id: str, candidates_path: str, validation: dict[str, dict],
                    stage_seconds: dict[str, float], factors_cached: bool) -> dict[str, float]:
     """Plots, the HTML page, metrics and the candidate table on the audit's MLflow run; one trace per query."""
@@ -71,20 +70,19 @@ def record_results(p: AuditParams, inputs: Inputs, run_id: str, candidates_path:
     return metrics
 
 
-@task(name="finish-mlflow-run", retries=2, retry_delay_seconds=2)
 def finish_run(run_id: str, succeeded: bool, validation_passed: bool | None, error: str | None = None) -> None:
     from .tracking import finish_audit_run
 
     finish_audit_run(run_id, succeeded=succeeded, validation_passed=validation_passed, error=error)
 
 
-@task(name="open-review")
 def open_review(p: AuditParams, inputs: Inputs, run_id: str, candidates_path: str) -> str:
     """Open the review: record marks already made in MLflow (a rerun keeps its review), start the Prefect-form
     review where a server has the ``review`` deployment, and hand people a markdown artifact with the MLflow
-    addresses of the run and its traces (one per query: where reviewers mark culprits)."""
+    addresses of the run and its traces (one per query: where reviewers mark culprits), and the top 3
+    candidates per query as a Prefect table artifact."""
     import mlflow
-    from prefect.artifacts import create_markdown_artifact
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     from .review_pull import pull_review
     from .review_runs import open_review_form
@@ -100,23 +98,19 @@ def open_review(p: AuditParams, inputs: Inputs, run_id: str, candidates_path: st
     urls = audit_urls(ui_base(uri), mlflow.get_run(run_id).info.experiment_id, run_id)
     serve = ui_command(uri)
     cands = pl.read_parquet(candidates_path).filter(pl.col("rank") <= 3)
+    table = cands.select("query_id", "rank", "train_id", "score").sort("query_id", "rank").to_dicts()
+    create_table_artifact(key=f"audit-{inputs.audit_id}-top-candidates", table=table,
+                          description=f"Influence audit {inputs.audit_id}: top 3 candidates per query")
     lines = [f"# Influence audit `{inputs.audit_id}`: review {pulled['status']}", "",
              "Candidates are a first screen, not a verdict. Review them in MLflow: open the run's traces (one per "
              "query), pick a candidate's span, add the feedback `culprit` (true, false or `unsure`).", "",
-             f"- traces: {urls['traces']}", f"- run: {urls['run']} (experiment `{p.experiment}`)",
+             f"- traces: {urls['traces']}", f"- run: {urls['run']} (experiment `{p.experiment}`; `candidates.json` "
+             "and `report.html` are in its artifacts)",
              *([f"- serve the UI first: `{serve}`"] if serve else []),
              f"- decisions come back with `influence-audit review pull {inputs.audit_id}` (also on the `review-pull` "
-             "schedule); or decide in a terminal: `influence-audit review submit`",
-             f"- {form}", "",
-             "| query | rank | document | score |", "|---|---|---|---|"]
-    for r in cands.iter_rows(named=True):
-        lines.append(f"| {r['query_id']} | {r['rank']} | {r['train_id']} | {r['score']:.4g} |")
+             f"schedule); or decide in a terminal: `influence-audit review show {inputs.audit_id}`, then "
+             "`influence-audit review submit`",
+             f"- {form}",
+             f"- the top 3 candidates per query are in the table artifact `audit-{inputs.audit_id}-top-candidates`"]
     return str(create_markdown_artifact(key=f"audit-{inputs.audit_id}-review", markdown="\n".join(lines),
                                         description=f"Review influence audit {inputs.audit_id}"))
-
-
-def validation_passed(report: dict) -> bool:
-    return bool(report.get("success"))
-
-
-__all__ = ["finish_run", "open_review", "record_results", "start_run", "validation_passed", "json"]
