@@ -22,7 +22,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
+from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run, suspend_flow_run
+from prefect.states import Failed
 
 from tasks.review import (
     ReviewDecision,
@@ -59,10 +61,17 @@ def review_audit(audit_id: str, home: str | None = None, timeout_s: int = 7 * 24
         form = publish_review_form(h, audit_id, message)
         wanted = ReviewInput.with_initial_data(description=form, reviewer=reviewer, decisions=kept) if message \
             else ReviewInput.with_initial_data(description=form)
-        if deployed:
-            answer = suspend_flow_run(wait_for_input=wanted, timeout=timeout_s)
-        else:
-            answer = pause_flow_run(wait_for_input=wanted, timeout=timeout_s, poll_interval=poll_interval_s)
+        try:
+            if deployed:
+                answer = suspend_flow_run(wait_for_input=wanted, timeout=timeout_s)
+            else:
+                answer = pause_flow_run(wait_for_input=wanted, timeout=timeout_s, poll_interval=poll_interval_s)
+        except FlowPauseTimeout:
+            why = (f"no reviewer answered within {timeout_s} s: nothing was recorded and the review of audit "
+                   f"{audit_id} stays open (start another review run, or review in the MLflow UI or with "
+                   f"`influence-audit review submit`)")
+            log.warning(why)
+            return Failed(message=why)  # an end without a traceback: nothing went wrong but the wait
         message = check_review_input(h, audit_id, answer.reviewer, answer.decisions) or ""
         if not message:
             return submit_review_task(h, audit_id, answer.reviewer, answer.decisions)
