@@ -34,6 +34,7 @@ from tasks.stages import (
     score_shard,
     validate_outputs,
 )
+from tasks.verify import verify_stage
 
 
 def _retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -123,6 +124,9 @@ def influence_audit(params: AuditParams) -> dict[str, Any]:
             shard_scores = score_shard.map(spec, inputs.shards, prepared, inputs.audit_dir, p.top_k).result()
         with _stage("merge_candidates", seconds, manifest, audit_dir):
             candidates = merge_candidates(spec, p, inputs, shard_scores, queries_path, prepared)
+        if p.verify_k:
+            with _stage("verify_candidates", seconds, manifest, audit_dir):
+                verify_stage(spec, p, inputs, candidates, queries_path, prepared)
         with _stage("validate_outputs", seconds, manifest, audit_dir):
             report = validate_outputs(p, inputs, candidates, queries_path)
         validation = inputs.validation | {"candidates": report}

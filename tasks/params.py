@@ -39,6 +39,12 @@ class AuditParams(BaseModel):
     planted: str | None = Field(None, description="JSON {query_id: [train ids]} of known culprits: logs "
                                                   "planted_recall_at_10")
     trust_remote_code: bool = False
+    verify_k: int = Field(0, ge=0, description="Counterfactual check of each query's top-k candidates and k random "
+                                               "documents (0 = off)")
+    verify_check: Literal["tail-patch", "pbrf"] = Field("tail-patch", description="tail-patch (one optimizer "
+                                                        "step; any size) or pbrf (small models)")
+    verify_lr: float | None = Field(None, gt=0, description="Tail-patch learning rate (default: chosen from the "
+                                                            "model's scale and recorded)")
 
     @field_validator("damping")
     @classmethod
@@ -53,4 +59,5 @@ class AuditParams(BaseModel):
 
     def identity(self) -> dict:
         """The parameters that define the audit's result (not where it is written or recorded)."""
-        return self.model_dump(exclude={"output_dir", "experiment", "tracking_uri", "device", "batch_size"})
+        return self.model_dump(exclude={"output_dir", "experiment", "tracking_uri", "device", "batch_size",
+                                        "verify_k", "verify_check", "verify_lr"})  # checks add to a result
