@@ -269,8 +269,9 @@ def run_scores(args: argparse.Namespace) -> None:
     truth = load_truth(work)
     M, Y = truth["masks"], truth["outputs"]
     demo_q = np.array([not q["id"].startswith("f-") for q in truth["queries"]])
-    n_targets = None
     scorer = Scorer(truth)
+    _, docs0, *_ = scorer.fit("ekfac", "mlp", "sampled", 0)
+    n_targets = np.array([d.n_targets for d in docs0], dtype=np.float64)
     rows: list[dict[str, Any]] = []
     per_query: dict[str, np.ndarray] = {}
 
@@ -278,11 +279,14 @@ def run_scores(args: argparse.Namespace) -> None:
         res = lds(S, M, Y)
         demo = lds(S[demo_q], M, Y[:, demo_q])
         per_query[name] = res.per_query
-        rows.append({"name": name, **settings, "lds": res.mean, "lds_ci": [res.ci_low, res.ci_high],
-                     "lds_demo_queries": demo.mean, "lds_demo_queries_ci": [demo.ci_low, demo.ci_high],
-                     "seconds": seconds})
-        _log(f"{name:38s} LDS {res.mean:.3f} [{res.ci_low:.3f}, {res.ci_high:.3f}]  demo queries {demo.mean:.3f} "
-             f"({seconds:.1f} s)")
+        row = {"name": name, **settings, "lds": res.mean, "lds_ci": [res.ci_low, res.ci_high],
+               "lds_demo_queries": demo.mean, "lds_demo_queries_ci": [demo.ci_low, demo.ci_high], "seconds": seconds}
+        if n_targets is not None:  # per-token: each document's score over its number of targets
+            tok = lds(S / n_targets[None, :], M, Y)
+            row["lds_per_token"], row["lds_per_token_ci"] = tok.mean, [tok.ci_low, tok.ci_high]
+        rows.append(row)
+        _log(f"{name:38s} LDS {res.mean:.3f} [{res.ci_low:.3f}, {res.ci_high:.3f}]  demo queries {demo.mean:.3f}"
+             + (f"  per-token {row['lds_per_token']:.3f}" if "lds_per_token" in row else "") + f" ({seconds:.1f} s)")
 
     grid: list[tuple[str, dict[str, Any]]] = [("default (ekfac, mlp, rank 32)", {})]
     grid += [(f"strategy {s}", {"strategy": s}) for s in ("identity", "diagonal", "kfac")]
@@ -291,20 +295,22 @@ def run_scores(args: argparse.Namespace) -> None:
     grid += [("fisher empirical", {"fisher": "empirical"})]
     grid += [(f"query rank {r}", {"rank": r}) for r in (0, 8, 64)]
     grid += [(f"seed {s}", {"seed": s}) for s in (1, 2)]
+    grid += [(f"damping {d} x mean eigenvalue", {"damping_scale": d}) for d in (1e-4, 1e-5)]
     grid += [("all layers + head, rank 0", {"layers": ".", "rank": 0}),
              ("all layers + head, damping 0.01", {"layers": ".", "damping_scale": 0.01}),
-             ("mlp, damping 0.01, rank 0", {"damping_scale": 0.01, "rank": 0})]
-    default_S = None
+             ("all layers + head, damping 0.001", {"layers": ".", "damping_scale": 0.001}),
+             ("mlp + head, damping 0.001", {"layers": "mlp|lm_head", "damping_scale": 0.001}),
+             ("all (no head), damping 0.001", {"layers": "all", "damping_scale": 0.001}),
+             ("fisher empirical, damping 0.001", {"fisher": "empirical", "damping_scale": 0.001}),
+             ("all layers + head, fisher empirical, damping 0.001",
+              {"layers": ".", "fisher": "empirical", "damping_scale": 0.001}),
+             ("mlp, damping 0.01, rank 0", {"damping_scale": 0.01, "rank": 0}),
+             ("mlp, damping 0.001, seed 1", {"damping_scale": 0.001, "seed": 1})]
     for name, kw in grid:
         if args.only and not any(o in name for o in args.only):
             continue
         S, sec = scorer.scores(**kw)
         record(name, S, sec, **kw)
-        if default_S is None:
-            default_S = S
-            eng, docs, *_ = scorer.fit("ekfac", "mlp", "sampled", 0)
-            n_targets = np.array([d.n_targets for d in docs], dtype=np.float64)
-            record("default, per-token (scores / document targets)", S / n_targets[None, :], 0.0, per_token=True)
     kron = []
     try:
         import kronfluence  # noqa: F401
@@ -318,12 +324,14 @@ def run_scores(args: argparse.Namespace) -> None:
             record(f"kronfluence ekfac {layers} rank {rank or 0}", S, sec, tool="kronfluence", layers=layers,
                    rank=rank or 0)
             kron.append(rows[-1]["name"])
-    ref = "default (ekfac, mlp, rank 32)"
-    if ref in per_query:
-        for r in rows:
-            if r["name"] != ref:
-                m, lo, hi = paired_difference(per_query[r["name"]], per_query[ref])
-                r["minus_default"] = [m, lo, hi]
+    for key, ref in (("minus_default", "default (ekfac, mlp, rank 32)"),
+                     ("minus_kronfluence_mlp", "kronfluence ekfac mlp rank 0"),
+                     ("minus_kronfluence_all", "kronfluence ekfac all rank 0")):
+        if ref in per_query:
+            for r in rows:
+                if r["name"] != ref:
+                    r[key] = list(paired_difference(per_query[r["name"]], per_query[ref]))
+    np.savez(work / "lds_per_query.npz", **{k.replace(" ", "_"): v for k, v in per_query.items()})
     out = {"bench": "lds_demo", "commit": git_commit(), "machine": machine(),
            "command": " ".join([sys.executable.split("/")[-1], *sys.argv]),
            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -362,18 +370,25 @@ def run_checks(args: argparse.Namespace) -> None:
     qd = [qs[i] for i in demo]
     _log(f"checks: {len(chosen)} documents x {len(qd)} demo queries")
     rows: dict[str, Any] = {}
+    saved: dict[str, np.ndarray] = {}
 
     def agree(name: str, up: np.ndarray, down: np.ndarray | None, seconds: float, extra: dict | None = None) -> None:
         e = effect[np.ix_(demo, chosen)].T  # D x Q
         rho = spearman_rows(up, e)
         m, lo, hi = bootstrap_mean(rho)
-        row = {"spearman_with_retraining": [m, lo, hi], "seconds": seconds} | (extra or {})
+        # LDS restricted to the checked documents: predict each subset's output from the checked documents it kept
+        # (the others add the same noise for every method)
+        r = lds(up.T, M[:, chosen], Y[:, demo])
+        row = {"spearman_with_retraining": [m, lo, hi], "restricted_lds": [r.mean, r.ci_low, r.ci_high],
+               "seconds": seconds} | (extra or {})
+        saved[name] = up
         if down is not None:
             sym = spearman_rows((up - down) / 2, e)
             row["spearman_symmetric"] = list(bootstrap_mean(sym))
             row["up_down_opposite_fraction"] = float(np.mean(np.sign(up) == -np.sign(down)))
         rows[name] = row
-        _log(f"{name:34s} Spearman with retraining {m:.3f} [{lo:.3f}, {hi:.3f}] ({seconds:.0f} s)")
+        _log(f"{name:34s} Spearman with retraining {m:.3f} [{lo:.3f}, {hi:.3f}]; restricted LDS {r.mean:.3f} "
+             f"[{r.ci_low:.3f}, {r.ci_high:.3f}] ({seconds:.0f} s)")
 
     agree("influence score (default)", S[np.ix_(demo, chosen)].T, None, 0.0)
     variants = [("tail-patch sgd", VerifySettings(optimizer="sgd")),
@@ -402,6 +417,7 @@ def run_checks(args: argparse.Namespace) -> None:
             lds_rows[f"{name} ({label})"] = {"lds": r.mean, "lds_ci": [r.ci_low, r.ci_high],
                                              "seconds": time.perf_counter() - t0}
             _log(f"LDS of {name} deltas ({label}): {r.mean:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]")
+    np.savez(work / "check_deltas.npz", chosen=np.array(chosen), **{k.replace(" ", "_"): v for k, v in saved.items()})
     out = {"bench": "lds_demo checks", "commit": git_commit(), "machine": machine(),
            "command": " ".join([sys.executable.split("/")[-1], *sys.argv]),
            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -411,6 +427,27 @@ def run_checks(args: argparse.Namespace) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1, default=float) + "\n")
     _log(f"wrote {path}")
+
+
+def print_table(args: argparse.Namespace) -> None:
+    """The score results as a markdown table (for docs/method.md)."""
+    d = json.loads(Path(args.json).read_text())
+
+    def kron(r: dict[str, Any]) -> str:
+        if r.get("tool") == "kronfluence":
+            return "-"
+        lay = r.get("layers", "mlp")
+        key = "minus_kronfluence_mlp" if lay == "mlp" else "minus_kronfluence_all" if lay == "." else None
+        v = r.get(key) if key else None
+        return f"{v[0]:+.3f} ({v[1]:+.3f}, {v[2]:+.3f})" if v else "-"
+    print("| setting | LDS (95% CI) | minus default (95% CI) | minus kronfluence, same layers (95% CI) "
+          "| 24 demo queries | per-token |")
+    print("|---|---|---|---|---|---|")
+    for r in d["rows"]:
+        diff = r.get("minus_default")
+        print(f"| {r['name']} | {r['lds']:.3f} ({r['lds_ci'][0]:.3f}, {r['lds_ci'][1]:.3f}) | "
+              + (f"{diff[0]:+.3f} ({diff[1]:+.3f}, {diff[2]:+.3f})" if diff else "-") + " | "
+              + kron(r) + f" | {r['lds_demo_queries']:.3f} | {r.get('lds_per_token', float('nan')):.3f} |")
 
 
 def git_commit() -> str:
@@ -447,6 +484,8 @@ def main(argv: list[str] | None = None) -> None:
     ck.add_argument("--pbrf-iters", type=int, default=40)
     ck.add_argument("--skip-pbrf", action="store_true")
     ck.add_argument("--lds-all", action="store_true", help="also the LDS of tail-patch deltas over every document")
+    tb = sub.add_parser("table", help="print a score results file as a markdown table")
+    tb.add_argument("json")
     args = ap.parse_args(argv)
     if args.phase == "truth":
         build_truth(args)
@@ -454,6 +493,8 @@ def main(argv: list[str] | None = None) -> None:
         run_scores(args)
     elif args.phase == "checks":
         run_checks(args)
+    elif args.phase == "table":
+        print_table(args)
 
 
 if __name__ == "__main__":

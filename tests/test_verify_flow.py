@@ -90,3 +90,17 @@ def test_verify_command_rechecks_an_audit(verified_audit):
     assert summary["k"] == 2 and summary["settings"]["optimizer"] == "sgd"
     unknown = _cli("verify", "--audit", "nope", home=home)
     assert unknown.returncode != 0 and "no audit 'nope'" in unknown.stderr and "Traceback" not in unknown.stderr
+
+
+def test_score_verify_adds_the_columns_to_its_output(demo_model, demo_data, tmp_path):
+    out = tmp_path / "scores.parquet"
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-m", "influence_audit.cli", "score", "--model", str(demo_model), "--train",
+                        str(demo_data / "corpus.jsonl"), "--queries", str(demo_data / "queries.jsonl"), "--out",
+                        str(out), "--top-k", "3", "--verify", "2", "--max-length", "128", "--device", "cpu"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    df = pl.read_parquet(out)
+    assert df.filter(pl.col("rank") <= 2)["verified"].null_count() == 0
+    assert df.filter(pl.col("rank") == 3)["verified"].null_count() == df.filter(pl.col("rank") == 3).height
+    assert (tmp_path / "scores.verification" / "verification.json").exists() and "verified_at_10" in r.stdout
