@@ -34,6 +34,7 @@ def _quiet_libraries() -> None:
 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
                   help="Which training documents made our language model say this? EK-FAC influence audits.")
 err = Console(stderr=True)
 out = Console()
@@ -74,21 +75,51 @@ OnLongOpt = Annotated[str, typer.Option("--on-long",
 
 def _check_flags(strategy: str, damping: str, on_long: str) -> None:
     """Refuse bad flag values before any data or model is read."""
+    from influence_engine import get_strategy
     from influence_engine.errors import UserError
+    from influence_engine.settings import normalise_damping
 
-    if strategy not in ("identity", "diagonal", "kfac", "ekfac"):
-        raise UserError(f"--strategy {strategy!r}: choose one of identity, diagonal, kfac, ekfac")
+    get_strategy(strategy)
     if on_long not in ("truncate", "error"):
         raise UserError(f"--on-long {on_long!r}: choose 'truncate' (and count) or 'error'")
-    _as_damping(damping)
+    normalise_damping(damping)
 
 
-def _engine(model: Path, layers: str, device: str, precision: str, batch_size: int, max_length: int, seed: int,
-            on_long: str, trust_remote_code: bool):
-    from tasks.engine_io import get_engine
+def _check_out_file(path: Path, suffix: str) -> None:
+    """``--out`` must be a new or existing file with ``suffix`` in a directory that can be written."""
+    from influence_engine.errors import UserError
+    from tasks.inputs import check_writable
 
-    return get_engine(str(model.resolve()), layers, device, precision, batch_size, max_length, seed, on_long,
+    if path.suffix.lower() != suffix:
+        raise UserError(f"--out {path}: the output must be a {suffix} file")
+    if path.is_dir():
+        raise UserError(f"--out {path}: is a directory", hint=f"name a {suffix} file inside it")
+    check_writable(path.parent, f"--out {path}")
+
+
+def _spec(model: Path, layers: str, device: str, precision: str, batch_size: int, max_length: int, seed: int,
+          on_long: str, trust_remote_code: bool):
+    from tasks.pipeline import EngineSpec
+
+    return EngineSpec(str(model.resolve()), layers, device, precision, batch_size, max_length, seed, on_long,
                       trust_remote_code)
+
+
+def _warn_unknown(eng, docs, where: str) -> None:
+    """A word-level tokenizer maps words it does not know to one token: say how much of the text that is."""
+    unk = getattr(eng.tokenizer, "unk_token_id", None)
+    if unk is None:
+        return
+    n_unk = sum(e.input_ids.count(unk) for e in docs)
+    total = sum(len(e.input_ids) for e in docs)
+    if n_unk:
+        err.print(f"warning: {n_unk} of {total} {where} tokens ({n_unk / max(total, 1):.1%}) are the tokenizer's "
+                  f"unknown token {eng.tokenizer.unk_token!r}: its vocabulary does not cover this text",
+                  highlight=False, soft_wrap=True)
+
+
+def _fit_label(strategy: str, one_pass: bool) -> str:
+    return f"fitting {strategy} factors" + (" (one pass: gradients kept for scoring)" if one_pass else "")
 
 
 @app.command("fit-factors")
@@ -99,18 +130,23 @@ def fit_factors(model: ModelOpt, train: TrainOpt,
                 batch_size: Annotated[int, typer.Option(help="Documents per batch (halved on out-of-memory)")] = 8,
                 max_length: int = 512, on_long: OnLongOpt = "truncate", trust_remote_code: bool = False) -> None:
     """Fit (E)K-FAC factors on training documents and store them."""
+    from influence_engine import get_strategy
+    from tasks import pipeline
     from tasks.data import data_fingerprint, read_rows
-    from tasks.engine_io import encode_frame, factor_settings, fit_factors_to
+    from tasks.engine_io import encode_frame
+    from tasks.inputs import check_writable
 
     _check_flags(strategy, damping, on_long)
-
+    if out_dir.exists() and not out_dir.is_dir():
+        raise typer.BadParameter(f"{out_dir}: is a file, not a directory", param_hint="--out")
+    check_writable(out_dir, f"--out {out_dir}")
     df = read_rows(train, "train")
-    eng = _engine(model, layers, device, precision, batch_size, max_length, seed, on_long, trust_remote_code)
+    eng = _spec(model, layers, device, precision, batch_size, max_length, seed, on_long, trust_remote_code).engine()
     docs = encode_frame(eng, df, "train")
-    meta = factor_settings(eng, strategy, damping, data_fingerprint(df))
-    passes = {"identity": 0, "diagonal": 1, "kfac": 1, "ekfac": 2}[strategy] if strategy in (
-        "identity", "diagonal", "kfac", "ekfac") else 1
-    with _Bar(f"fitting {strategy} factors", passes * len(docs)) as bar:
+    _warn_unknown(eng, docs, "training")
+    settings = eng.factor_settings(strategy, damping, data_fingerprint=data_fingerprint(df))
+    passes = len(get_strategy(strategy).stages)
+    with _Bar(_fit_label(strategy, False), passes * len(docs)) as bar:
         done = [0]
 
         def progress(d: int, t: int) -> None:
@@ -118,9 +154,9 @@ def fit_factors(model: ModelOpt, train: TrainOpt,
             if d == len(docs):
                 done[0] += d
 
-        factors = fit_factors_to(out_dir, eng, docs, strategy, damping, meta, progress)
+        fitted = pipeline.fit(eng, docs, settings, out_dir=out_dir, progress=progress, notice=err.print)
     truncated = sum(e.truncated for e in docs)
-    err.print(f"factors for {len(factors.specs)} layers from {len(docs)} documents"
+    err.print(f"factors for {len(fitted.factors.specs)} layers from {len(docs)} documents"
               f"{f' ({truncated} truncated to {max_length} tokens)' if truncated else ''} -> {out_dir}")
 
 
@@ -144,63 +180,42 @@ def score(model: ModelOpt, train: TrainOpt,
           verify_lr: Annotated[float | None, typer.Option(help="Tail-patch learning rate (default: chosen)")] = None
           ) -> None:
     """Rank training documents by influence on each query's completion."""
-    import torch
-
+    from tasks import pipeline
     from tasks.data import data_fingerprint, read_rows
-    from tasks.engine_io import (
-        encode_frame,
-        factor_settings,
-        fit_factors_to,
-        load_factors_if_fresh,
-        score_frame,
-        write_parquet_atomic,
-    )
+    from tasks.engine_io import encode_frame, score_frame, write_parquet_atomic
 
     if top_k < 0:
         raise typer.BadParameter("must be >= 0", param_hint="--top-k")
-    _check_flags(strategy, damping, on_long)
-    if out_path.suffix != ".parquet":
-        raise typer.BadParameter(f"{out_path}: the output must be a .parquet file", param_hint="--out")
-    train_df = read_rows(train, "train")
-    query_df = read_rows(queries, "queries")
-    eng = _engine(model, layers, device, precision, batch_size, max_length, seed, on_long, trust_remote_code)
-    docs = encode_frame(eng, train_df, "train")
-    qs = encode_frame(eng, query_df, "queries")
     if gradient_cache_gb < 0:
         raise typer.BadParameter("must be >= 0", param_hint="--gradient-cache-gb")
+    _check_flags(strategy, damping, on_long)
+    _check_out_file(out_path, ".parquet")
+    train_df = read_rows(train, "train")
+    query_df = read_rows(queries, "queries")
+    eng = _spec(model, layers, device, precision, batch_size, max_length, seed, on_long, trust_remote_code).engine()
+    docs = encode_frame(eng, train_df, "train")
+    qs = encode_frame(eng, query_df, "queries")
+    _warn_unknown(eng, docs, "training")
+    _warn_unknown(eng, qs, "query")
     t0 = time.perf_counter()
-    fitted = cache = None
-    if factors is not None:
-        fitted = load_factors_if_fresh(factors, eng, strategy)
-        if fitted is not None:
-            err.print(f"reusing factors in {factors}")
-    if fitted is None:
-        meta = factor_settings(eng, strategy, damping, data_fingerprint(train_df))
-        one_pass = strategy in ("kfac", "ekfac") and eng.gradient_cache_bytes(len(docs)) <= gradient_cache_gb * 2**30
-        label = f"fitting {strategy} factors" + (" (one pass: gradients kept for scoring)" if one_pass else "")
-        try:
-            with _Bar(label, len(docs)) as bar:
-                fitted = fit_factors_to(factors, eng, docs, strategy, damping, meta, bar, cache=one_pass)
-        except torch.OutOfMemoryError:
-            if not one_pass:
-                raise
-            one_pass = False  # the gradients did not fit beside the model after all: the three passes
-            err.print("the documents' gradients do not fit on the device: fitting in separate passes")
-            with _Bar(f"fitting {strategy} factors", len(docs)) as bar:
-                fitted = fit_factors_to(factors, eng, docs, strategy, damping, meta, bar)
-        if one_pass:
-            fitted, cache = fitted
-    prepared = eng.prepare_queries(qs, fitted, rank=query_rank)
-    with _Bar(f"scoring {len(qs)} queries" + (" from kept gradients" if cache else ""), len(docs)) as bar:
-        result = eng.score(docs, prepared, top_k=top_k, progress=bar, cache=cache)
+    settings = eng.factor_settings(strategy, damping, data_fingerprint=data_fingerprint(train_df))
+    budget = gradient_cache_gb * 2**30
+    one_pass = eng.gradient_cache_bytes(len(docs)) <= budget
+    with _Bar(_fit_label(strategy, one_pass), len(docs)) as bar:
+        fitted = pipeline.fit(eng, docs, settings, out_dir=factors, cache_budget_bytes=budget, progress=bar,
+                              notice=err.print)
+    with _Bar(f"scoring {len(qs)} queries" + (" from kept gradients" if fitted.cache else ""), len(docs)) as bar:
+        result = pipeline.score(eng, docs, qs, fitted, rank=query_rank, top_k=top_k, progress=bar)
     write_parquet_atomic(score_frame(result.top_rows()), out_path)
     if verify:
-        verify_scores(eng, out_path, train_df, query_df, prepared, verify, verify_check, verify_lr)
+        verify_scores(eng, out_path, train_df, query_df, eng.prepare_queries(qs, fitted.factors, rank=query_rank),
+                      verify, verify_check, verify_lr)
     seconds = time.perf_counter() - t0
     truncated = sum(e.truncated for e in docs) + sum(q.truncated for q in qs)
     err.print(f"{len(qs)} queries x {len(docs)} documents ({result.n_tokens:,} tokens"
               f"{f'; {truncated} truncated to {max_length}' if truncated else ''}) in {seconds:.1f} s"
-              f"{' (fitted and scored in one pass over the documents)' if cache is not None else ''} -> {out_path}")
+              f"{' (fitted and scored in one pass over the documents)' if fitted.cache is not None else ''}"
+              f" -> {out_path}")
 
 
 def _hide_user_error_tracebacks() -> None:
@@ -226,8 +241,25 @@ def _hide_user_error_tracebacks() -> None:
 
 
 def _run_audit(params, dask: str | None = None, cluster_class: str | None = None) -> dict:
+    """Check the inputs (seconds, before Prefect or MLflow start), then run the flow with one progress line per
+    stage on stderr in every mode."""
+    import logging
+
+    from tasks.inputs import preflight
+
+    preflight(params)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    progress = logging.getLogger("influence_audit.progress")
+    if not progress.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        progress.addHandler(handler)
+        progress.setLevel(logging.INFO)
+        progress.propagate = False
+    if not os.environ.get("PREFECT_API_URL"):
+        err.print("starting Prefect (a temporary local server: set PREFECT_API_URL to use a running one)...",
+                  highlight=False, soft_wrap=True)
     import httpx
 
     from flows.runners import run_audit
@@ -289,25 +321,37 @@ def audit(model: Annotated[str, typer.Option(help="Local model directory, or mod
           verify_lr: Annotated[float | None, typer.Option(help="Tail-patch learning rate (default: chosen)")] = None
           ) -> None:
     """Run the full audit flow: validate, sample, fit, score, merge, validate, record in MLflow, open review."""
-    from pydantic import ValidationError
-
     from tasks.params import AuditParams
 
+    local = not model.startswith(("models:/", "runs:/"))
+    params = _params(AuditParams, model=_absolute(model) if local else model, train=[_absolute(t) for t in train],
+                     queries=_absolute(queries), n_queries=n_queries, sampling=sampling, stratify_by=stratify_by,
+                     strategy=strategy, layers=layers, top_k=top_k, query_rank=query_rank, damping=damping,
+                     device=device, precision=precision, batch_size=batch_size, max_length=max_length,
+                     on_long=on_long, shard_size=shard_size, seed=seed, explain_top=explain_top,
+                     output_dir=_absolute(output_dir) if output_dir else None, experiment=experiment,
+                     tracking_uri=tracking_uri, planted=_absolute(planted) if planted else None,
+                     verify_k=verify, verify_check=verify_check, verify_lr=verify_lr)
+    _print_summary(_run_audit(params, dask, dask_cluster_class))
+
+
+def _absolute(path: str | Path) -> str:
+    """Paths as the manifest records them: absolute, so the audit can be found and rerun from anywhere (a glob
+    pattern keeps its pattern)."""
+    return os.path.abspath(Path(path).expanduser())
+
+
+def _params(cls, **values):
+    """Build the flow's parameters; a refused value is one line naming its flag."""
+    from pydantic import ValidationError
+
+    from influence_engine.errors import UserError
+
     try:
-        params = AuditParams(model=model, train=[str(t) for t in train], queries=str(queries), n_queries=n_queries,
-                             sampling=sampling, stratify_by=stratify_by, strategy=strategy, layers=layers,
-                             top_k=top_k, query_rank=query_rank, damping=damping, device=device,
-                             precision=precision, batch_size=batch_size, max_length=max_length, on_long=on_long,
-                             shard_size=shard_size, seed=seed, explain_top=explain_top,
-                             output_dir=str(output_dir) if output_dir else None, experiment=experiment,
-                             tracking_uri=tracking_uri, planted=str(planted) if planted else None,
-                             verify_k=verify, verify_check=verify_check, verify_lr=verify_lr)
+        return cls(**values)
     except ValidationError as exc:
         first = exc.errors()[0]
-        from influence_engine.errors import UserError
-
         raise UserError(f"--{'-'.join(str(x) for x in first['loc']).replace('_', '-')}: {first['msg']}") from None
-    _print_summary(_run_audit(params, dask, dask_cluster_class))
 
 
 @app.command()
@@ -318,13 +362,13 @@ def demo(output_dir: Annotated[Path | None, typer.Option(help="Project data dire
 
     from influence_audit.demo.model import ensure_demo_model
     from tasks.params import AuditParams
-    from tasks.stages import home_dir
+    from tasks.paths import resolve_home
 
     data = resources.files("influence_audit.demo") / "data"
-    probe = AuditParams(model=".", train=["."], queries=".", output_dir=str(output_dir) if output_dir else None)
-    home = home_dir(probe)
+    home = resolve_home(output_dir)
     err.print("training the demo model on the shipped corpus (reused when already trained)...")
     model_dir = ensure_demo_model(home / "demo-model", seed=seed)
+    err.print(f"demo model: {model_dir}", highlight=False, soft_wrap=True)
     params = AuditParams(model=str(model_dir), train=[str(data / "corpus.jsonl")], queries=str(data / "queries.jsonl"),
                          strategy=strategy, top_k=10, max_length=128, shard_size=100, seed=seed,
                          output_dir=str(home), planted=str(data / "planted.json"), verify_k=10)
@@ -340,12 +384,6 @@ def demo(output_dir: Annotated[Path | None, typer.Option(help="Project data dire
 from influence_audit.cli_review import review_app  # noqa: E402
 
 app.add_typer(review_app, name="review")
-
-
-def _as_damping(damping: str):
-    from tasks.engine_io import parse_damping
-
-    return parse_damping(damping)
 
 
 from influence_audit.cli_ops import notify_retrained, webhook_app  # noqa: E402

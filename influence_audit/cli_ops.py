@@ -15,7 +15,8 @@ from rich.console import Console
 __all__ = ["notify_retrained", "webhook_app"]
 
 err = Console(stderr=True)
-webhook_app = typer.Typer(no_args_is_help=True, help="Receive MLflow model-registry webhooks.")
+webhook_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                          help="Receive MLflow model-registry webhooks.")
 
 
 def notify_retrained(

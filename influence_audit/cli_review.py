@@ -14,12 +14,13 @@ from rich.console import Console
 from rich.table import Table
 
 review_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                         rich_markup_mode=None,
                          help="Human review of audit candidates: culprit / not-culprit / unsure.")
 out = Console()
 err = Console(stderr=True)
 
-HomeOpt = Annotated[Path | None, typer.Option("--home", help="Audit home (default $INFLUENCE_AUDIT_HOME or "
-                                                             "./.influence-audit)")]
+HomeOpt = Annotated[Path | None, typer.Option("--output-dir", "--home", help="Where the audits are (default "
+                                                             "$INFLUENCE_AUDIT_HOME or ./.influence-audit)")]
 UriOpt = Annotated[str | None, typer.Option("--tracking-uri", help="MLflow URI (default: the audit's)")]
 
 
@@ -30,7 +31,7 @@ def list_cmd(home: HomeOpt = None, tracking_uri: UriOpt = None) -> None:
 
     rows = list_audits(home, tracking_uri=tracking_uri)
     if not rows:
-        err.print(f"no audits in {resolve_home(home) / 'audits'}")
+        err.print(f"no audits in {resolve_home(home) / 'audits'}", highlight=False, soft_wrap=True)
         return
     wide = out.width >= 110  # the 32-character MLflow run id fits
     table = Table(box=box.SIMPLE)

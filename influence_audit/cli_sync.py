@@ -25,9 +25,10 @@ def sync(output_dir: Annotated[Path | None, typer.Option(
          experiment: Annotated[str | None, typer.Option(help="MLflow experiment (default: each audit's own)")] = None,
          audit_id: Annotated[str | None, typer.Option("--audit-id", help="Sync only this audit")] = None) -> None:
     """Record every finished audit whose MLflow run is missing or incomplete; failed audits as failed."""
-    from tasks.sync import home_of, sync_audits
+    from tasks.paths import resolve_home
+    from tasks.sync import sync_audits
 
-    home = home_of(output_dir)
+    home = resolve_home(output_dir)
     outcomes = sync_audits(home, tracking_uri=tracking_uri, experiment=experiment, audit_id=audit_id)
     for o in outcomes:
         run = f" (MLflow run {o.run_id})" if o.run_id else ""

@@ -21,6 +21,8 @@ _EXPORTS = {
     "CovariancePartial": "factors", "Eigenbasis": "factors", "Factors": "factors", "LambdaPartial": "factors",
     "eigendecompose": "factors", "finalize": "factors", "merge": "factors",
     "PreparedQueries": "queries",
+    "FactorSettings": "settings", "stable_key": "settings",
+    "STRATEGIES": "strategies", "Strategy": "strategies", "get_strategy": "strategies",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -31,6 +33,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .errors import DataError, FactorMismatchError, ModelError, NumericalError, UserError  # noqa: F401
     from .factors import CovariancePartial, Eigenbasis, Factors, LambdaPartial, eigendecompose, finalize, merge  # noqa: F401
     from .queries import PreparedQueries  # noqa: F401
+    from .settings import FactorSettings, stable_key  # noqa: F401
+    from .strategies import STRATEGIES, Strategy, get_strategy  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -7,7 +7,8 @@ memory (small models, small shards), the covariance pass can keep them instead: 
 backward pass with labels sampled from the model (the covariances, and the per-document gradients
 ``G̃_d`` the eigenvalue correction squares) and one with the data's own labels (the gradients ``G_d`` that
 scores contract with queries). The eigenvalue correction ``Σ_d (Q_S^T G̃_d Q_A)^2`` and the scores
-``<P_q, G_d>`` are then plain products on stored gradients, no further pass over the data.
+``<P_q, G_d>`` are then products on stored gradients, no further pass over the data: the stored gradients
+are replayed through the same accumulators a pass feeds (:meth:`~influence_engine.passes.Runner.replay`).
 
 The results are those of the three passes (same labels, same sums; only floating-point rounding differs).
 Size: ``n_docs × Σ_layers out × (in + 1)`` values, twice with the sampled (true) Fisher, once with the
@@ -20,12 +21,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .errors import UserError
-from .factors import CovarianceAccumulator, Eigenbasis, LambdaPartial, _load_tensors, _save_tensors
+from .factors import CovarianceAccumulator, _load_tensors, _save_tensors
 from .layers import LayerSpec
 from .passes import PassContext
 
@@ -39,7 +39,8 @@ def cache_bytes(specs: dict[str, LayerSpec], n_docs: int, itemsize: int, sets: i
 class GradientCache:
     """Each document's gradient per tracked layer, ``(N, out, a_dim)``, rows in ``ids`` order: ``true``
     from the data's labels (for scores) and ``sampled`` from labels drawn from the model (for the eigenvalue
-    correction; ``None`` with the empirical Fisher, where the two are the same)."""
+    correction; ``None`` with the empirical Fisher, where the two are the same). Replayed through the
+    accumulators of the passes they stand in for (:meth:`~influence_engine.passes.Runner.replay`)."""
 
     ids: list[str]
     specs: dict[str, LayerSpec]
@@ -115,33 +116,3 @@ class CachingCovarianceAccumulator(CovarianceAccumulator):
 
     def cache(self) -> GradientCache:
         return GradientCache(list(self.ids), dict(self.specs), self.store["true"], self.store.get("sampled"))
-
-
-def lambda_from_cache(cache: GradientCache, basis: Eigenbasis | None, device: torch.device,
-                      dtype: torch.dtype, gemm_dtype: torch.dtype | None = None, chunk: int = 64) -> LambdaPartial:
-    """The eigenvalue-correction partial of the cached documents: ``Σ_d (Q_S^T G̃_d Q_A)^2`` (``Σ_d G̃_d^2``
-    without a basis), a chunk of documents at a time. Rotations take ``gemm_dtype`` operands (bfloat16 in bf16
-    mode, as the eigenvalue-correction pass does); squares are summed in ``dtype`` and then float64."""
-    gemm_dtype = gemm_dtype or dtype
-    grads = cache.fisher_gradients()
-    sums = {}
-    for n in cache.specs:
-        total = torch.zeros(cache.specs[n].out_features, cache.specs[n].a_dim, dtype=torch.float64, device=device)
-        Q = None if basis is None else (basis.Q_S[n].T.to(device, gemm_dtype), basis.Q_A[n].to(device, gemm_dtype))
-        for s in range(0, len(cache), chunk):
-            G = grads[n][s:s + chunk].to(device, gemm_dtype)
-            if Q is not None:
-                G = Q[0] @ G @ Q[1]
-            total += G.to(dtype).square_().sum(0, dtype=torch.float64)
-        sums[n] = total.cpu()
-    return LambdaPartial(dict(cache.specs), sums, len(cache), rotated=basis is not None)
-
-
-def scores_from_cache(cache: GradientCache, dense_queries: dict[str, torch.Tensor], device: torch.device,
-                      dtype: torch.dtype, chunk: int = 256) -> Any:
-    """Yield ``(rows, scores, layer_scores)`` for chunks of cached documents: ``scores`` (n, Q) is
-    ``Σ_layers <G_d, P_q>`` in ``dtype``; ``dense_queries[layer]`` is ``(Q, out, a_dim)``."""
-    flat_q = {n: P.to(device, dtype).flatten(1).T.contiguous() for n, P in dense_queries.items()}  # (out*a, Q)
-    for s in range(0, len(cache), chunk):
-        layer_scores = {n: cache.true[n][s:s + chunk].to(device, dtype).flatten(1) @ flat_q[n] for n in flat_q}
-        yield range(s, min(s + chunk, len(cache))), sum(layer_scores.values()), layer_scores

@@ -9,7 +9,7 @@ boundary between them is exact.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -100,17 +100,6 @@ def encode(tokenizer, rows: Iterable[Mapping[str, str]], *, max_length: int,
     return out
 
 
-def make_batches(examples: Sequence[Example], batch_size: int, *, pad_id: int = 0,
-                 padding_side: str = "right", sort_by_length: bool = True) -> Iterator[Batch]:
-    """Yield padded batches. Sorting by length wastes less padding; results do not depend on it."""
-    order = list(range(len(examples)))
-    if sort_by_length:
-        order.sort(key=lambda i: -len(examples[i].input_ids))
-    for s in range(0, len(order), batch_size):
-        yield collate([examples[i] for i in order[s:s + batch_size]], pad_id=pad_id,
-                      padding_side=padding_side)
-
-
 def collate(examples: Sequence[Example], *, pad_id: int = 0, padding_side: str = "right",
             pad_to: int | None = None) -> Batch:
     width = max(len(e.input_ids) for e in examples)
@@ -136,3 +125,12 @@ def example_seed(seed: int, doc_id: str) -> int:
     """A per-document seed: sampled labels depend on the document, never on its batch or shard."""
     digest = hashlib.sha256(f"{seed}\x1f{doc_id}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def examples_fingerprint(examples: Sequence[Example]) -> str:
+    """sha256 over the sorted ``(id, tokens, target start)`` of ``examples``: independent of their order, changed
+    by any token, target or id. (The pipeline fingerprints data by text instead, before tokenising.)"""
+    h = hashlib.sha256()
+    for e in sorted(examples, key=lambda e: e.id):
+        h.update(f"{len(e.id)}:{e.id}:{e.target_start}:{','.join(map(str, e.input_ids))}\n".encode())
+    return h.hexdigest()

@@ -34,15 +34,9 @@ import torch
 from torch import nn
 
 from . import __version__
-from .cache import (
-    CachingCovarianceAccumulator,
-    GradientCache,
-    cache_bytes,
-    lambda_from_cache,
-    scores_from_cache,
-)
-from .data import Example, encode
-from .errors import ModelError, UserError
+from .cache import CachingCovarianceAccumulator, GradientCache, cache_bytes
+from .data import Example, encode, examples_fingerprint
+from .errors import FactorMismatchError, ModelError, UserError
 from .factors import (
     CovarianceAccumulator,
     CovariancePartial,
@@ -55,11 +49,11 @@ from .factors import (
 )
 from .fusion import fuse_activations
 from .layers import LayerSpec, layer_spec, select_layers
-from .passes import PassConfig, Progress, Runner
-from .queries import GradientAccumulator, PreparedQueries, QueryAccumulator
+from .passes import PassConfig, PassContext, Progress, Runner
+from .queries import PreparedQueries, QueryAccumulator
 from .scoring import ScoreAccumulator, SelfInfluenceAccumulator, TopK, check_scores
-
-PRECISIONS = ("fp32", "fp64", "bf16")
+from .settings import PRECISIONS, FactorSettings
+from .strategies import get_strategy
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -212,11 +206,13 @@ class InfluenceEngine:
     def dtype(self) -> torch.dtype:
         return torch.float64 if self.precision == "fp64" else torch.float32
 
-    def settings(self) -> dict[str, Any]:
-        """What the factors depend on besides the data: recorded with them and checked on reuse."""
-        return {"model_fingerprint": self.fingerprint, "layer_selection": self.layers,
-                "layers": list(self.specs), "fisher": self.fisher, "seed": self.seed,
-                "max_length": self.max_length, "precision": self.precision, "library_version": __version__}
+    def factor_settings(self, strategy: str = "ekfac", damping: str | float | None = "auto", *,
+                        data_fingerprint: str = "") -> FactorSettings:
+        """The :class:`FactorSettings` of factors this engine fits with ``strategy`` and ``damping`` on data
+        whose fingerprint is ``data_fingerprint`` (empty: not recorded)."""
+        return FactorSettings(self.fingerprint, data_fingerprint, strategy, self.layers,
+                              "auto" if damping is None else damping, self.fisher, self.seed, self.max_length,
+                              self.precision, self.on_long)
 
     def encode(self, rows: Iterable[Mapping[str, str]], *, where: str = "input") -> list[Example]:
         """Tokenise rows (``id`` + ``text``, or ``id`` + ``prompt`` + ``completion``)."""
@@ -260,68 +256,79 @@ class InfluenceEngine:
                    progress: Progress | None = None, *, cache: GradientCache | None = None) -> LambdaPartial:
         """Partial eigenvalue corrections in ``basis`` (``None``: the diagonal of the Fisher); from the
         cached gradients of these examples, without a pass, when ``cache`` is given."""
-        if cache is not None:
-            cache.check_covers([e.id for e in examples])
-            result = lambda_from_cache(cache, basis, self.device, self.dtype, self.runner.gemm_dtype(self.precision))
-            if progress is not None:
-                progress(len(examples), sum(len(e.input_ids) for e in examples))
-            return result
         acc = LambdaAccumulator(self.specs, basis, self.device, self.dtype,
                                 self.runner.gemm_dtype(self.precision))
-        self.runner.run(examples, acc, self._cfg(self._fit_labels), progress)
+        if cache is not None:
+            self._replay(examples, cache, cache.fisher_gradients(), acc, progress)
+        else:
+            self.runner.run(examples, acc, self._cfg(self._fit_labels), progress)
         total = acc.total
         return LambdaPartial(total.specs, {n: t.cpu() for n, t in total.sums.items()}, total.n_docs, total.rotated)
 
-    def finalize(self, strategy: str, *, basis: Eigenbasis | None = None, lambdas: LambdaPartial | None = None,
-                 covariance: CovariancePartial | None = None, damping: float | str | None = "auto",
-                 extra_meta: dict[str, Any] | None = None) -> Factors:
-        meta = self.settings() | {"strategy": strategy} | (extra_meta or {})
+    def _replay(self, examples: Sequence[Example], cache: GradientCache, grads: dict[str, torch.Tensor], acc,
+                progress: Progress | None) -> None:
+        """Stored gradients of ``examples`` through ``acc`` instead of a pass."""
+        cache.check_covers([e.id for e in examples])
+        tokens = {e.id: len(e.input_ids) for e in examples}
+        self.runner.replay(cache.ids, grads, acc, self.precision, [tokens[i] for i in cache.ids], progress)
+
+    def finalize(self, settings: FactorSettings | str, *, basis: Eigenbasis | None = None,
+                 lambdas: LambdaPartial | None = None, covariance: CovariancePartial | None = None,
+                 damping: float | str | None = None, extra_meta: dict[str, Any] | None = None) -> Factors:
+        """Assemble factors from the fitted pieces ``settings`` (or a strategy name, with ``damping``) needs."""
+        if isinstance(settings, str):
+            settings = self.factor_settings(settings, damping)
+        elif damping is not None:
+            raise ValueError("damping is part of the settings")
+        self._check_settings(settings)
+        meta: dict[str, Any] = {"settings": settings.to_json(), "library_version": __version__}
         if covariance is not None:
             meta |= {"covariance_tokens": covariance.n_tokens, "covariance_docs": covariance.n_docs}
         if lambdas is not None:
             meta |= {"lambda_docs": lambdas.n_docs}
-        meta["damping_setting"] = "auto" if damping in (None, "auto") else float(damping)
-        factors = finalize(strategy, self.specs, basis=basis, lambdas=lambdas, damping=damping, meta=meta)
+        factors = finalize(settings.strategy, self.specs, basis=basis, lambdas=lambdas,
+                           damping=settings.damping_value, meta=meta | (extra_meta or {}))
         # everything that uses them computes in this engine's dtype: float32 factors outside fp64 mode halve
         # the bytes stored, loaded and moved to the device (eigendecomposition and damping stay float64)
         factors.tensors = {n: {k: v.to(self.dtype) for k, v in t.items()} for n, t in factors.tensors.items()}
         return factors
 
-    def fit_factors(self, examples: Sequence[Example], strategy: str = "ekfac", *,
+    def fit_factors(self, examples: Sequence[Example], strategy: FactorSettings | str = "ekfac", *,
                     damping: float | str | None = "auto", progress: Progress | None = None,
                     cache: bool = False) -> Factors | tuple[Factors, GradientCache]:
-        """All of fitting in one call: covariances, eigenbasis, eigenvalue correction as the strategy needs.
-        With ``cache`` (strategies kfac and ekfac) one pass fits everything and the documents' gradients are
-        returned too, ready for ``score(..., cache=)``."""
+        """All of fitting in one call: the passes the strategy needs (covariances and eigenbasis, eigenvalue
+        correction). ``strategy`` is a name (with ``damping``; the data fingerprint is then the examples'
+        tokens') or full :class:`FactorSettings`. With ``cache`` (strategies with a covariance pass) one pass
+        fits everything and the documents' gradients are returned too, ready for ``score(..., cache=)``."""
+        settings = strategy if isinstance(strategy, FactorSettings) else self.factor_settings(
+            strategy, damping, data_fingerprint=examples_fingerprint(examples))
+        kind = get_strategy(settings.strategy)
         basis = cov = lam = gc = None
-        if cache and strategy not in ("kfac", "ekfac"):
-            raise UserError(f"a gradient cache is built by the covariance pass, which strategy {strategy!r} has not")
-        if strategy in ("kfac", "ekfac"):
+        if cache and not kind.covariance:
+            raise UserError(f"a gradient cache is built by the covariance pass, which strategy {kind.name!r} has not")
+        if kind.covariance:
             cov, gc = self.fit_covariance_cached(examples, progress) if cache else (
                 self.fit_covariance(examples, progress), None)
             basis = eigendecompose(cov, self.device)
-        if strategy in ("ekfac", "diagonal"):
-            lam = self.fit_lambda(examples, basis if strategy == "ekfac" else None, progress, cache=gc)
-        factors = self.finalize(strategy, basis=basis, lambdas=lam, covariance=cov, damping=damping)
+        if kind.lambdas:
+            lam = self.fit_lambda(examples, basis if kind.lambda_basis else None, progress, cache=gc)
+        factors = self.finalize(settings, basis=basis, lambdas=lam, covariance=cov)
         return (factors, gc) if cache else factors
+
+    def _check_settings(self, settings: FactorSettings) -> None:
+        mine = self.factor_settings(settings.strategy, settings.damping, data_fingerprint=settings.data_fingerprint)
+        mine.check_matches(settings.to_json(), "these settings")
 
     def check_factors(self, factors: Factors) -> None:
         """Refuse factors made for another model or other layers."""
-        from .errors import FactorMismatchError
-
-        if factors.meta.get("model_fingerprint") not in (None, self.fingerprint):
+        settings = factors.settings
+        if settings is not None and settings.model_fingerprint != self.fingerprint:
             raise FactorMismatchError("factors were fitted on another model (weights differ)",
                                       hint="refit with `influence-audit fit-factors`")
         if list(factors.specs) != list(self.specs):
             raise FactorMismatchError("factors track other layers than this engine", hint="use the same --layers")
 
     # ---------------------------------------------------------------------------------------------- scores
-    def query_gradients(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        """Per-layer gradients of each query's completion NLL, stacked in ``examples`` order."""
-        acc = GradientAccumulator(self.specs)
-        self.runner.run(examples, acc, self._cfg("true"))
-        return acc.stacked([e.id for e in examples])
-
     def prepare_queries(self, examples: Sequence[Example], factors: Factors, rank: int = 32) -> PreparedQueries:
         """Preconditioned (and, above ``rank``, compressed) query gradients."""
         self.check_factors(factors)
@@ -337,7 +344,8 @@ class InfluenceEngine:
               return_all: bool = False, progress: Progress | None = None,
               cache: GradientCache | None = None) -> ScoreResult:
         """Score every document against every query; keep the top ``top_k`` per query (0: all). With
-        ``cache`` (these documents' gradients, from :meth:`fit_covariance_cached`) no pass runs."""
+        ``cache`` (these documents' gradients, from :meth:`fit_covariance_cached`) no pass runs: the stored
+        gradients go through the same scoring accumulator."""
         if list(queries.specs) != list(self.specs):
             raise UserError("prepared queries track other layers than this engine")
         n = len(examples)
@@ -350,36 +358,26 @@ class InfluenceEngine:
         all_scores = torch.zeros(len(queries), n, dtype=torch.float64) if (return_all or top_k == 0) else None
         tokens = 0
 
-        def push(ids: Sequence[str], scores: torch.Tensor, layer_scores: dict[str, torch.Tensor]) -> None:
+        def push(ctx: PassContext, layer_scores: dict[str, torch.Tensor]) -> None:
+            nonlocal tokens
+            scores = sum(layer_scores.values())
             check_scores(scores, layer_scores)
-            index = torch.tensor([position[d] for d in ids])
+            index = torch.tensor([position[d] for d in ctx.batch.ids])
             topk.push(scores, index)
             if all_scores is not None:
                 all_scores[:, index] = scores.T.double().cpu()
+            tokens += ctx.batch.n_tokens
 
+        tokens_per_doc = float(np.mean([len(e.input_ids) for e in examples])) if n else 1.0
+        acc = ScoreAccumulator(queries, self.device, self.dtype, tokens_per_doc,
+                               gemm_dtype=self.runner.gemm_dtype(self.precision), on_batch=push,
+                               paths={name: "gradient" for name in self.specs} if cache is not None else None)
         if cache is not None:
-            cache.check_covers(doc_ids)
-            dense = {name: lq.dense() for name, lq in queries.layers.items()}
+            self._replay(examples, cache, cache.true, acc, progress)
             paths = {name: "cached" for name in self.specs}
-            for rows, scores, layer_scores in scores_from_cache(cache, dense, self.device, self.dtype):
-                push([cache.ids[i] for i in rows], scores, layer_scores)
-            tokens = sum(len(e.input_ids) for e in examples)
-            if progress is not None:
-                progress(n, tokens)
         else:
-            tokens_per_doc = float(np.mean([len(e.input_ids) for e in examples])) if n else 1.0
-            acc = ScoreAccumulator(queries, self.device, self.dtype, tokens_per_doc,
-                                   gemm_dtype=self.runner.gemm_dtype(self.precision))
-            paths = acc.paths
-
-            def end_batch(ctx) -> None:
-                nonlocal tokens
-                push(ctx.batch.ids, sum(acc.layer_scores.values()), acc.layer_scores)
-                tokens += ctx.batch.n_tokens
-                acc.layer_scores = {}
-
-            acc.end_batch = end_batch  # type: ignore[method-assign]
             self.runner.run(examples, acc, self._cfg("true"), progress)
+            paths = acc.paths
         if n == 0:
             empty = np.zeros((len(queries), 0))
             return ScoreResult(queries.ids, doc_ids, empty, empty.astype(int), None, 0, paths)
@@ -388,20 +386,18 @@ class InfluenceEngine:
 
     def explain(self, examples: Sequence[Example], queries: PreparedQueries) -> list[Explanation]:
         """Per-layer and per-token scores of these documents against every query."""
-        acc = ScoreAccumulator(queries, self.device, self.dtype, 1.0, per_token=True)
         out: dict[str, Explanation] = {}
         by_id = {e.id: e for e in examples}
 
-        def end_batch(ctx) -> None:
+        def keep(ctx: PassContext, layer_scores: dict[str, torch.Tensor]) -> None:
             for b, doc_id in enumerate(ctx.batch.ids):
                 e = by_id[doc_id]
                 off = ctx.batch.offsets[b]
                 sl = slice(off, off + len(e.input_ids))
                 out[doc_id] = Explanation(doc_id, list(e.input_ids), list(queries.ids),
-                                          {n: s[b, sl].double().cpu().numpy() for n, s in acc.layer_scores.items()})
-            acc.layer_scores = {}
+                                          {n: s[b, sl].double().cpu().numpy() for n, s in layer_scores.items()})
 
-        acc.end_batch = end_batch  # type: ignore[method-assign]
+        acc = ScoreAccumulator(queries, self.device, self.dtype, 1.0, per_token=True, on_batch=keep)
         self.runner.run(examples, acc, self._cfg("true"))
         return [out[e.id] for e in examples]
 

@@ -34,9 +34,10 @@ from .atomic import atomic_path, write_json_atomic
 from .errors import FactorMismatchError, NumericalError, UserError
 from .layers import LayerSpec
 from .passes import BaseAccumulator, PassContext, aligned, augment
+from .settings import FactorSettings
+from .strategies import Strategy, get_strategy
 
-STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta["settings"] holds the FactorSettings
 
 
 def _check_finite(name: str, what: str, t: torch.Tensor) -> None:
@@ -313,8 +314,20 @@ class LambdaAccumulator(BaseAccumulator):
         g = ctx.masked(g, self.gemm_dtype)
         if self.basis is not None:
             g = g @ self.basis[spec.name][2]
-        grad = per_document_gradient(a, g)
-        self._pending[spec.name] = grad.to(ctx.dtype).square_().sum(0)
+        self._add(spec, per_document_gradient(a, g), ctx)
+
+    def gradients(self, spec: LayerSpec, G: torch.Tensor, ctx: PassContext) -> None:
+        """Stored per-document gradients: rotated here (``Q_S^T G Q_A``), then summed as in a pass."""
+        G = G.to(self.gemm_dtype)
+        if self.basis is not None:
+            W, w_bias, Q_S = self.basis[spec.name]
+            Q_A = W if w_bias is None else torch.cat([W, w_bias[None]])  # (a_dim, width)
+            G = Q_S.T @ G @ Q_A
+        self._add(spec, G, ctx)
+
+    def _add(self, spec: LayerSpec, R: torch.Tensor, ctx: PassContext) -> None:
+        """This batch's ``Σ_doc R_d^2`` from (rotated) per-document gradients ``R`` (B, out, width)."""
+        self._pending[spec.name] = R.to(ctx.dtype).square_().sum(0)
 
     def end_batch(self, ctx: PassContext) -> None:
         for name, value in self._pending.items():
@@ -329,7 +342,10 @@ class LambdaAccumulator(BaseAccumulator):
 # ------------------------------------------------------------------------------------------------ factors
 @dataclass
 class Factors:
-    """Finalised factors for one strategy: everything needed to precondition gradients."""
+    """Finalised factors for one strategy: everything needed to precondition gradients.
+
+    ``meta["settings"]`` holds the :class:`~influence_engine.settings.FactorSettings` they were fitted with
+    (when fitted through an engine); :meth:`load` checks it field by field against the settings asked for."""
 
     strategy: str
     specs: dict[str, LayerSpec]
@@ -337,28 +353,27 @@ class Factors:
     damping: dict[str, float]
     meta: dict[str, Any] = field(default_factory=dict)
 
-    # -- maths
+    @property
+    def kind(self) -> Strategy:
+        return get_strategy(self.strategy)
+
+    @property
+    def settings(self) -> FactorSettings | None:
+        stored = self.meta.get("settings")
+        return None if stored is None else FactorSettings.from_json(stored)
+
+    def layer_tensors(self, name: str, device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Layer ``name``'s factor tensors on ``device`` in ``dtype``."""
+        return {k: v.to(device, dtype) for k, v in self.tensors[name].items()}
+
+    # -- maths (see strategies.py)
     def precondition(self, name: str, G: torch.Tensor) -> torch.Tensor:
         """``(H + λI)^{-1} G`` for gradients ``G`` of shape ``(..., out, a_dim)`` of layer ``name``."""
-        t = {k: v.to(G.device, G.dtype) for k, v in self.tensors[name].items()}
-        lam = self.damping[name]
-        if self.strategy == "identity":
-            return G
-        if self.strategy == "diagonal":
-            return G / (t["diag"] + lam)
-        rotated = t["Q_S"].T @ G @ t["Q_A"]
-        return t["Q_S"] @ (rotated / (t["eigen"] + lam)) @ t["Q_A"].T
+        return self.kind.precondition(self.layer_tensors(name, G.device, G.dtype), self.damping[name], G)
 
     def self_product(self, name: str, G: torch.Tensor) -> torch.Tensor:
         """``<G, (H + λI)^{-1} G>`` per leading index: self-influence without forming the inverse."""
-        t = {k: v.to(G.device, G.dtype) for k, v in self.tensors[name].items()}
-        lam = self.damping[name]
-        if self.strategy == "identity":
-            return G.square().sum((-2, -1))
-        if self.strategy == "diagonal":
-            return (G.square() / (t["diag"] + lam)).sum((-2, -1))
-        rotated = t["Q_S"].T @ G @ t["Q_A"]
-        return (rotated.square() / (t["eigen"] + lam)).sum((-2, -1))
+        return self.kind.self_product(self.layer_tensors(name, G.device, G.dtype), self.damping[name], G)
 
     # -- store
     def save(self, directory: str | Path) -> Path:
@@ -372,10 +387,15 @@ class Factors:
         write_json_atomic(d / "factors.json", meta)
         return d
 
+    @staticmethod
+    def exists(directory: str | Path) -> bool:
+        return (Path(directory) / "factors.json").exists()
+
     @classmethod
-    def load(cls, directory: str | Path, *, model_fingerprint: str | None = None,
-             layers: Sequence[str] | None = None, strategy: str | None = None) -> Factors:
-        """Load factors, refusing them if they were made for another model, other layers or strategy."""
+    def load(cls, directory: str | Path, *, settings: FactorSettings | None = None,
+             layers: Sequence[str] | None = None) -> Factors:
+        """Load factors, refusing them (one line naming the field) if they were fitted with other
+        :class:`FactorSettings` than ``settings`` or track other ``layers``."""
         d = Path(directory)
         meta_path = d / "factors.json"
         if not meta_path.exists():
@@ -387,10 +407,8 @@ class Factors:
         if meta.get("format_version") != FORMAT_VERSION:
             raise FactorMismatchError(f"{meta_path}: format version {meta.get('format_version')} is not "
                                       f"{FORMAT_VERSION}", hint="refit the factors with this version")
-        if model_fingerprint is not None and meta.get("model_fingerprint") != model_fingerprint:
-            raise FactorMismatchError(
-                f"{d}: factors were fitted on another model (fingerprint {str(meta.get('model_fingerprint'))[:12]}, "
-                f"this model {model_fingerprint[:12]})", hint="refit with `influence-audit fit-factors`")
+        if settings is not None:
+            settings.check_matches(meta.get("settings") or {}, str(d))
         names = [s["name"] for s in meta["layers"]]
         if layers is not None and list(layers) != names:
             missing = sorted(set(layers) - set(names))
@@ -398,9 +416,6 @@ class Factors:
                 f"{d}: factors track other layers ({len(names)}, e.g. {names[0]}) than the {len(list(layers))} "
                 f"asked for" + (f" (missing e.g. {missing[0]})" if missing else ""),
                 hint="use the same --layers or refit")
-        if strategy is not None and meta["strategy"] != strategy:
-            raise FactorMismatchError(f"{d}: factors are for strategy {meta['strategy']!r}, not {strategy!r}",
-                                      hint="pass the same --strategy or refit")
         flat, _ = _load_tensors(d / "factors.safetensors")
         specs = {s["name"]: LayerSpec(**s) for s in meta["layers"]}
         tensors: dict[str, dict[str, torch.Tensor]] = {n: {} for n in specs}
@@ -416,33 +431,21 @@ class Factors:
 def finalize(strategy: str, specs: dict[str, LayerSpec], *, basis: Eigenbasis | None = None,
              lambdas: LambdaPartial | None = None, damping: float | str | None = "auto",
              damping_scale: float = 0.1, meta: dict[str, Any] | None = None) -> Factors:
-    """Assemble :class:`Factors` from the fitted pieces a strategy needs and choose damping per layer."""
-    if strategy not in STRATEGIES:
-        raise UserError(f"--strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
-    tensors: dict[str, dict[str, torch.Tensor]] = {n: {} for n in specs}
-    eigen: dict[str, torch.Tensor] = {}
-    for n in specs:
-        if strategy in ("kfac", "ekfac"):
-            if basis is None:
-                raise ValueError(f"{strategy} needs an eigenbasis")
-            tensors[n] = {"Q_A": basis.Q_A[n], "Q_S": basis.Q_S[n]}
-        if strategy == "kfac":
-            eigen[n] = basis.lambda_S[n][:, None] * basis.lambda_A[n][None, :]
-        elif strategy in ("ekfac", "diagonal"):
-            if lambdas is None or lambdas.n_docs == 0:
-                raise ValueError(f"{strategy} needs fitted eigenvalue corrections")
-            if lambdas.rotated != (strategy == "ekfac"):
-                raise FactorMismatchError("eigenvalue corrections were fitted for another strategy")
-            eigen[n] = lambdas.sums[n].double().cpu() / lambdas.n_docs
-        if n in eigen:
-            _check_finite(n, "eigenvalues", eigen[n])
-            tensors[n]["eigen" if strategy != "diagonal" else "diag"] = eigen[n]
+    """Assemble :class:`Factors` from the fitted pieces a strategy needs and choose damping per layer
+    (``damping_scale`` times the mean eigenvalue with ``"auto"``)."""
+    kind = get_strategy(strategy)
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
     damp: dict[str, float] = {}
     for n in specs:
-        if strategy == "identity":
+        tensors[n] = kind.basis_tensors(n, basis)
+        eigen = kind.eigenvalues(n, basis, lambdas)
+        if eigen is None:
             damp[n] = 0.0
-        elif damping in (None, "auto"):
-            damp[n] = damping_scale * float(eigen[n].mean())
+            continue
+        _check_finite(n, "eigenvalues", eigen)
+        tensors[n][kind.eigen_key] = eigen
+        if damping in (None, "auto"):
+            damp[n] = damping_scale * float(eigen.mean())
             if damp[n] <= 0:
                 damp[n] = 1e-8  # a layer that saw no signal: keep the inverse finite
         else:

@@ -7,6 +7,11 @@ Each tracked layer hands its input activations ``a`` (forward) and output gradie
 
 Because the objective is a sum of per-document losses and documents do not interact, ``g`` at a
 document's tokens is the gradient of that document's own loss.
+
+Per-document gradients kept from an earlier pass (:class:`~influence_engine.cache.GradientCache`) go through
+the same accumulators without a model pass: :meth:`Runner.replay` hands each chunk of stored gradients
+``G_d = Σ_t g_t a_t^T`` to :meth:`Accumulator.gradients`, between the same ``begin_batch`` / ``end_batch``
+calls a live pass makes.
 """
 
 from __future__ import annotations
@@ -75,6 +80,8 @@ class Accumulator(Protocol):
 
     def backward(self, spec: LayerSpec, state: Any, g: torch.Tensor, ctx: PassContext) -> None: ...
 
+    def gradients(self, spec: LayerSpec, G: torch.Tensor, ctx: PassContext) -> None: ...
+
     def end_batch(self, ctx: PassContext) -> None: ...
 
     def abort_batch(self) -> None: ...
@@ -91,6 +98,10 @@ class BaseAccumulator:
 
     def backward(self, spec: LayerSpec, state: Any, g: torch.Tensor, ctx: PassContext) -> None:
         pass
+
+    def gradients(self, spec: LayerSpec, G: torch.Tensor, ctx: PassContext) -> None:
+        """Whole per-document gradients ``G`` (B, out, a_dim) of this batch's documents (a replay)."""
+        raise NotImplementedError(f"{type(self).__name__} needs a pass over the data, not stored gradients")
 
     def end_batch(self, ctx: PassContext) -> None:
         pass
@@ -113,12 +124,6 @@ class PassConfig:
     padding_side: str = "right"
     pad_id: int = 0
     pad_to_multiple: int = 1  # e.g. 8 or 64 on GPUs; results do not depend on it
-
-
-def masked(x: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` in ``dtype`` with padding positions set to exactly zero (NaN-safe, unlike multiplying)."""
-    x = x.to(dtype)
-    return torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=dtype, device=x.device))
 
 
 def augment(a: torch.Tensor, spec: LayerSpec, mask: torch.Tensor) -> torch.Tensor:
@@ -239,6 +244,17 @@ class LogitGradient:
         return self.grad
 
 
+@dataclass
+class ReplayBatch:
+    """What accumulators see of a chunk of stored per-document gradients: ids and token count."""
+
+    ids: list[str]
+    n_tokens: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -272,6 +288,25 @@ class Runner:
         because accumulators only commit at ``end_batch``."""
         with self._lock:
             self._run(examples, acc, cfg, progress)
+
+    def replay(self, ids: Sequence[str], grads: dict[str, torch.Tensor], acc: Accumulator, precision: str,
+               tokens: Sequence[int] | None = None, progress: Progress | None = None, chunk: int = 64) -> None:
+        """Hand stored per-document gradients (``grads[layer]``: (N, out, a_dim), rows in ``ids`` order) to
+        ``acc`` a chunk of documents at a time, as a pass would hand it activations and output gradients;
+        ``tokens`` (per document) only feeds the progress counts."""
+        done_tokens = 0
+        for s in range(0, len(ids), chunk):
+            rows = list(ids[s:s + chunk])
+            n_tok = sum(tokens[s:s + chunk]) if tokens is not None else 0
+            ctx = PassContext(ReplayBatch(rows, n_tok), None, self.compute_dtype(precision),  # type: ignore[arg-type]
+                              self.gemm_dtype(precision), padded=False)
+            acc.begin_batch(ctx)
+            for name, spec in self.specs.items():
+                acc.gradients(spec, grads[name][s:s + chunk].to(self.device), ctx)
+            acc.end_batch(ctx)
+            done_tokens += n_tok
+            if progress is not None:
+                progress(s + len(rows), done_tokens)
 
     def _run(self, examples: Sequence[Example], acc: Accumulator, cfg: PassConfig, progress: Progress | None) -> None:
         order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))

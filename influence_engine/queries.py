@@ -24,36 +24,7 @@ from .errors import UserError
 from .factors import Factors, _check_finite, _load_tensors, _save_tensors, per_document_gradient
 from .layers import LayerSpec
 from .passes import BaseAccumulator, PassContext, augment
-
-
-class GradientAccumulator(BaseAccumulator):
-    """Collects each document's full gradient per layer (for queries: few documents, kept in float64)."""
-
-    def __init__(self, specs: dict[str, LayerSpec]):
-        self.specs = specs
-        self.grads: dict[str, dict[str, torch.Tensor]] = {n: {} for n in specs}
-        self._pending: dict[str, torch.Tensor] = {}
-
-    def begin_batch(self, ctx: PassContext) -> None:
-        self._pending = {}
-
-    def forward(self, spec: LayerSpec, a: torch.Tensor, ctx: PassContext) -> torch.Tensor:
-        return a  # as the layer saw it (bf16 under autocast): cast and augmented only when its gradient comes
-
-    def backward(self, spec: LayerSpec, a: torch.Tensor, g: torch.Tensor, ctx: PassContext) -> None:
-        self._pending[spec.name] = per_document_gradient(augment(ctx.masked(a), spec, ctx.mask), ctx.masked(g))
-
-    def end_batch(self, ctx: PassContext) -> None:
-        for name, grads in self._pending.items():
-            for doc_id, grad in zip(ctx.batch.ids, grads.double().cpu(), strict=True):
-                self.grads[name][doc_id] = grad
-        self._pending = {}
-
-    def abort_batch(self) -> None:
-        self._pending = {}
-
-    def stacked(self, ids: Sequence[str]) -> dict[str, torch.Tensor]:
-        return {n: torch.stack([g[i] for i in ids]) for n, g in self.grads.items()}
+from .strategies import Strategy
 
 
 @dataclass
@@ -159,28 +130,16 @@ def low_rank(P: torch.Tensor, rank: int, *, oversample: int | None = None, power
     return (left * s, right) if wide else (right * s, left)
 
 
-def prepare_layer(name: str, G: torch.Tensor, factors: Factors, rank: int,
-                  dtype: torch.dtype = torch.float64) -> LayerQueries:
-    """Precondition one layer's query gradients ``G`` (Q, out, a_dim) in ``dtype`` on their device, and
-    compress them when ``rank`` is below the layer's size. Results stay on that device, in ``dtype`` (scoring
-    uses them there; saving moves them to the host)."""
-    P = factors.precondition(name, G.to(dtype))
-    _check_finite(name, "preconditioned query gradient", P)
-    return _compressed(P, rank)
-
-
-def _compressed(R: torch.Tensor, rank: int, Q_S: torch.Tensor | None = None,
-                Q_A: torch.Tensor | None = None) -> LayerQueries:
-    """``P = Q_S R Q_A^T`` (or ``R`` itself without a basis), kept whole or at rank ``rank``, on ``R``'s device
-    and in its dtype. Orthogonal rotations keep singular values, so ``P``'s best rank-r factors are the
-    rotated factors of ``R``: the compression never needs ``P`` itself."""
+def _compressed(R: torch.Tensor, rank: int, kind: Strategy, t: dict[str, torch.Tensor]) -> LayerQueries:
+    """``P = unrotate(R)`` (``Q_S R Q_A^T``, or ``R`` itself without a basis), kept whole or at rank ``rank``,
+    on ``R``'s device and in its dtype. Orthogonal rotations keep singular values, so ``P``'s best rank-r
+    factors are the rotated factors of ``R``: the compression never needs ``P`` itself."""
     if rank and rank < min(R.shape[-2:]):
         U, V = low_rank(R, rank)
-        if Q_S is not None:
-            U, V = Q_S @ U, Q_A @ V
+        if kind.rotated:
+            U, V = t["Q_S"] @ U, t["Q_A"] @ V
         return LayerQueries(U=U, V=V)
-    P = R if Q_S is None else Q_S @ R @ Q_A.T
-    return LayerQueries(full=P)
+    return LayerQueries(full=kind.unrotate(t, R))
 
 
 def _check_rank(rank: int) -> None:
@@ -188,31 +147,25 @@ def _check_rank(rank: int) -> None:
         raise UserError(f"--query-rank {rank}: must be 0 (exact) or a positive rank")
 
 
-def precondition_queries(grads: dict[str, torch.Tensor], ids: Sequence[str], factors: Factors,
-                         rank: int = 32) -> PreparedQueries:
-    """Precondition stacked query gradients and compress layers larger than ``rank`` (0 keeps them exact)."""
-    _check_rank(rank)
-    layers = {name: prepare_layer(name, G, factors, rank) for name, G in grads.items()}
-    return PreparedQueries(list(ids), dict(factors.specs), layers, _meta(factors, rank))
-
-
 def _meta(factors: Factors, rank: int) -> dict[str, Any]:
     meta = {"strategy": factors.strategy, "rank": rank, "factors_model": factors.meta.get("model_fingerprint")}
     return json.loads(json.dumps(meta))
 
 
-class QueryAccumulator(GradientAccumulator):
+class QueryAccumulator(BaseAccumulator):
     """Query gradients preconditioned and compressed batch by batch on the compute device, so only the
     prepared form (``U, V`` at low rank) is ever kept: memory does not grow with full per-query gradients."""
 
     def __init__(self, specs: dict[str, LayerSpec], factors: Factors, rank: int,
                  dtype: torch.dtype = torch.float64, keep_factors: bool = True):
-        super().__init__(specs)
         _check_rank(rank)
+        self.specs = specs
         self.factors, self.rank, self.dtype = factors, rank, dtype
+        self.kind = factors.kind
         self.parts: dict[str, dict[str, tuple[torch.Tensor, ...]]] = {n: {} for n in specs}
         self.keep_factors = keep_factors  # False when one batch holds every query: free each layer after use
         self._on_device: dict[str, dict[str, torch.Tensor]] = {}
+        self._pending: dict[str, LayerQueries] = {}
 
     def _factor_tensors(self, name: str, device: torch.device) -> dict[str, torch.Tensor]:
         """The layer's factors on the compute device (cast there, not on the host), kept for later batches
@@ -224,29 +177,34 @@ class QueryAccumulator(GradientAccumulator):
                 self._on_device[name] = t
         return t
 
+    def begin_batch(self, ctx: PassContext) -> None:
+        self._pending = {}
+
+    def forward(self, spec: LayerSpec, a: torch.Tensor, ctx: PassContext) -> torch.Tensor:
+        return a  # as the layer saw it (bf16 under autocast): cast and augmented only when its gradient comes
+
     def backward(self, spec: LayerSpec, a: torch.Tensor, g: torch.Tensor, ctx: PassContext) -> None:
         # prepared layer by layer as the backward pass reaches it: one layer's full gradients at a time
         g = ctx.masked(g, self.dtype)
         a = augment(ctx.masked(a, self.dtype), spec, ctx.mask)
-        if self.factors.strategy not in ("kfac", "ekfac"):
-            self._pending[spec.name] = prepare_layer(spec.name, per_document_gradient(a, g), self.factors,
-                                                     self.rank, self.dtype)
-            return
         t = self._factor_tensors(spec.name, g.device)
         T, n_out, n_a = a.shape[1], spec.out_features, spec.a_dim
-        if T * (n_out**2 + n_a**2) < n_out * n_a * (n_out + n_a):
+        if self.kind.rotated and T * (n_out**2 + n_a**2) < n_out * n_a * (n_out + n_a):
             # Q_S^T G Q_A = (g Q_S)^T (a Q_A): rotate the tokens, never forming G (cheaper for short queries)
-            rotated = per_document_gradient(a @ t["Q_A"], g @ t["Q_S"])
+            R = per_document_gradient(a @ t["Q_A"], g @ t["Q_S"])
         else:
-            rotated = t["Q_S"].T @ per_document_gradient(a, g) @ t["Q_A"]
-        R = rotated / (t["eigen"] + self.factors.damping[spec.name])
+            R = self.kind.rotate(t, per_document_gradient(a, g))
+        R = self.kind.scale(t, self.factors.damping[spec.name], R)
         _check_finite(spec.name, "preconditioned query gradient", R)
-        self._pending[spec.name] = _compressed(R, self.rank, t["Q_S"], t["Q_A"])
+        self._pending[spec.name] = _compressed(R, self.rank, self.kind, t)
 
     def end_batch(self, ctx: PassContext) -> None:
         for name, lq in self._pending.items():
             for i, doc_id in enumerate(ctx.batch.ids):
                 self.parts[name][doc_id] = (lq.full[i],) if lq.full is not None else (lq.U[i], lq.V[i])
+        self._pending = {}
+
+    def abort_batch(self) -> None:
         self._pending = {}
 
     def prepared(self, ids: Sequence[str]) -> PreparedQueries:

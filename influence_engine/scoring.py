@@ -13,6 +13,7 @@ Summing per token instead of per document gives the per-token breakdown used by 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,8 @@ from .factors import Factors, per_document_gradient
 from .layers import LayerSpec
 from .passes import BaseAccumulator, PassContext, augment
 from .queries import PreparedQueries
+
+BatchScores = Callable[[PassContext, dict[str, torch.Tensor]], None]  # (batch, per-layer scores) at batch end
 
 # Forming per-document gradients costs memory traffic on top of FLOPs; weigh it in the estimate. Measured on
 # CPU at GPT-2-small's MLP shape (T=512, Q=r=32) the two paths cost about the same in fp32, and the factored one
@@ -81,7 +84,8 @@ class ScoreAccumulator(BaseAccumulator):
 
     def __init__(self, queries: PreparedQueries, device: torch.device, dtype: torch.dtype,
                  tokens_per_doc: float, per_token: bool = False, paths: dict[str, str] | None = None,
-                 gemm_dtype: torch.dtype | None = None):
+                 gemm_dtype: torch.dtype | None = None, on_batch: BatchScores | None = None):
+        self.on_batch = on_batch
         self.n_queries = len(queries)
         self.per_token = per_token
         self.dtype = dtype
@@ -127,13 +131,32 @@ class ScoreAccumulator(BaseAccumulator):
             s = torch.einsum("bto,qoi,bti->btq", g, op.P_dense, state)
         else:
             g = ctx.masked(g, self.gemm_dtype)
-            # <G_b, P_q> summed over (out, in) as a batch of per-row products, then over rows: one flat GEMM
-            # here would have a K of out*in and an output of B x Q, which GPUs run on a handful of SMs
-            G = per_document_gradient(state, g).to(dt)  # (B, out, in)
-            s = torch.bmm(G.transpose(0, 1), op.P_in).sum(0)
-            if op.P_bias is not None:
-                s += g.sum(1, dtype=dt) @ op.P_bias
+            G = per_document_gradient(state, g)  # (B, out, in)
+            s = self._contract(op, G, g.sum(1, dtype=dt) if op.P_bias is not None else None)
         self.layer_scores[spec.name] = s
+
+    def gradients(self, spec: LayerSpec, G: torch.Tensor, ctx: PassContext) -> None:
+        """Stored per-document gradients (B, out, a_dim), contracted as the ``gradient`` path does."""
+        op = self.ops[spec.name]
+        if op.path != "gradient" or self.per_token:
+            raise ValueError("stored gradients are scored on the 'gradient' path, without per-token scores")
+        n_in = spec.in_features
+        self.layer_scores[spec.name] = self._contract(op, G[:, :, :n_in], G[:, :, n_in] if spec.bias else None)
+
+    def _contract(self, op: _QueryOperands, G: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``<G_b, P_q>`` (B, Q) from the weight block ``G`` (B, out, in) and bias column (B, out). Summed over
+        (out, in) as a batch of per-row products, then over rows: one flat GEMM here would have a K of out*in
+        and an output of B x Q, which GPUs run on a handful of SMs."""
+        dt = self.dtype
+        s = torch.bmm(G.to(dt).transpose(0, 1), op.P_in).sum(0)
+        if bias is not None:
+            s += bias.to(dt) @ op.P_bias
+        return s
+
+    def end_batch(self, ctx: PassContext) -> None:
+        if self.on_batch is not None:
+            self.on_batch(ctx, self.layer_scores)
+        self.layer_scores = {}
 
     def abort_batch(self) -> None:
         self.layer_scores = {}

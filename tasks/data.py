@@ -33,6 +33,7 @@ Kind = Literal["train", "queries"]
 __all__ = [
     "Kind",
     "add_content_hashes",
+    "check_columns",
     "content_hash",
     "data_fingerprint",
     "read_rows",
@@ -95,6 +96,37 @@ def read_rows(paths: str | Path | Sequence[str | Path], kind: Kind) -> pl.DataFr
     _check_duplicate_ids(df)
     extras = [c for c in df.columns if c not in ("id", *form, SOURCE)]
     return df.select(["id", *form, *extras, SOURCE])
+
+
+def check_columns(paths: str | Path | Sequence[str | Path], kind: Kind, head_bytes: int = 1 << 16) -> None:
+    """A quick check of every file's first rows (JSONL: its first ``head_bytes``; Parquet: its first 100 rows):
+    it exists, parses, and has the columns and types ``kind`` needs, in one form across files. Raises the same
+    :class:`DataError` as :func:`read_rows` would for those rows; the full read checks the rest."""
+    forms: dict[tuple[str, ...], Path] = {}
+    for path in _expand_paths(paths):
+        if path.suffix.lower() in PARQUET_SUFFIXES:
+            try:
+                df = pl.scan_parquet(path).head(100).collect()
+            except _PANIC as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise DataError(f"{path}: not a valid Parquet file ({first[:200]})",
+                                hint="the file is corrupt or truncated: re-export it") from None
+            df = df.with_columns(_source_expr(path, pl.int_range(1, df.height + 1, dtype=pl.Int64)))
+        else:
+            with open(path, "rb") as fh:
+                data = fh.read(head_bytes + 1)
+            if len(data) > head_bytes:  # whole lines only
+                data = data[:data.rfind(b"\n", 0, head_bytes) + 1] or data[:0]
+            if data.startswith(_BOM):
+                data = data[len(_BOM):]
+            df = _slow_jsonl(path, data, kind)
+        if df.height == 0 and all(c == SOURCE for c in df.columns):
+            continue
+        forms.setdefault(_check_file_frame(df, path, kind), path)
+    if len(forms) > 1:
+        described = " but ".join(f"{path} has {'/'.join(f)}" for f, path in sorted(forms.items()))
+        raise DataError(f"mixed document forms: {described}",
+                        hint="all files of one dataset must use 'text', or all 'prompt' and 'completion'")
 
 
 def _expand_paths(paths: str | Path | Sequence[str | Path]) -> list[Path]:

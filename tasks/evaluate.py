@@ -136,8 +136,9 @@ def evaluate_audit(home: str | Path | None, audit_id: str, *, masks: str | Path 
                    log: Log | None = None) -> dict[str, Any]:
     """LDS (with a bootstrap interval over queries) and planted recall of a finished audit; written to
     ``evaluation.json`` and, when the audit has an MLflow run, logged there with the plot."""
-    from .review import resolve_home
-    from .stages import EngineSpec, planted_metrics
+    from .candidates import planted_metrics
+    from .inputs import engine_spec
+    from .paths import resolve_home
     from .verify import load_audit
 
     emit: Log = log or (lambda _m: None)
@@ -180,7 +181,7 @@ def evaluate_audit(home: str | Path | None, audit_id: str, *, masks: str | Path 
         Y = Y[:, keep]
         if outputs_kind == "loss":
             Y = -Y
-        spec = EngineSpec.of(p, inputs.model_dir)
+        spec = engine_spec(p, inputs.model_dir)
         S = all_scores(spec, inputs, audit_dir, cands, q_ids, d_ids, emit)
         res = lds(S, M, Y, n_boot=n_boot)
         metrics |= res.as_dict()

@@ -4,8 +4,6 @@ from ``event.payload.model`` (a local directory or an MLflow ``models:/`` / ``ru
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +11,7 @@ from influence_engine.errors import UserError
 
 from .model_uri import is_model_uri
 
-__all__ = ["RETRAINED_EVENT", "emit_retrained", "normalise_model"]
+__all__ = ["RETRAINED_EVENT", "emit_retrained", "normalise_model", "retrained_event"]
 
 RETRAINED_EVENT = "model.retrained"
 
@@ -47,10 +45,15 @@ async def _send(event: Any) -> None:
         await client.emit(event)
 
 
-def _run(coro: Any) -> None:
-    """Run a coroutine to completion from sync code, also when the caller already has an event loop."""
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, coro).result()
+def retrained_event(model: str, *, payload: dict[str, Any] | None = None) -> Any:
+    """The ``model.retrained`` event for ``model``: resource ``model.<model>``, the model also in the payload
+    (where the ``post-retrain-audit`` trigger reads it)."""
+    from prefect.events import Event
+
+    model = normalise_model(model)
+    return Event(event=RETRAINED_EVENT,
+                 resource={"prefect.resource.id": f"model.{model}", "prefect.resource.name": model},
+                 payload={**(payload or {}), "model": model})
 
 
 def emit_retrained(model: str, *, payload: dict[str, Any] | None = None) -> str:
@@ -59,15 +62,12 @@ def emit_retrained(model: str, *, payload: dict[str, Any] | None = None) -> str:
     Unlike ``prefect.events.emit_event`` (fire and forget, errors only logged) this waits until the server
     has the event and raises :class:`UserError` when it cannot be delivered.
     """
-    from prefect.events import Event
+    from prefect.utilities.asyncutils import run_coro_as_sync
 
     url = _api_url()
-    model = normalise_model(model)
-    event = Event(event=RETRAINED_EVENT,
-                  resource={"prefect.resource.id": f"model.{model}", "prefect.resource.name": model},
-                  payload={**(payload or {}), "model": model})
+    event = retrained_event(model, payload=payload)
     try:
-        _run(_send(event))
+        run_coro_as_sync(_send(event))
     except Exception as exc:
         raise UserError(f"could not send {RETRAINED_EVENT} to Prefect at {url}: {type(exc).__name__}: {exc}",
                         hint="is the Prefect server running and PREFECT_API_URL right?") from None

@@ -58,6 +58,9 @@ class AuditParams(BaseModel):
         return v
 
     def identity(self) -> dict:
-        """The parameters that define the audit's result (not where it is written or recorded)."""
+        """The parameters that define the audit's result (not where it is written or recorded, nor how it is
+        computed), without those left at their defaults: a parameter added later, left at its default, keeps
+        every existing audit's id (and so its MLflow run and review). Verification settings are left out: checks
+        add to a result (``influence-audit verify`` on a finished audit writes into the same audit)."""
         return self.model_dump(exclude={"output_dir", "experiment", "tracking_uri", "device", "batch_size",
-                                        "verify_k", "verify_check", "verify_lr"})  # checks add to a result
+                                        "verify_k", "verify_check", "verify_lr"}, exclude_defaults=True)

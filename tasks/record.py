@@ -1,16 +1,17 @@
-"""Recording stages: MLflow run, plots, HTML report, and the review hand-off (a Prefect artifact)."""
+"""Recording an audit: its MLflow run, plots, HTML report, and the review hand-off (a Prefect artifact).
+
+Plain functions: the flow's tasks (tasks/stages.py) wrap them; ``influence-audit sync`` calls them directly."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import polars as pl
-from prefect import task
 
+from .candidates import planted_metrics
+from .inputs import Inputs
 from .params import AuditParams
-from .stages import Inputs, planted_metrics
 from .verify import verification_metrics
 
 
@@ -26,7 +27,6 @@ def run_params(p: AuditParams, inputs: Inputs | None) -> dict[str, Any]:
     return params
 
 
-@task(name="start-mlflow-run", retries=2, retry_delay_seconds=2)
 def start_run(p: AuditParams, inputs: Inputs | None, audit_id: str) -> str:
     from .tracking import start_audit_run
 
@@ -34,7 +34,6 @@ def start_run(p: AuditParams, inputs: Inputs | None, audit_id: str) -> str:
                            tags={"audit.id": audit_id, "audit.dir": inputs.audit_dir if inputs else ""})
 
 
-@task(name="record-in-mlflow", retries=2, retry_delay_seconds=2)
 def record_results(p: AuditParams, inputs: Inputs, run_id: str, candidates_path: str, validation: dict[str, dict],
                    stage_seconds: dict[str, float], factors_cached: bool) -> dict[str, float]:
     """Plots, the HTML page, metrics and the candidate table on the audit's MLflow run."""
@@ -69,32 +68,25 @@ def record_results(p: AuditParams, inputs: Inputs, run_id: str, candidates_path:
     return metrics
 
 
-@task(name="finish-mlflow-run", retries=2, retry_delay_seconds=2)
 def finish_run(run_id: str, succeeded: bool, validation_passed: bool | None, error: str | None = None) -> None:
     from .tracking import finish_audit_run
 
     finish_audit_run(run_id, succeeded=succeeded, validation_passed=validation_passed, error=error)
 
 
-@task(name="open-review")
 def open_review(p: AuditParams, inputs: Inputs, run_id: str, candidates_path: str) -> str:
-    """Hand the candidate list to people: a Prefect markdown artifact linking the MLflow run."""
-    from prefect.artifacts import create_markdown_artifact
+    """Hand the candidate list to people: a Prefect markdown artifact linking the MLflow run, and the top 3
+    candidates per query as a Prefect table artifact."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     cands = pl.read_parquet(candidates_path).filter(pl.col("rank") <= 3)
-    lines = [f"# Influence audit `{inputs.audit_id}`: review open", "",
-             f"MLflow run `{run_id}` (experiment `{p.experiment}`): the candidate table `candidates.json` and "
-             f"`report.html` are in its artifacts. Candidates are a first screen, not a verdict.", "",
-             f"Review in a terminal: `influence-audit review show {inputs.audit_id}`", "",
-             "| query | rank | document | score |", "|---|---|---|---|"]
-    for r in cands.iter_rows(named=True):
-        lines.append(f"| {r['query_id']} | {r['rank']} | {r['train_id']} | {r['score']:.4g} |")
-    return str(create_markdown_artifact(key=f"audit-{inputs.audit_id}-review", markdown="\n".join(lines),
+    table = cands.select("query_id", "rank", "train_id", "score").sort("query_id", "rank").to_dicts()
+    create_table_artifact(key=f"audit-{inputs.audit_id}-top-candidates", table=table,
+                          description=f"Influence audit {inputs.audit_id}: top 3 candidates per query")
+    text = (f"# Influence audit `{inputs.audit_id}`: review open\n\n"
+            f"MLflow run `{run_id}` (experiment `{p.experiment}`): the candidate table `candidates.json` and "
+            f"`report.html` are in its artifacts; the top 3 candidates per query are in the table artifact "
+            f"`audit-{inputs.audit_id}-top-candidates`. Candidates are a first screen, not a verdict.\n\n"
+            f"Review in a terminal: `influence-audit review show {inputs.audit_id}`\n")
+    return str(create_markdown_artifact(key=f"audit-{inputs.audit_id}-review", markdown=text,
                                         description=f"Review influence audit {inputs.audit_id}"))
-
-
-def validation_passed(report: dict) -> bool:
-    return bool(report.get("success"))
-
-
-__all__ = ["finish_run", "open_review", "record_results", "start_run", "validation_passed", "json"]

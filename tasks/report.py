@@ -9,14 +9,15 @@ written through :func:`influence_engine.atomic.atomic_path`.
 
 from __future__ import annotations
 
-import html
+import functools
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+from jinja2 import Environment, FileSystemLoader, select_autoescape
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -144,10 +145,6 @@ ol.top li{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85rem}
 """
 
 
-def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
-
-
 def _fmt(score: Any) -> str:
     if score is None:
         return ""
@@ -161,55 +158,30 @@ def _token_colour(score: float, scale: float) -> str:
     return f"rgba({rgb},{alpha:.3f})"
 
 
-def _tokens_html(tokens: Sequence[str], scores: Sequence[float]) -> str:
-    finite = [abs(float(s)) for s in scores if s is not None and math.isfinite(float(s))]
-    scale = max(finite, default=0.0)
-    spans = []
-    for tok, s in zip(tokens, scores, strict=True):
-        x = float("nan") if s is None else float(s)
-        spans.append(f'<span class="tok" style="background:{_token_colour(x, scale)}" '
-                     f'title="{_e(_fmt(x))}">{_e(tok)}</span>')
-    return f'<div class="tokens">{"".join(spans)}</div>'
+def _explained(query_id: str, r: dict[str, Any]) -> dict[str, Any] | None:
+    """A candidate's tokens shaded by influence and its top tokens by |influence| (None if not explained)."""
+    tokens, scores = r.get("token_strs"), r.get("token_scores")
+    if not tokens or scores is None:
+        return None
+    if len(tokens) != len(scores):
+        raise ValueError(f"query {query_id}, document {r.get('train_id')}: "
+                         f"{len(tokens)} tokens but {len(scores)} token scores")
+    values = [float("nan") if s is None else float(s) for s in scores]
+    scale = max((abs(x) for x in values if math.isfinite(x)), default=0.0)
+    top = sorted(((i, t, x) for i, (t, x) in enumerate(zip(tokens, values, strict=True)) if math.isfinite(x)),
+                 key=lambda p: -abs(p[2]))[:TOP_TOKENS]
+    return r | {"tokens": [{"text": t, "score": x, "colour": _token_colour(x, scale)}
+                           for t, x in zip(tokens, values, strict=True)],
+                "top": [{"index": i, "text": t, "score": x} for i, t, x in top]}
 
 
-def _top_tokens_html(tokens: Sequence[str], scores: Sequence[float]) -> str:
-    pairs = [(i, t, float(s)) for i, (t, s) in enumerate(zip(tokens, scores, strict=True))
-             if s is not None and math.isfinite(float(s))]
-    pairs.sort(key=lambda p: -abs(p[2]))
-    items = "".join(f"<li><code>{_e(repr(t))}</code> (token {i}): {_e(_fmt(s))}</li>"
-                    for i, t, s in pairs[:TOP_TOKENS])
-    return f'<div class="label">Top {TOP_TOKENS} tokens by |influence|</div><ol class="top">{items}</ol>'
-
-
-def _query_html(rows: list[dict[str, Any]]) -> str:
-    first = rows[0]
-    out = [
-        f'<section class="query" id="q-{_e(first["query_id"])}">',
-        f'<h2>Query {_e(first["query_id"])}</h2>',
-        '<div class="label">Prompt</div>',
-        f'<pre class="prompt">{_e(first.get("query_prompt"))}</pre>',
-        '<div class="label">Completion</div>',
-        f'<pre class="completion">{_e(first.get("query_completion"))}</pre>',
-        "<table><thead><tr><th>rank</th><th>train id</th><th>score</th><th>snippet</th></tr></thead><tbody>",
-    ]
-    for r in rows:
-        out.append(f'<tr><td class="num">{_e(r.get("rank"))}</td><td>{_e(r.get("train_id"))}</td>'
-                   f'<td class="num">{_e(_fmt(r.get("score")))}</td><td>{_e(r.get("snippet"))}</td></tr>')
-    out.append("</tbody></table>")
-    for r in rows:
-        tokens, scores = r.get("token_strs"), r.get("token_scores")
-        if not tokens or scores is None:
-            continue
-        if len(tokens) != len(scores):
-            raise ValueError(f"query {first['query_id']}, document {r.get('train_id')}: "
-                             f"{len(tokens)} tokens but {len(scores)} token scores")
-        out.append(f'<details open><summary>#{_e(r.get("rank"))} {_e(r.get("train_id"))} '
-                   f'(score {_e(_fmt(r.get("score")))}): token influence</summary>')
-        out.append(_tokens_html(tokens, scores))
-        out.append(_top_tokens_html(tokens, scores))
-        out.append("</details>")
-    out.append("</section>")
-    return "\n".join(out)
+@functools.lru_cache(maxsize=1)
+def _templates() -> Environment:
+    env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
+                      autoescape=select_autoescape(["html", "j2"], default=True), keep_trailing_newline=True)
+    env.filters["fmt"] = _fmt
+    env.filters["repr"] = repr
+    return env
 
 
 def render_html_report(cands: pl.DataFrame, path: str | Path, *, title: str,
@@ -219,27 +191,20 @@ def render_html_report(cands: pl.DataFrame, path: str | Path, *, title: str,
     Header: ``title`` and a ``meta`` table; then per query (in first-appearance order): prompt,
     completion, candidate table by rank, and each explained candidate's tokens shaded by influence
     (green positive, red negative, value in the title attribute) with its top 5 tokens by |score|.
+    Rendered with Jinja2 (``templates/report.html.j2``), every value escaped.
     """
-    queries: dict[str, list[dict[str, Any]]] = {}
+    grouped: dict[str, list[dict[str, Any]]] = {}
     for row in cands.iter_rows(named=True):
-        queries.setdefault(str(row["query_id"]), []).append(row)
-    meta_rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in meta.items())
-    sections = [_query_html(sorted(rows, key=lambda r: (r.get("rank") is None, r.get("rank"))))
-                for rows in queries.values()]
-    toc = "".join(f'<li><a href="#q-{_e(q)}">{_e(q)}</a> ({len(rows)} candidates)</li>'
-                  for q, rows in queries.items())
-    page = "\n".join([
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
-        f"<header><h1>{_e(title)}</h1><table class=\"meta\"><tbody>{meta_rows}</tbody></table></header>",
-        f"<nav><div class=\"label\">Queries</div><ul>{toc}</ul></nav>" if queries
-        else '<p class="muted">No candidates.</p>',
-        *sections,
-        "</body></html>",
-        "",
-    ])
+        grouped.setdefault(str(row["query_id"]), []).append(row)
+    queries = []
+    for qid, rows in grouped.items():
+        rows = sorted(rows, key=lambda r: (r.get("rank") is None, r.get("rank")))
+        explained = [e for e in (_explained(qid, r) for r in rows) if e is not None]
+        queries.append({"id": qid, "prompt": rows[0].get("query_prompt"),
+                        "completion": rows[0].get("query_completion"), "rows": rows, "explained": explained})
+    page = _templates().get_template("report.html.j2").render(
+        title=title, meta={str(k): str(v) for k, v in meta.items()}, queries=queries, css=_CSS,
+        top_tokens=TOP_TOKENS)
     target = Path(path)
     with atomic_path(target) as tmp:
         tmp.write_text(page, encoding="utf-8")

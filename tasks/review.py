@@ -9,23 +9,22 @@ Influence scores are a screen, not a verdict. Decisions go to three places:
   ``review.status`` (``in-progress`` / ``done``), ``review.culprit``, ``review.not_culprit``,
   ``review.unsure`` (pairs by their latest verdict), ``review.decisions``, ``review.reviewers``.
 
-Appends are read-append-rename under an exclusive ``fcntl.flock`` on a sidecar ``.lock`` file, so
+Appends are read-append-rename under an exclusive lock (filelock) on a sidecar ``.lock`` file, so
 reviewers submitting at once lose no rows. Plain functions (no engine, no torch), plus two Prefect tasks
 for the review flow.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 import polars as pl
+from filelock import FileLock
 from prefect import task
 from prefect.input import RunInput
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -34,6 +33,7 @@ from influence_engine.atomic import atomic_path
 from influence_engine.errors import UserError
 
 from .data import content_hash
+from .paths import resolve_home
 
 __all__ = [
     "FLAGGED_SCHEMA",
@@ -91,11 +91,6 @@ class ReviewInput(RunInput):
 
 
 # ------------------------------------------------------------------------------------------ locating
-
-
-def resolve_home(home: str | os.PathLike[str] | None) -> Path:
-    """``home``, else ``$INFLUENCE_AUDIT_HOME``, else ``./.influence-audit`` (as the audit itself)."""
-    return Path(home or os.environ.get("INFLUENCE_AUDIT_HOME") or ".influence-audit").resolve()
 
 
 def _manifests(home: Path) -> dict[str, dict[str, Any]]:
@@ -275,16 +270,10 @@ def check_review(candidates: pl.DataFrame, reviewer: str, decisions: Sequence[Re
 # ------------------------------------------------------------------------------------------ writing
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path) -> FileLock:
     """Exclusive lock on ``<path>.lock`` (blocks until the other writer is done)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    return FileLock(path.with_name(path.name + ".lock"))
 
 
 def _append(path: Path, rows: pl.DataFrame) -> pl.DataFrame:

@@ -10,14 +10,12 @@ manifests and, per audit:
 * failed, but MLflow shows no run or a run still ``running``: records it as failed (never as succeeded);
 * unfinished (no ``status``): left alone; rerunning the same audit resumes it.
 
-Plain functions (the Prefect tasks of :mod:`tasks.record` are called through ``.fn``), so sync needs no
-Prefect server.
+Plain functions (those of :mod:`tasks.record`, which the flow's tasks wrap), so sync needs no Prefect server.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,9 @@ from typing import Any
 from influence_engine.atomic import write_json_atomic
 from influence_engine.errors import UserError
 
-__all__ = ["SyncOutcome", "home_of", "sync_audits"]
+from .paths import resolve_home
+
+__all__ = ["SyncOutcome", "sync_audits"]
 
 
 @dataclass(frozen=True)
@@ -38,11 +38,6 @@ class SyncOutcome:
     detail: str = ""
 
 
-def home_of(output_dir: str | os.PathLike[str] | None) -> Path:
-    """The project home: ``output_dir``, else ``$INFLUENCE_AUDIT_HOME``, else ``./.influence-audit``."""
-    return Path(output_dir or os.environ.get("INFLUENCE_AUDIT_HOME") or ".influence-audit").resolve()
-
-
 def _read_manifest(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -52,12 +47,9 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
 
 
 def _inputs(manifest: dict[str, Any]):
-    from .stages import Inputs, Shard
+    from .inputs import Inputs
 
-    raw = dict(manifest["inputs"])
-    raw["shards"] = [Shard(**s) for s in raw["shards"]]
-    raw["validation"] = {}
-    return Inputs(**raw)
+    return Inputs.from_json(manifest["inputs"])
 
 
 def _validation_reports(audit_dir: Path) -> dict[str, dict]:
@@ -85,10 +77,10 @@ def _record_succeeded(manifest: dict[str, Any], audit_dir: Path, params: Any) ->
     from .record import finish_run, record_results, start_run
 
     inputs = _inputs(manifest)
-    run_id = start_run.fn(params, inputs, inputs.audit_id)
-    record_results.fn(params, inputs, run_id, str(audit_dir / "candidates.parquet"), _validation_reports(audit_dir),
+    run_id = start_run(params, inputs, inputs.audit_id)
+    record_results(params, inputs, run_id, str(audit_dir / "candidates.parquet"), _validation_reports(audit_dir),
                       dict(manifest.get("seconds") or {}), bool(manifest.get("factors_cached", False)))
-    finish_run.fn(run_id, succeeded=True, validation_passed=True)
+    finish_run(run_id, succeeded=True, validation_passed=True)
     return run_id
 
 
@@ -96,8 +88,8 @@ def _record_failed(manifest: dict[str, Any], audit_id: str, run_id: str | None, 
     from .record import finish_run, start_run
 
     if run_id is None:
-        run_id = start_run.fn(params, _inputs(manifest) if "inputs" in manifest else None, audit_id)
-    finish_run.fn(run_id, succeeded=False, validation_passed=manifest.get("validation_passed"),
+        run_id = start_run(params, _inputs(manifest) if "inputs" in manifest else None, audit_id)
+    finish_run(run_id, succeeded=False, validation_passed=manifest.get("validation_passed"),
                   error=str(manifest.get("error") or "the audit failed (see its manifest.json)"))
     return run_id
 
@@ -118,7 +110,7 @@ def sync_one(manifest_path: Path, *, tracking_uri: str | None = None, experiment
         return SyncOutcome(audit_id, "unfinished", manifest.get("mlflow_run_id"),
                            "not finished (running, or killed): rerun the same audit to resume it")
     params = AuditParams(**manifest["params"])
-    configure_tracking(tracking_uri or params.tracking_uri, home or home_of(params.output_dir))
+    configure_tracking(tracking_uri or params.tracking_uri, home or resolve_home(params.output_dir))
     exp = experiment or params.experiment
     if experiment and experiment != params.experiment:
         params = params.model_copy(update={"experiment": experiment})

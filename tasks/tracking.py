@@ -173,14 +173,10 @@ def _initialise_sqlite_store(uri: str, db: Path) -> None:
     several audits open a fresh store at once (two processes both run ``ALTER TABLE``)."""
     if uri in _INITIALISED:
         return
-    import fcntl
+    from filelock import FileLock
 
-    with open(db.parent / f".{db.name}.init.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with FileLock(db.parent / f".{db.name}.init.lock"):
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     _INITIALISED.add(uri)
 
 

@@ -161,31 +161,21 @@ def verify_audit_dir(spec: Any, inputs: Any, candidates_path: str, queries_path:
                              prepared=PreparedQueries.load(prepared_path), k=k, settings=settings, log=log)
 
 
-def _prefect_task():
-    from prefect import get_run_logger, task
-
-    @task(name="verify-candidates")
-    def verify_stage(spec: Any, p: Any, inputs: Any, candidates_path: str, queries_path: str,
-                     prepared_path: str) -> dict[str, float]:
-        """The flow's verification stage (AuditParams ``verify_k`` > 0)."""
-        summary = verify_audit_dir(spec, inputs, candidates_path, queries_path, prepared_path, k=p.verify_k,
-                                   settings=settings_from(p.verify_check, p.verify_lr, seed=p.seed,
-                                                          batch_size=p.batch_size),
-                                   log=get_run_logger().info)
-        return summary["metrics"]
-
-    return verify_stage
-
-
-verify_stage = _prefect_task()
+def verify_audit_stage(spec: Any, p: Any, inputs: Any, candidates_path: str, queries_path: str,
+                       prepared_path: str, log: Log | None = None) -> dict[str, float]:
+    """The flow's verification stage (AuditParams ``verify_k`` > 0): the metrics."""
+    settings = settings_from(p.verify_check, p.verify_lr, seed=p.seed, batch_size=p.batch_size)
+    return verify_audit_dir(spec, inputs, candidates_path, queries_path, prepared_path, k=p.verify_k,
+                            settings=settings, log=log)["metrics"]
 
 
 # ------------------------------------------------------------------------------------- an existing audit
 def load_audit(home: str | Path | None, audit_id: str) -> tuple[Path, dict[str, Any], Any, Any]:
-    """An audit's directory, manifest, parameters (AuditParams) and inputs (stages.Inputs), from its manifest."""
+    """An audit's directory, manifest, parameters (AuditParams) and inputs (tasks.inputs.Inputs), from its manifest."""
+    from .inputs import Inputs
     from .params import AuditParams
-    from .review import _manifest, resolve_home
-    from .stages import Inputs, Shard
+    from .paths import resolve_home
+    from .review import _manifest
 
     h = resolve_home(home)
     manifest = _manifest(h, audit_id)
@@ -193,10 +183,7 @@ def load_audit(home: str | Path | None, audit_id: str) -> tuple[Path, dict[str, 
     if not (audit_dir / "candidates.parquet").exists() or "inputs" not in manifest:
         raise UserError(f"audit {audit_id} has no candidates yet (status: {manifest.get('status', '?')})",
                         hint="finish the audit first (rerun the same `influence-audit audit` command)")
-    p = AuditParams(**manifest["params"])
-    raw = dict(manifest["inputs"])
-    raw["shards"] = [Shard(**s) for s in raw["shards"]]
-    return audit_dir, manifest, p, Inputs(**raw)
+    return audit_dir, manifest, AuditParams(**manifest["params"]), Inputs.from_json(manifest["inputs"])
 
 
 def record_verification(run_id: str, audit_dir: Path, report: dict[str, Any]) -> None:
@@ -224,12 +211,12 @@ def verify_existing_audit(home: str | Path | None, audit_id: str, *, k: int, set
                           tracking_uri: str | None = None, log: Log | None = None) -> dict[str, Any]:
     """Verify a finished audit's candidates, re-validate them and record the result on its MLflow run (when it
     has one). Returns the summary plus ``validation`` (the candidate suite's report) and ``run_id``."""
-    from .review import resolve_home
-    from .stages import EngineSpec
+    from .inputs import engine_spec
+    from .paths import resolve_home
     from .validation import validate_candidates
 
     audit_dir, manifest, p, inputs = load_audit(home, audit_id)
-    spec = EngineSpec.of(p, inputs.model_dir)
+    spec = engine_spec(p, inputs.model_dir)
     prepared = audit_dir / "prepared-queries.safetensors"
     summary = verify_audit_dir(spec, inputs, str(audit_dir / "candidates.parquet"), str(audit_dir / "queries.parquet"),
                                str(prepared), k=k, settings=settings, log=log)

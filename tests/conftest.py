@@ -40,3 +40,10 @@ def pytest_unconfigure(config) -> None:
     import logging
 
     logging.raiseExceptions = False
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Integration tests start real servers: they are slow too (``-m "not slow"`` is the fast, exact set)."""
+    for item in items:
+        if item.get_closest_marker("integration") is not None:
+            item.add_marker(pytest.mark.slow)

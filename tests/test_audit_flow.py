@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 from flows.audit import influence_audit
 from tasks.params import AuditParams
 
+pytestmark = pytest.mark.slow  # a whole demo audit through Prefect (about a minute)
+
 
 def _params(model: Path, data: Path, home: Path, **kw) -> AuditParams:
     base = dict(model=str(model), train=[str(data / "corpus.jsonl")], queries=str(data / "queries.jsonl"), top_k=10,

@@ -1,9 +1,10 @@
-"""Bad input everywhere it enters: the real CLI (subprocess) on a tiny model, one case per kind of bad input.
+"""Bad input everywhere it enters: the real CLI on a tiny model, one case per kind of bad input (through its entry
+point in-process, and a few through the installed command in a process of its own).
 
 Every case must exit non-zero with one short stderr line naming the file / line / field (hint in brackets on
 the same line), print no traceback and leave no output (no ``--out`` file, no temporary file). In-process:
 disk full (ENOSPC from polars, safetensors and plain writes), out-of-memory (the runner halves the batch, then
-gives up with a clear message at one document), NaN/Inf in scores, and a source scan for unsafe loading.
+gives up with a clear message at one document), NaN/Inf in scores, remote code refused without its flag.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import pytest
 import torch
 from reliability_support import (
     COUNTS,
-    REPO,
     build_model,
     corpus,
     env,
@@ -30,6 +30,7 @@ from reliability_support import (
     queries,
     report_counts,
     run_cli,
+    run_in_process,
     tmp_leftovers,
     write_jsonl,
 )
@@ -47,6 +48,7 @@ class Case:
     code: int = 2
     out: Path | None = None  # an output that must not exist afterwards
     env: dict[str, str] = field(default_factory=dict)  # added to the subprocess environment
+    subprocess: bool = False  # through the installed command in its own process (else the entry point in-process)
     result: object = field(default=None, repr=False)
 
 
@@ -110,8 +112,8 @@ def world(tmp_path_factory):
     write_jsonl(d / "long.jsonl", corpus(3, lo=3, hi=6) + [{"id": "long", "text": " ".join(["the cat sat"] * 6)}])
 
     factors = root / "factors-ok"
-    fit = run_cli(["fit-factors", "--model", str(model), "--train", str(train), "--out", str(factors),
-                   "--device", "cpu", "--max-length", "32"])
+    fit = run_in_process(["fit-factors", "--model", str(model), "--train", str(train), "--out", str(factors),
+                          "--device", "cpu", "--max-length", "32"])
     assert fit.returncode == 0, fit.stderr
     nan_factors = root / "factors-nan"
     nan_layer = _nan_copy(factors, nan_factors)
@@ -124,7 +126,8 @@ def world(tmp_path_factory):
                 str(out / f"{name}.parquet"), "--device", "cpu", "--max-length", "32", *extra]
 
     cases = [
-        Case("malformed-jsonl", score("malformed-jsonl", t=d / "bad.jsonl"), ["bad.jsonl:2", "malformed JSON"]),
+        Case("malformed-jsonl", score("malformed-jsonl", t=d / "bad.jsonl"), ["bad.jsonl:2", "malformed JSON"],
+             subprocess=True),
         Case("not-utf8", score("not-utf8", t=d / "latin1.jsonl"), ["latin1.jsonl:1", "UTF-8"]),
         Case("missing-column", score("missing-column", t=d / "nocol.jsonl"), ["nocol.jsonl", "missing column",
                                                                                "'text'"]),
@@ -156,7 +159,7 @@ def world(tmp_path_factory):
         Case("factors-other-layers", score("factors-other-layers", "--factors", str(factors), "--layers", "attention"),
              ["factors-ok", "layers"]),
         Case("factors-other-strategy", score("factors-other-strategy", "--factors", str(factors), "--strategy", "kfac"),
-             ["factors-ok", "strategy 'ekfac'"]),
+             ["factors-ok", "strategy='ekfac', not 'kfac'"]),
         Case("nan-in-factors", score("nan-in-factors", "--factors", str(nan_factors)),
              [f"layer {nan_layer}", "NaN or Inf"], code=3),
         Case("nan-in-model", score("nan-in-model", m=nan_model), ["layer transformer.h.", "NaN or Inf"], code=3),
@@ -180,7 +183,7 @@ def world(tmp_path_factory):
              out=out / "home"),
         Case("audit-prefect-unreachable", ["audit", "--model", str(model), "--train", str(train), "--queries",
                                            str(qs), "--output-dir", str(out / "home")], ["Prefect", "PREFECT_API_URL"],
-             out=out / "home", env={"PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"}),
+             out=out / "home", env={"PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"}, subprocess=True),
         Case("audit-bad-top-k", ["audit", "--model", str(model), "--train", str(train), "--queries", str(qs),
                                  "--top-k", "-1", "--output-dir", str(out / "home")], ["--top-k"], out=out / "home"),
     ]
@@ -190,9 +193,13 @@ def world(tmp_path_factory):
     for c in cases:
         if c.out is None and "--out" in c.args:
             c.out = Path(c.args[c.args.index("--out") + 1])
+    separate = [c for c in cases if c.subprocess]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        for c, proc in zip(cases, pool.map(lambda c: run_cli(c.args, env_=env(**c.env)), cases), strict=True):
+        for c, proc in zip(separate, pool.map(lambda c: run_cli(c.args, env_=env(**c.env)), separate), strict=True):
             c.result = proc
+    for c in cases:
+        if not c.subprocess:
+            c.result = run_in_process(c.args)
     COUNTS["inputs tried"] += len(cases)
     yield {"root": root, "model": model, "train": train, "queries": qs, "long": d / "long.jsonl", "out": out,
            "cases": {c.name: c for c in cases}}
@@ -238,9 +245,9 @@ def test_bad_input_gives_one_line_and_leaves_nothing(world, name):
 
 def test_too_long_truncated_and_counted(world):
     out = world["out"] / "truncated.parquet"
-    proc = run_cli(["score", "--model", str(world["model"]), "--train", str(world["long"]), "--queries",
-                    str(world["queries"]), "--out", str(out), "--device", "cpu", "--max-length", "8",
-                    "--on-long", "truncate", "--top-k", "0"])
+    proc = run_in_process(["score", "--model", str(world["model"]), "--train", str(world["long"]), "--queries",
+                           str(world["queries"]), "--out", str(out), "--device", "cpu", "--max-length", "8",
+                           "--on-long", "truncate", "--top-k", "0"])
     COUNTS["inputs tried"] += 1
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -369,41 +376,54 @@ def test_inf_in_scores_names_the_layer(world):
 # ------------------------------------------------------------------------------------------------ safety
 
 
-def _sources() -> list[Path]:
-    return [p for d in ("influence_engine", "tasks", "flows", "influence_audit") for p in (REPO / d).rglob("*.py")]
+def test_remote_code_needs_the_flag(world, tmp_path):
+    """A model whose config asks for code from its directory is refused without --trust-remote-code: the
+    default never runs code that came with a model."""
+    import json
+
+    remote = tmp_path / "remote-code-model"
+    shutil.copytree(world["model"], remote)
+    config = json.loads((remote / "config.json").read_text())
+    config |= {"model_type": "not-a-known-type", "auto_map": {"AutoConfig": "configuration_x.XConfig",
+                                                              "AutoModelForCausalLM": "modeling_x.XModel"}}
+    (remote / "config.json").write_text(json.dumps(config))
+    (remote / "configuration_x.py").write_text("raise SystemExit('remote code ran')\n")
+    proc = run_in_process(["score", "--model", str(remote), "--train", str(world["train"]), "--queries",
+                           str(world["queries"]), "--out", str(tmp_path / "x.parquet")])
+    COUNTS["inputs tried"] += 1
+    assert proc.returncode == 2, proc.stderr
+    assert "remote code ran" not in proc.stderr and "Traceback" not in proc.stderr
+    assert "remote-code-model" in proc.stderr and not (tmp_path / "x.parquet").exists()
 
 
-def test_no_unsafe_loading_in_the_source():
-    """No trust_remote_code default of True; torch.load only with weights_only=True; YAML only by safe_load;
-    no pickle loads."""
-    problems = []
-    for path in _sources():
-        text = path.read_text(encoding="utf-8")
-        rel = path.relative_to(REPO)
-        for m in re.finditer(r"trust_remote_code\s*(?::\s*bool\s*)?=\s*True", text):
-            problems.append(f"{rel}: {m.group(0)}")
-        for m in re.finditer(r"torch\.load\(([^)]*)\)", text):
-            if "weights_only=True" not in m.group(1):
-                problems.append(f"{rel}: torch.load without weights_only=True")
-        for m in re.finditer(r"yaml\.(load|unsafe_load|full_load)\(", text):
-            problems.append(f"{rel}: yaml.{m.group(1)}")
-        for m in re.finditer(r"pickle\.loads?\(", text):
-            problems.append(f"{rel}: {m.group(0)}")
-    assert problems == []
+def test_document_ids_never_name_files(world, tmp_path):
+    """Every file the per-shard stages write is named by the shard's index and fingerprint: ids full of path
+    syntax go nowhere but into the files' contents."""
+    from influence_engine import PreparedQueries
+    from tasks import pipeline
+    from tasks.data import add_content_hashes, data_fingerprint
+    from tasks.engine_io import write_parquet_atomic
 
-
-def test_document_ids_never_name_files(tmp_path):
-    """Shard and score files are named by index and a fingerprint; an id full of path syntax goes nowhere."""
-    from tasks.data import add_content_hashes, data_fingerprint, shard_frame
-
-    df = add_content_hashes(pl.DataFrame({"id": ["../../etc/passwd", "a/b", "c"], "text": ["x y", "y z", "z x"]}))
-    for shard in shard_frame(df, 2):
-        key = data_fingerprint(shard)[:16]
-        assert re.fullmatch(r"[0-9a-f]{16}", key)
-    stages = (REPO / "tasks" / "stages.py").read_text(encoding="utf-8")
-    names = re.findall(r'f"([^"]*\.(?:parquet|safetensors|json))"', stages)
-    fields = {f for n in names for f in re.findall(r"\{([^}]*)\}", n)}
-    assert names and fields <= {"i:05d", "key", "shard.key", "shard.index:05d", "name"}, fields
+    df = add_content_hashes(pl.DataFrame({"id": ["../../escaped", "a/b", "/abs", "c"],
+                                          "text": ["the cat sat", "a dog ran", "the cat ran", "a dog sat"]}))
+    key = data_fingerprint(df)[:16]
+    shard = pipeline.Shard(0, str(write_parquet_atomic(df, tmp_path / "in" / "shard.parquet")), key, df.height)
+    spec = pipeline.EngineSpec(str(world["model"]), device="cpu", max_length=32)
+    fdir = tmp_path / "factors"
+    basis = pipeline.eigenbasis([pipeline.covariance_partial(spec, shard, str(fdir))], str(fdir))
+    pipeline.lambda_partial(spec, shard, str(fdir), basis)
+    eng = spec.engine()
+    qs = eng.encode([{"id": "../q", "prompt": "the cat", "completion": " sat"}], where="queries")
+    prepared = tmp_path / "prepared.safetensors"
+    eng.prepare_queries(qs, eng.fit_factors(pipeline.shard_docs(eng, shard), "identity"), rank=0).save(prepared)
+    out = tmp_path / "audit"
+    scores = pl.read_parquet(pipeline.score_shard(spec, shard, str(prepared), str(out), 4))
+    assert set(scores["train_id"]) == set(df["id"]) and PreparedQueries.load(prepared).ids == ["../q"]
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert written == sorted([f"factors/partials/cov-{key}.safetensors", f"factors/partials/lambda-{key}.safetensors",
+                              "factors/eigenbasis.safetensors", "factors/covariance-counts.json",
+                              f"audit/scores/shard-00000-{key}.parquet", f"audit/scores/shard-00000-{key}.json",
+                              "in/shard.parquet", "prepared.safetensors"]), written
 
 
 def test_ctrl_c_exits_130_with_a_resume_hint(world, monkeypatch, capsys):

@@ -25,6 +25,8 @@ from reliability_support import (
 )
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # three audits against a real Prefect server
+
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
@@ -64,7 +66,7 @@ def test_three_audits_at_once(tmp_path, api):
     fingerprints = set()
     for d in factor_dirs:
         meta = json.loads((d / "factors.json").read_text())
-        fingerprints.add(meta["model_fingerprint"])
+        fingerprints.add(meta["settings"]["model_fingerprint"])
         assert load_file(str(d / "factors.safetensors"))
         assert len(list((d / "partials").glob("cov-*.safetensors"))) == 3
         assert len(list((d / "partials").glob("lambda-*.safetensors"))) == 3

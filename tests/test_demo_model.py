@@ -21,6 +21,8 @@ from influence_audit.demo.model import (  # noqa: E402
     read_jsonl,
 )
 
+pytestmark = pytest.mark.slow  # trains the demo model
+
 DATA = DEFAULT_CORPUS.parent
 TEST_EPOCHS = 15  # the default recipe trains 30; 15 already learns every planted fact
 

@@ -16,6 +16,7 @@ from influence_engine import (
     eigendecompose,
     merge,
 )
+from influence_engine.data import examples_fingerprint
 from influence_engine.queries import PreparedQueries
 
 
@@ -175,16 +176,26 @@ def test_factor_store_round_trips_and_refuses_other_model_or_layers(setup, tmp_p
     eng = _engine(model)
     factors = eng.fit_factors(docs, "ekfac")
     factors.save(tmp_path / "f")
-    loaded = Factors.load(tmp_path / "f", model_fingerprint=eng.fingerprint, layers=list(eng.specs), strategy="ekfac")
+    settings = factors.settings
+    assert settings == eng.factor_settings("ekfac", "auto", data_fingerprint=examples_fingerprint(docs))
+    loaded = Factors.load(tmp_path / "f", settings=settings, layers=list(eng.specs))
     a = eng.score(docs, eng.prepare_queries(queries, factors, rank=0), top_k=0).all_scores
     b = eng.score(docs, eng.prepare_queries(queries, loaded, rank=0), top_k=0).all_scores
     np.testing.assert_allclose(a, b, rtol=1e-12)
-    with pytest.raises(FactorMismatchError, match="another model"):
-        Factors.load(tmp_path / "f", model_fingerprint="0" * 64)
+    with pytest.raises(FactorMismatchError, match="another model .*model_fingerprint"):
+        Factors.load(tmp_path / "f", settings=settings.replace(model_fingerprint="0" * 64))
     with pytest.raises(FactorMismatchError, match="layers"):
         Factors.load(tmp_path / "f", layers=["transformer.h.0.mlp.c_fc"])
-    with pytest.raises(FactorMismatchError, match="strategy"):
-        Factors.load(tmp_path / "f", strategy="kfac")
+    with pytest.raises(FactorMismatchError, match="strategy='ekfac', not 'kfac'"):
+        Factors.load(tmp_path / "f", settings=settings.replace(strategy="kfac"))
+    # every field the factors depend on is checked, and named in the one-line error
+    for field, value in (("damping", "0.001"), ("seed", 1), ("max_length", 64), ("precision", "fp32"),
+                         ("fisher", "empirical"), ("on_long", "error"), ("layers", "all")):
+        with pytest.raises(FactorMismatchError, match=f"made with {field}="):
+            Factors.load(tmp_path / "f", settings=settings.replace(**{field: value}))
+    with pytest.raises(FactorMismatchError, match="other training data: data_fingerprint"):
+        Factors.load(tmp_path / "f", settings=settings.replace(data_fingerprint="x" * 64))
+    assert Factors.load(tmp_path / "f", settings=settings.replace(damping="auto")).settings == settings
     other = _engine(tiny_gpt2(seed=9))
     with pytest.raises(FactorMismatchError):
         other.prepare_queries(queries, loaded)

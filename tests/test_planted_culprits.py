@@ -11,6 +11,8 @@ from influence_engine import InfluenceEngine
 from tasks.data import read_rows
 from tasks.engine_io import rows_of
 
+pytestmark = pytest.mark.slow  # trains the demo model and audits it
+
 
 @pytest.fixture(scope="module")
 def figures(demo_model, demo_data):

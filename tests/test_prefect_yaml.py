@@ -5,7 +5,6 @@ them, are valid AuditParams for the event's model."""
 from __future__ import annotations
 
 import copy
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -31,15 +30,19 @@ def deployments(monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, Any]]:
 
 
 def _render(parameters: dict[str, Any], model: str) -> dict[str, Any]:
-    """Render trigger parameters for a model.retrained event exactly as the server's RunDeployment action."""
+    """Render trigger parameters for the model.retrained event `notify-retrained` sends for ``model``, exactly
+    as the server's RunDeployment action renders them."""
     from prefect.server.events.actions import RunDeployment
     from prefect.server.events.schemas.events import ReceivedEvent
     from prefect.utilities.schema_tools.hydration import HydrationContext, hydrate
 
     params = copy.deepcopy(parameters)
     RunDeployment._upgrade_v1_templates(params)
-    event = ReceivedEvent(id=uuid.uuid4(), event="model.retrained", occurred=datetime.now(timezone.utc),
-                          resource={"prefect.resource.id": f"model.{model}"}, payload={"model": model})
+    from tasks.events import retrained_event
+
+    sent = retrained_event(model)
+    event = ReceivedEvent(id=sent.id, event=sent.event, occurred=datetime.now(timezone.utc),
+                          resource=dict(sent.resource.root), payload=sent.payload)
     ctx = HydrationContext(raise_on_error=True, render_jinja=True, jinja_context={"event": event})
     return hydrate(params, ctx)
 
@@ -75,7 +78,17 @@ def test_scheduled_audit_is_weekly_utc(deployments: dict[str, dict[str, Any]]) -
     assert fields[2:4] == ["*", "*"] and fields[4] not in ("*",), "weekly: one day of the week"
 
 
-@pytest.mark.parametrize("model", ["/models/run 7/lm.v2", "models:/lm/3", "runs:/0a1b/model"])
+@pytest.fixture(params=["local", "models:/lm/3", "runs:/0a1b/model"])
+def model(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A model as `notify-retrained` is given it: a local directory (with spaces and dots in its path) or a URI."""
+    if request.param != "local":
+        return request.param
+    local = tmp_path / "models" / "run 7" / "lm.v2"
+    local.mkdir(parents=True)
+    (local / "config.json").write_text("{}")
+    return str(local)
+
+
 def test_post_retrain_trigger_takes_the_model_from_the_event(deployments: dict[str, dict[str, Any]],
                                                              model: str) -> None:
     from prefect.events import DeploymentEventTrigger, DeploymentTriggerTypes
@@ -93,17 +106,23 @@ def test_post_retrain_trigger_takes_the_model_from_the_event(deployments: dict[s
     assert params.train == [ENV["INFLUENCE_AUDIT_TRAIN"]] and params.queries == ENV["INFLUENCE_AUDIT_QUERIES"]
 
 
-def test_trigger_matches_what_emit_retrained_sends(deployments: dict[str, dict[str, Any]]) -> None:
-    """The trigger's resource pattern and event name match the event tasks.events builds."""
+def test_trigger_matches_what_notify_retrained_sends(deployments: dict[str, dict[str, Any]], model: str) -> None:
+    """The event `notify-retrained` (and the webhook receiver) sends fires the trigger, and the parameters the
+    trigger renders from that very event name the model."""
     from prefect.events import DeploymentTriggerTypes
+    from prefect.events.schemas.events import Resource
 
-    from tasks.events import RETRAINED_EVENT
+    from tasks.events import retrained_event
+    from tasks.params import AuditParams
 
     (spec,) = deployments["post-retrain-audit"]["triggers"]
     trigger = TypeAdapter(DeploymentTriggerTypes).validate_python(spec)
-    assert RETRAINED_EVENT in trigger.expect
-    pattern = trigger.match.model_dump()["prefect.resource.id"]
-    assert pattern == "model.*"  # emit_retrained uses prefect.resource.id = "model.<model>"
+    event = retrained_event(model)
+    assert event.event in trigger.expect
+    assert trigger.match.matches(event.resource)
+    assert not trigger.match.matches(Resource({"prefect.resource.id": "dataset.x"}))
+    rendered = _render(trigger.parameters or {}, model)
+    assert AuditParams.model_validate(rendered["params"]).model == event.payload["model"]
 
 
 def test_pull_step_sets_the_working_directory() -> None:

@@ -35,6 +35,8 @@ from reliability_support import (
 )
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # audits killed and resumed against a real Prefect server
+
 BATCH = 1  # one document per pass: stages take long enough to be killed between files (results do not change)
 
 
