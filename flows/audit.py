@@ -41,6 +41,10 @@ def influence_audit(params: AuditParams) -> dict[str, Any]:
     If MLflow is unreachable the audit still runs to the end: its files stay on disk, the manifest says
     ``mlflow: pending`` and the flow ends in TrackingUnavailable; ``influence-audit sync`` records it later.
     """
+    if params.mode == "quality":  # the query-free data-quality audit: flows/quality.py
+        from flows.quality import quality_audit
+
+        return quality_audit(params)
     p = params
     book = AuditBook(p, get_run_logger())
     ins = book.load_inputs(lambda: load_and_validate_inputs(p))

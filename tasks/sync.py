@@ -78,6 +78,13 @@ def _record_succeeded(manifest: dict[str, Any], audit_dir: Path, params: Any) ->
 
     inputs = _inputs(manifest)
     run_id = start_run(params, inputs, inputs.audit_id)
+    if params.mode == "quality":
+        from .quality_stages import quality_paths, record_quality
+
+        record_quality(params, inputs, run_id, quality_paths(audit_dir), _validation_reports(audit_dir),
+                       dict(manifest.get("seconds") or {}), bool(manifest.get("factors_cached", False)))
+        finish_run(run_id, succeeded=True, validation_passed=True)
+        return run_id
     record_results(params, inputs, run_id, str(audit_dir / "candidates.parquet"), _validation_reports(audit_dir),
                       dict(manifest.get("seconds") or {}), bool(manifest.get("factors_cached", False)))
     finish_run(run_id, succeeded=True, validation_passed=True)

@@ -50,13 +50,19 @@ def _render(parameters: dict[str, Any], model: str) -> dict[str, Any]:
 def test_deployments_run_the_audit_flow(deployments: dict[str, dict[str, Any]]) -> None:
     from tasks.params import AuditParams
 
-    assert set(deployments) == {"scheduled-audit", "post-retrain-audit"}
+    assert set(deployments) == {"scheduled-audit", "post-retrain-audit", "quality-audit"}
     for d in deployments.values():
         assert d["entrypoint"] == "flows/audit.py:influence_audit"
         assert d["work_pool"]["name"] == "influence-cpu"
         assert (REPO / d["entrypoint"].split(":")[0]).is_file()
         params = AuditParams.model_validate(d["parameters"]["params"])  # env placeholders were applied
         assert params.model == ENV["INFLUENCE_AUDIT_MODEL"] and params.train == [ENV["INFLUENCE_AUDIT_TRAIN"]]
+    quality = AuditParams.model_validate(deployments["quality-audit"]["parameters"]["params"])
+    assert quality.mode == "quality" and quality.queries is None
+    (spec,) = deployments["quality-audit"]["schedules"]
+    from prefect.client.schemas.schedules import CronSchedule
+
+    assert CronSchedule(cron=spec["cron"], timezone=spec["timezone"]).timezone == "UTC"
 
 
 def test_flow_signature_takes_params() -> None:
