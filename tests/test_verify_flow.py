@@ -20,6 +20,7 @@ from flows.audit import influence_audit
 from tasks.params import AuditParams
 
 pytestmark = pytest.mark.slow
+CLI = [sys.executable, "-c", "from influence_audit.cli import main; main()"]  # this checkout's CLI
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def verified_audit(demo_model, demo_data, tmp_path_factory):
 
 def _cli(*args: str, home: Path) -> subprocess.CompletedProcess:
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return subprocess.run([sys.executable, "-m", "influence_audit.cli", *args, "--home", str(home)],
+    return subprocess.run([*CLI, *args, "--home", str(home)],
                           capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -95,7 +96,7 @@ def test_verify_command_rechecks_an_audit(verified_audit):
 def test_score_verify_adds_the_columns_to_its_output(demo_model, demo_data, tmp_path):
     out = tmp_path / "scores.parquet"
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    r = subprocess.run([sys.executable, "-m", "influence_audit.cli", "score", "--model", str(demo_model), "--train",
+    r = subprocess.run([*CLI, "score", "--model", str(demo_model), "--train",
                         str(demo_data / "corpus.jsonl"), "--queries", str(demo_data / "queries.jsonl"), "--out",
                         str(out), "--top-k", "3", "--verify", "2", "--max-length", "128", "--device", "cpu"],
                        capture_output=True, text=True, env=env, timeout=600)
