@@ -302,7 +302,7 @@ def _print_summary(result: dict) -> None:
         return
     out.print(f"  {int(m['documents'])} documents, {int(m['tokens']):,} tokens, {int(m['queries'])} queries; "
               f"factors {'reused from cache' if result['factors_cached'] else 'fitted'}")
-    out.print("  stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
+    out.print("  stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()), soft_wrap=True)
     if "verified_at_10" in m:
         out.print(f"  verified_at_10 = [bold]{m['verified_at_10']:.2f}[/] vs random documents "
                   f"{m['verified_random_at_10']:.2f}   Spearman(score, delta) = {m['verify_spearman']:.2f}")
@@ -401,11 +401,11 @@ def demo(output_dir: Annotated[Path | None, typer.Option(help="Project data dire
                          output_dir=str(home), planted=str(data / "planted.json"), verify_k=10)
     result = _run_audit(params)
     _print_summary(result)
-    from tasks.tracking import configure_tracking
+    from influence_audit.cli_ui import print_ui
+    from tasks.ui import audit_ui
 
-    uri = configure_tracking(None, home)
-    out.print(f"\nOpen the MLflow UI:  mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000, "
-              f"experiment 'influence-audit', run {result['run_id']})")
+    typer.echo("")
+    print_ui(audit_ui(home, result["audit_id"]))
 
 
 from influence_audit.cli_review import review_app  # noqa: E402
@@ -420,6 +420,9 @@ app.add_typer(webhook_app, name="webhook")
 from influence_audit.cli_sync import sync as _sync  # noqa: E402
 
 app.command("sync")(_sync)
+from influence_audit.cli_ui import ui as _ui  # noqa: E402
+
+app.command("ui")(_ui)
 from influence_audit.cli_models import layers as _layers  # noqa: E402
 from influence_audit.cli_models import plan as _plan  # noqa: E402
 

@@ -37,6 +37,7 @@ from .paths import resolve_home
 
 __all__ = [
     "FLAGGED_SCHEMA",
+    "RETRACTED",
     "REVIEW_TABLE",
     "VERDICTS",
     "ReviewDecision",
@@ -54,10 +55,14 @@ __all__ = [
     "resolve_home",
     "review_markdown",
     "submit_review",
+    "valid_decisions",
 ]
 
 Verdict = Literal["culprit", "not-culprit", "unsure"]
 VERDICTS: tuple[str, ...] = ("culprit", "not-culprit", "unsure")
+# Recorded by `review pull` when the MLflow assessment behind a pair's latest decision is deleted: the pair is
+# undecided again. Never accepted as input.
+RETRACTED = "retracted"
 REVIEW_TABLE = "review_decisions.json"
 FLAGGED_FILE = "flagged_documents.parquet"
 FLAGGED_SCHEMA: dict[str, Any] = {
@@ -138,8 +143,10 @@ def load_decisions(home: str | os.PathLike[str] | None, audit_id: str) -> pl.Dat
 
 
 def latest_verdicts(decisions: pl.DataFrame) -> pl.DataFrame:
-    """One row per (query_id, train_id): the last decision submitted (later submissions win)."""
-    return decisions.unique(["query_id", "train_id"], keep="last", maintain_order=True)
+    """One row per (query_id, train_id): the last decision submitted (later submissions win). A pair whose
+    last row is a retraction (its MLflow assessment was deleted) is undecided again and left out."""
+    latest = decisions.unique(["query_id", "train_id"], keep="last", maintain_order=True)
+    return latest.filter(pl.col("verdict") != RETRACTED)
 
 
 def _review_state(candidates: pl.DataFrame, decisions: pl.DataFrame) -> dict[str, Any]:
@@ -404,7 +411,7 @@ def submit_review(home: str | os.PathLike[str] | None, audit_id: str, reviewer: 
             _call("record review", _record, run_id, all_decisions, state)
         except UserError as exc:
             raise UserError(f"decisions saved in {flagged}, but not yet on the MLflow run: {exc.message}",
-                            hint=f"`influence-audit review sync {audit_id}` records them once MLflow is back"
+                            hint=f"`influence-audit sync --audit-id {audit_id}` records them once MLflow is back"
                             ) from exc
     return {"audit_id": audit_id, "run_id": run_id, **state, "submitted": rows.height,
             "flagged_path": str(flagged)}
@@ -481,6 +488,23 @@ def check_review_input(home: str, audit_id: str, reviewer: str, decisions: list[
     except ReviewInputError as exc:
         return str(exc)
     return None
+
+
+def valid_decisions(candidates: pl.DataFrame, decisions: Sequence[ReviewDecision]) -> list[ReviewDecision]:
+    """The decisions that name a candidate, each pair once (the first): what a refused form keeps."""
+    known = set(zip(candidates["query_id"].to_list(), candidates["train_id"].to_list(), strict=True))
+    out, seen = [], set()
+    for d in decisions:
+        if (d.query_id, d.train_id) in known and (d.query_id, d.train_id) not in seen:
+            seen.add((d.query_id, d.train_id))
+            out.append(d)
+    return out
+
+
+@task(name="valid-decisions")
+def valid_decisions_task(home: str, audit_id: str, decisions: list[ReviewDecision]) -> list[ReviewDecision]:
+    """:func:`valid_decisions` of the audit's candidates (the refused form is shown again with these)."""
+    return valid_decisions(load_candidates(home, audit_id), decisions)
 
 
 @task(name="submit-review")

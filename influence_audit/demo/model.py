@@ -32,6 +32,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from influence_engine.atomic import umask_mode
 from influence_engine.errors import DataError
 
 EOT = "<|endoftext|>"
@@ -273,6 +274,7 @@ def train_demo_model(corpus_path: Path, out_dir: Path, *, seed: int = 0, epochs:
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp.", dir=out_dir.parent))
+    tmp.chmod(umask_mode(0o777))  # mkdtemp's 0700 would hide the model from other accounts
     try:
         model.eval()
         model.save_pretrained(tmp)
