@@ -57,6 +57,14 @@ def test_the_flow_verifies_and_records_the_checks(verified_audit):
     table = json.loads(Path(client.download_artifacts(result["run_id"], "candidates.json",
                                                       str(home / "dl"))).read_text())
     assert {"counterfactual_delta", "counterfactual_delta_down", "verified"} <= set(table["columns"])
+    # the review's traces carry the check on each verified candidate's span
+    from tasks.traces import audit_traces
+
+    exp = client.get_run(result["run_id"]).info.experiment_id
+    spans = [sp for t in audit_traces(exp, result["audit_id"], include_spans=True) for sp in t.data.spans]
+    checked = [sp.attributes for sp in spans if "influence_audit.verified" in (sp.attributes or {})]
+    assert len(checked) == top.height
+    assert all("influence_audit.counterfactual_delta_down" in a for a in checked)
 
 
 def test_evaluate_reads_kronfluence_files_and_logs_lds(verified_audit, demo_data, tmp_path):
