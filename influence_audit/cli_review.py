@@ -56,12 +56,17 @@ def show_cmd(audit_id: Annotated[str, typer.Argument(help="Audit id (see `review
               f"reviewers: {', '.join(s['reviewers']) or '-'})")
     for (qid,), group in s["candidates"].sort(["query_id", "rank"]).group_by(["query_id"], maintain_order=True):
         first = group.row(0, named=True)
-        table = Table("rank", "train_id", "score", "snippet", "verdict", "reviewer", "comment",
+        checked = "verified" in group.columns
+        table = Table("rank", "train_id", "score", *(["check (Δ up / down)"] if checked else []), "snippet",
+                      "verdict", "reviewer", "comment",
                       title=f"{qid}: {first['query_prompt']!r} -> {first['query_completion']!r}", title_justify="left")
         for r in group.iter_rows(named=True):
             d = latest.get((qid, r["train_id"])) or {}
             snippet = " ".join(str(r["snippet"]).split())
-            table.add_row(str(r["rank"]), r["train_id"], f"{r['score']:.4g}", snippet[:snippet_chars],
+            check = [] if not checked else ["" if r["verified"] is None else
+                                            f"{'verified' if r['verified'] else 'not verified'} "
+                                            f"{r['counterfactual_delta']:+.3g} / {r['counterfactual_delta_down']:+.3g}"]
+            table.add_row(str(r["rank"]), r["train_id"], f"{r['score']:.4g}", *check, snippet[:snippet_chars],
                           d.get("verdict", ""), d.get("reviewer", ""), d.get("comment", ""))
         out.print(table)
 

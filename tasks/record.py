@@ -12,6 +12,7 @@ import polars as pl
 from .candidates import planted_metrics
 from .inputs import Inputs
 from .params import AuditParams
+from .verify import verification_metrics
 
 
 def run_params(p: AuditParams, inputs: Inputs | None) -> dict[str, Any]:
@@ -52,6 +53,7 @@ def record_results(p: AuditParams, inputs: Inputs, run_id: str, candidates_path:
     if score_seconds > 0:
         metrics["scoring_tokens_per_s"] = inputs.n_tokens / score_seconds
     metrics |= planted_metrics(cands, p.planted)
+    metrics |= verification_metrics(audit_dir)
     plots = [plot_score_distribution(cands, audit_dir / "plots" / "score_distribution.png"),
              plot_layer_share(cands, audit_dir / "plots" / "layer_share.png")]
     html = render_html_report(cands, audit_dir / "report.html", title=f"Influence audit {inputs.audit_id}",

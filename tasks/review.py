@@ -440,12 +440,18 @@ def review_markdown(summary: dict[str, Any], *, message: str = "", max_snippet: 
               "--decision QUERY_ID:TRAIN_ID:VERDICT[:comment]`.", ""]
     for (qid,), group in cands.sort(["query_id", "rank"]).group_by(["query_id"], maintain_order=True):
         first = group.row(0, named=True)
+        checked = "verified" in group.columns
         lines += [f"## `{qid}`", "", f"*{_md(first['query_prompt'])}* → **{_md(first['query_completion'])}**", "",
-                  "| rank | train_id | score | snippet | verdict |", "|---|---|---|---|---|"]
+                  "| rank | train_id | score |" + (" check (Δ up / down, nats) |" if checked else "")
+                  + " snippet | verdict |", "|---|---|---|" + ("---|" if checked else "") + "---|---|"]
         for r in group.iter_rows(named=True):
             d = latest.get((qid, r["train_id"]))
             verdict = f"{d['verdict']} ({_md(d['reviewer'])})" if d else ""
-            lines.append(f"| {r['rank']} | `{r['train_id']}` | {r['score']:.4g} | "
+            check = "" if not checked else (" |" if r["verified"] is None else
+                                            f" {'verified' if r['verified'] else 'not verified'} "
+                                            f"{r['counterfactual_delta']:+.3g} / "
+                                            f"{r['counterfactual_delta_down']:+.3g} |")
+            lines.append(f"| {r['rank']} | `{r['train_id']}` | {r['score']:.4g} |{check} "
                          f"{_md(str(r['snippet'])[:max_snippet])} | {verdict} |")
         lines.append("")
     return "\n".join(lines)

@@ -7,7 +7,8 @@ tagged ``influence_audit.audit_id`` and ``influence_audit.query_id``:
 - one child span per candidate (type RETRIEVER, named ``#<rank> <train_id>``, so MLflow renders its output as
   a document) with the document text (up to :data:`TEXT_LIMIT` characters) and the attributes
   ``influence_audit.train_id``, ``.score``, ``.rank``, ``.layer_scores`` (per-layer breakdown, when the
-  candidate was explained) and ``.counterfactual_delta`` / ``.verified`` when candidates.parquet has them.
+  candidate was explained) and ``.counterfactual_delta`` / ``.counterfactual_delta_down`` / ``.verified`` when
+  candidates.parquet has them.
 
 A reviewer opens a trace in the MLflow UI, selects a candidate's span and adds a feedback assessment named
 ``culprit``: true (culprit), false (not a culprit) or the string ``unsure``, with an optional rationale; its
@@ -105,6 +106,8 @@ def _candidate_attributes(row: Mapping[str, Any]) -> dict[str, Any]:
         attrs[f"{ATTR}layer_scores"] = json.loads(row["layer_scores"])
     if (delta := _number(row.get("counterfactual_delta"))) is not None:
         attrs[f"{ATTR}counterfactual_delta"] = delta
+    if (down := _number(row.get("counterfactual_delta_down"))) is not None:
+        attrs[f"{ATTR}counterfactual_delta_down"] = down
     if row.get("verified") is not None:
         attrs[f"{ATTR}verified"] = bool(row["verified"])
     if row.get("token_strs") and row.get("token_scores"):  # the five tokens that count most

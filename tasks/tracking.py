@@ -60,6 +60,7 @@ _log = logging.getLogger(__name__)
 
 CANDIDATES_TABLE = "candidates.json"
 TABLE_COLUMNS = ("query_id", "query_prompt", "query_completion", "train_id", "snippet", "score", "rank")
+VERIFY_TABLE_COLUMNS = ("counterfactual_delta", "counterfactual_delta_down", "verified")  # when verified
 AUDIT_ID_TAG = "audit.id"
 REVIEW_STATUS_TAG = "review.status"
 ERROR_TAG = "audit.error"
@@ -284,8 +285,9 @@ def _table_frame(candidates: pl.DataFrame) -> Any:
     missing = [c for c in TABLE_COLUMNS if c not in candidates.columns]
     if missing:
         raise ValueError(f"candidate frame lacks columns {missing}")
-    df = candidates.select(TABLE_COLUMNS).sort(["query_id", "rank"], maintain_order=True)
-    return pd.DataFrame(df.to_dict(as_series=False), columns=list(TABLE_COLUMNS))
+    columns = [*TABLE_COLUMNS, *(c for c in VERIFY_TABLE_COLUMNS if c in candidates.columns)]
+    df = candidates.select(columns).sort(["query_id", "rank"], maintain_order=True)
+    return pd.DataFrame(df.to_dict(as_series=False), columns=columns)
 
 
 def replace_table(client: MlflowClient, run_id: str, frame: Any, name: str) -> None:
