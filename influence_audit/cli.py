@@ -38,6 +38,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Which training documents made our language model say this? EK-FAC influence audits.")
 err = Console(stderr=True)
 out = Console()
+if __name__ == "__main__":  # `python -m influence_audit.cli`: the command modules import this module by name
+    sys.modules.setdefault("influence_audit.cli", sys.modules[__name__])
 
 
 class _Bar:
