@@ -34,6 +34,7 @@ from tasks.stages import (
     sample_query_set,
     score_shard,
     validate_outputs,
+    verify_candidates,
 )
 
 # Mapped tasks run in at most this many threads (the default runner's pool is unbounded): each holds one shard, so
@@ -83,6 +84,9 @@ def influence_audit(params: AuditParams) -> dict[str, Any]:
             shard_scores = score_shard.map(spec, ins.shards, prepared, ins.audit_dir, p.top_k).result()
         with book.stage("merge_candidates"):
             candidates = merge_candidates(spec, p, ins, shard_scores, queries, prepared)
+        if p.verify_k:
+            with book.stage("verify_candidates"):
+                verify_candidates(spec, p, ins, candidates, queries, prepared)
         with book.stage("validate_outputs"):
             report = validate_outputs(p, ins, candidates, queries)
         book.record(lambda: record_results(p, ins, book.run_id, candidates, ins.validation | {"candidates": report},

@@ -38,6 +38,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Which training documents made our language model say this? EK-FAC influence audits.")
 err = Console(stderr=True)
 out = Console()
+if __name__ == "__main__":  # `python -m influence_audit.cli`: the command modules import this module by name
+    sys.modules.setdefault("influence_audit.cli", sys.modules[__name__])
 
 
 class _Bar:
@@ -188,8 +190,12 @@ def score(model: ModelOpt, train: TrainOpt,
           gradient_cache_gb: Annotated[float, typer.Option(
               help="When factors are fitted here (kfac, ekfac) and every document's gradients fit in this many GiB "
                    "on the device, fit and score in one pass over the data; 0 never does")] = 2.0,
-          trust_remote_code: bool = False, device_memory_gb: DeviceMemoryOpt = None, split: SplitOpt = "train",
-          id_field: IdFieldOpt = "id", text_field: TextFieldOpt = "text") -> None:
+          trust_remote_code: bool = False, device_memory_gb: DeviceMemoryOpt = None,
+          verify: Annotated[int, typer.Option(help="Counterfactual check of each query's top K candidates and K "
+                                                   "random documents (columns added to --out); 0 skips")] = 0,
+          verify_check: Annotated[str, typer.Option(help="tail-patch or pbrf (small models)")] = "tail-patch",
+          verify_lr: Annotated[float | None, typer.Option(help="Tail-patch learning rate (default: chosen)")] = None,
+          split: SplitOpt = "train", id_field: IdFieldOpt = "id", text_field: TextFieldOpt = "text") -> None:
     """Rank training documents by influence on each query's completion."""
     from tasks import pipeline
     from tasks.data import Fields, data_fingerprint, read_rows
@@ -219,6 +225,9 @@ def score(model: ModelOpt, train: TrainOpt,
     with _Bar(f"scoring {len(qs)} queries" + (" from kept gradients" if fitted.cache else ""), len(docs)) as bar:
         result = pipeline.score(eng, docs, qs, fitted, rank=query_rank, top_k=top_k, progress=bar)
     write_parquet_atomic(score_frame(result.top_rows()), out_path)
+    if verify:
+        verify_scores(eng, out_path, train_df, query_df, eng.prepare_queries(qs, fitted.factors, rank=query_rank),
+                      verify, verify_check, verify_lr)
     seconds = time.perf_counter() - t0
     truncated = sum(e.truncated for e in docs) + sum(q.truncated for q in qs)
     err.print(f"{len(qs)} queries x {len(docs)} documents ({result.n_tokens:,} tokens"
@@ -301,7 +310,10 @@ def _print_summary(result: dict) -> None:
         return
     out.print(f"  {int(m['documents'])} documents, {int(m['tokens']):,} tokens, {int(m['queries'])} queries; "
               f"factors {'reused from cache' if result['factors_cached'] else 'fitted'}")
-    out.print("  stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
+    out.print("  stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()), soft_wrap=True)
+    if "verified_at_10" in m:
+        out.print(f"  verified_at_10 = [bold]{m['verified_at_10']:.2f}[/] vs random documents "
+                  f"{m['verified_random_at_10']:.2f}   Spearman(score, delta) = {m['verify_spearman']:.2f}")
     if "planted_recall_at_10" in m:
         out.print(f"  planted_recall_at_10 = [bold]{m['planted_recall_at_10']:.3f}[/]   "
                   f"planted_mrr = {m['planted_mrr']:.3f}")
@@ -330,8 +342,12 @@ def audit(model: Annotated[str, typer.Option(help="Local model directory, or mod
           dask: Annotated[str | None, typer.Option(help="Run mapped stages on Dask: local, local:N or tcp://host:port")]
           = None,
           dask_cluster_class: Annotated[str | None, typer.Option(help="e.g. dask_cuda.LocalCUDACluster for GPUs")]
-          = None, device_memory_gb: DeviceMemoryOpt = None, split: SplitOpt = "train", id_field: IdFieldOpt = "id",
-          text_field: TextFieldOpt = "text") -> None:
+          = None, device_memory_gb: DeviceMemoryOpt = None,
+          verify: Annotated[int, typer.Option(help="Counterfactual check of each query's top K candidates and K "
+                                                   "random documents; 0 skips")] = 0,
+          verify_check: Annotated[str, typer.Option(help="tail-patch or pbrf (small models)")] = "tail-patch",
+          verify_lr: Annotated[float | None, typer.Option(help="Tail-patch learning rate (default: chosen)")] = None,
+          split: SplitOpt = "train", id_field: IdFieldOpt = "id", text_field: TextFieldOpt = "text") -> None:
     """Run the full audit flow: validate, sample, fit, score, merge, validate, record in MLflow, open review."""
     from influence_engine.errors import UserError
     from tasks.params import AuditParams
@@ -349,7 +365,8 @@ def audit(model: Annotated[str, typer.Option(help="Local model directory, or mod
                      batch_size=batch_size, max_length=max_length,
                      on_long=on_long, shard_size=shard_size, seed=seed, explain_top=explain_top,
                      output_dir=_absolute(output_dir) if output_dir else None, experiment=experiment,
-                     tracking_uri=tracking_uri, planted=_absolute(planted) if planted else None)
+                     tracking_uri=tracking_uri, planted=_absolute(planted) if planted else None,
+                     verify_k=verify, verify_check=verify_check, verify_lr=verify_lr)
     _print_summary(_run_audit(params, dask, dask_cluster_class))
 
 
@@ -389,14 +406,14 @@ def demo(output_dir: Annotated[Path | None, typer.Option(help="Project data dire
     err.print(f"demo model: {model_dir}", highlight=False, soft_wrap=True)
     params = AuditParams(model=str(model_dir), train=[str(data / "corpus.jsonl")], queries=str(data / "queries.jsonl"),
                          strategy=strategy, top_k=10, max_length=128, shard_size=100, seed=seed,
-                         output_dir=str(home), planted=str(data / "planted.json"))
+                         output_dir=str(home), planted=str(data / "planted.json"), verify_k=10)
     result = _run_audit(params)
     _print_summary(result)
-    from tasks.tracking import configure_tracking
+    from influence_audit.cli_ui import print_ui
+    from tasks.ui import audit_ui
 
-    uri = configure_tracking(None, home)
-    out.print(f"\nOpen the MLflow UI:  mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000, "
-              f"experiment 'influence-audit', run {result['run_id']})")
+    typer.echo("")
+    print_ui(audit_ui(home, result["audit_id"]))
 
 
 from influence_audit.cli_review import review_app  # noqa: E402
@@ -411,6 +428,9 @@ app.add_typer(webhook_app, name="webhook")
 from influence_audit.cli_sync import sync as _sync  # noqa: E402
 
 app.command("sync")(_sync)
+from influence_audit.cli_ui import ui as _ui  # noqa: E402
+
+app.command("ui")(_ui)
 from influence_audit.cli_models import layers as _layers  # noqa: E402
 from influence_audit.cli_models import plan as _plan  # noqa: E402
 
@@ -419,6 +439,10 @@ app.command("plan")(_plan)
 from influence_audit.cli_quality import quality as _quality  # noqa: E402
 
 app.command("quality")(_quality)
+from influence_audit.cli_verify import evaluate, verify, verify_scores  # noqa: E402
+
+app.command("verify")(verify)
+app.command("evaluate")(evaluate)
 
 
 def _usage_error_types() -> tuple[type[Exception], ...]:

@@ -52,6 +52,12 @@ class AuditParams(BaseModel):
     planted: str | None = Field(None, description="JSON {query_id: [train ids]} of known culprits: logs "
                                                   "planted_recall_at_10")
     trust_remote_code: bool = False
+    verify_k: int = Field(0, ge=0, description="Counterfactual check of each query's top-k candidates and k random "
+                                               "documents (0 = off)")
+    verify_check: Literal["tail-patch", "pbrf"] = Field("tail-patch", description="tail-patch (one optimizer "
+                                                        "step; any size) or pbrf (small models)")
+    verify_lr: float | None = Field(None, gt=0, description="Tail-patch learning rate (default: chosen from the "
+                                                            "model's scale and recorded)")
     cutoff: float = Field(3.5, gt=0, description="quality mode: robust z-score from which an issue is flagged")
     near_duplicate_threshold: float = Field(0.7, gt=0, le=1, description="quality mode: Jaccard similarity "
                                                                          "(character 5-grams) of near duplicates")
@@ -77,9 +83,11 @@ class AuditParams(BaseModel):
     def identity(self) -> dict:
         """The parameters that define the audit's result (not where it is written or recorded, nor how it is
         computed), without those left at their defaults: a parameter added later, left at its default, keeps
-        every existing audit's id (and so its MLflow run and review). A quality audit drops the query parameters."""
+        every existing audit's id (and so its MLflow run and review). A quality audit drops the query parameters.
+        Verification settings are left out: checks add to a result (``influence-audit verify`` on a finished audit
+        writes into the same audit)."""
         out = self.model_dump(exclude={"output_dir", "experiment", "tracking_uri", "device", "batch_size",
-                                       "device_memory_gb"},
+                                       "device_memory_gb", "verify_k", "verify_check", "verify_lr"},
                               exclude_defaults=True)
         if self.mode == "quality":
             for key in INFLUENCE_FIELDS:
