@@ -13,11 +13,11 @@ from reliability_support import (
     audit_env,
     build_model,
     corpus,
-    prefect_server,
     queries,
     run_cli,
     write_jsonl,
 )
+from servers import prefect_server
 
 pytestmark = pytest.mark.slow  # whole audits through Prefect
 
