@@ -376,6 +376,9 @@ app.add_typer(webhook_app, name="webhook")
 from influence_audit.cli_sync import sync as _sync  # noqa: E402
 
 app.command("sync")(_sync)
+from influence_audit.cli_index import index_app  # noqa: E402
+
+app.add_typer(index_app, name="index")
 
 
 def _usage_error_types() -> tuple[type[Exception], ...]:
