@@ -14,10 +14,12 @@ from prefect import flow, get_run_logger
 
 from influence_engine import Factors, get_strategy
 from tasks.bookkeeping import AuditBook
+from tasks.index import IndexOptions, index_dir
 from tasks.inputs import engine_spec, factor_settings
 from tasks.params import AuditParams
 from tasks.paths import factor_dir
 from tasks.stages import (
+    build_index_part,
     finalize_factors,
     fit_covariance_partial,
     fit_lambda_partial,
@@ -25,10 +27,12 @@ from tasks.stages import (
     merge_and_eigendecompose,
     merge_candidates,
     open_review,
+    prefilter_candidates,
     prepare_query_gradients,
     record_results,
     sample_query_set,
     score_shard,
+    search_index,
     validate_outputs,
 )
 
@@ -61,8 +65,20 @@ def influence_audit(params: AuditParams) -> dict[str, Any]:
         with book.stage("prepare_queries"):
             prepared = prepare_query_gradients(spec, settings, queries, fdir, p.query_rank,
                                                str(Path(ins.audit_dir) / "prepared-queries.safetensors"))
-        with book.stage("score_shards"):
-            shard_scores = score_shard.map(spec, ins.shards, prepared, ins.audit_dir, p.top_k).result()
+        if p.use_index:  # a matching index (same model, data, factor settings) is reused; else built, per shard
+            idir = str(index_dir(book.home, settings, IndexOptions(p.sketch)))
+            book.manifest["index"] = idir
+            with book.stage("build_index"):
+                parts = build_index_part.map(spec, settings, ins.shards, idir, fdir, IndexOptions(p.sketch)).result()
+            with book.stage("search_index"):
+                shard_scores = [search_index(spec, settings, ins, queries, idir, fdir, parts, p.top_k, p.refine)]
+        else:
+            cands = None
+            if p.prefilter:
+                with book.stage("prefilter"):
+                    cands = prefilter_candidates(p, ins, queries)
+            with book.stage("score_shards"):
+                shard_scores = score_shard.map(spec, ins.shards, prepared, ins.audit_dir, p.top_k, cands).result()
         with book.stage("merge_candidates"):
             candidates = merge_candidates(spec, p, ins, shard_scores, queries, prepared)
         with book.stage("validate_outputs"):

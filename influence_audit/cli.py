@@ -173,6 +173,8 @@ def score(model: ModelOpt, train: TrainOpt,
           gradient_cache_gb: Annotated[float, typer.Option(
               help="When factors are fitted here (kfac, ekfac) and every document's gradients fit in this many GiB "
                    "on the device, fit and score in one pass over the data; 0 never does")] = 2.0,
+          prefilter: Annotated[str | None, typer.Option(
+              help="bm25:K scores only each query's K most lexically similar documents")] = None,
           trust_remote_code: bool = False) -> None:
     """Rank training documents by influence on each query's completion."""
     from tasks import pipeline
@@ -184,6 +186,9 @@ def score(model: ModelOpt, train: TrainOpt,
     if gradient_cache_gb < 0:
         raise typer.BadParameter("must be >= 0", param_hint="--gradient-cache-gb")
     _check_flags(strategy, damping, on_long)
+    from tasks.prefilter import parse_prefilter
+
+    k_prefilter = parse_prefilter(prefilter)
     _check_out_file(out_path, ".parquet")
     train_df = read_rows(train, "train")
     query_df = read_rows(queries, "queries")
@@ -199,6 +204,16 @@ def score(model: ModelOpt, train: TrainOpt,
     with _Bar(_fit_label(strategy, one_pass), len(docs)) as bar:
         fitted = pipeline.fit(eng, docs, settings, out_dir=factors, cache_budget_bytes=budget, progress=bar,
                               notice=err.print)
+    if k_prefilter is not None:
+        from tasks.prefilter import bm25_candidates, score_candidates
+
+        cands = bm25_candidates(train_df, query_df, k_prefilter)
+        rows = score_candidates(eng, docs, eng.prepare_queries(qs, fitted.factors, rank=query_rank), cands, top_k)
+        write_parquet_atomic(score_frame(rows), out_path)
+        err.print(f"prefilter bm25:{k_prefilter}: {len(cands.union)} of {len(docs)} documents scored "
+                  f"({cands.fraction_scored:.1%}); BM25 index {cands.seconds['bm25_index_s']:.2f} s, "
+                  f"queries {cands.seconds['bm25_query_s']:.2f} s", highlight=False, soft_wrap=True)
+        return
     with _Bar(f"scoring {len(qs)} queries" + (" from kept gradients" if fitted.cache else ""), len(docs)) as bar:
         result = pipeline.score(eng, docs, qs, fitted, rank=query_rank, top_k=top_k, progress=bar)
     write_parquet_atomic(score_frame(result.top_rows()), out_path)

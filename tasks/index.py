@@ -228,3 +228,28 @@ def index_size(index: GradientIndex) -> dict[str, float]:
     size = index.nbytes()
     return {"documents": n, "bytes": size, "bytes_per_document": size / max(n, 1),
             "width": index.width, "itemsize": int(np.dtype(index.np_dtype).itemsize)}
+
+
+def search_audit(spec: EngineSpec, settings: FactorSettings, shards: Sequence[Shard], queries_path: str,
+                 directory: str, factor_dir: str, parts: Sequence[str], top_k: int, refine: int, audit_dir: str) -> str:
+    """The flow's scoring by the index: search every shard's part, refine from the shards, write one score file
+    (the merge stage takes it as it takes the shards' files)."""
+    from influence_engine.atomic import write_json_atomic
+
+    from .engine_io import write_parquet_atomic
+
+    path = Path(audit_dir) / "scores" / "index-search.parquet"
+    if not path.exists():
+        eng = spec.engine()
+        factors = Factors.load(factor_dir, settings=settings, layers=list(eng.specs))
+        index = GradientIndex.open(directory)
+        qs = encode_frame(eng, pl.read_parquet(queries_path), "queries")
+        times = QueryTimes()
+        k = top_k or sum(s.n_docs for s in shards)  # 0: every document
+        frame = search_and_refine(eng, index, factors, qs, top_k=k, refine=refine,
+                                  docs_for=docs_from_shards(eng, shards), parts=parts, times=times)
+        write_parquet_atomic(frame.select("query_id", "train_id", "score", "rank"), path)
+        write_json_atomic(path.with_suffix(".json"), {"index": directory, "query_gradients_s": times.queries,
+                                                      "search_s": times.search, "refine_s": times.refine,
+                                                      "refined_documents": times.refined_docs})
+    return str(path)

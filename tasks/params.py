@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class AuditParams(BaseModel):
@@ -39,6 +39,12 @@ class AuditParams(BaseModel):
     planted: str | None = Field(None, description="JSON {query_id: [train ids]} of known culprits: logs "
                                                   "planted_recall_at_10")
     trust_remote_code: bool = False
+    use_index: bool = Field(False, description="Score by searching the gradient index (built on first use, as a "
+                                               "mapped stage; reused while model, data and factor settings match)")
+    sketch: str = Field("16x16", description="The index's per-layer random projection OUTxIN, or off (exact)")
+    refine: int = Field(100, ge=0, description="With use_index: re-score the top N per query exactly and rerank")
+    prefilter: str | None = Field(None, description="bm25:K: score only each query's K most lexically similar "
+                                                    "documents (not with use_index)")
 
     @field_validator("damping")
     @classmethod
@@ -50,6 +56,34 @@ class AuditParams(BaseModel):
             except ValueError:
                 raise ValueError("damping must be 'auto' or a non-negative number") from None
         return v
+
+    @field_validator("sketch")
+    @classmethod
+    def _sketch(cls, v: str) -> str:
+        from influence_engine.index import parse_sketch
+
+        try:
+            parse_sketch(v)
+        except Exception as exc:
+            raise ValueError(str(exc).split(": ", 1)[-1]) from None
+        return v
+
+    @field_validator("prefilter")
+    @classmethod
+    def _prefilter(cls, v: str | None) -> str | None:
+        from .prefilter import parse_prefilter
+
+        try:
+            parse_prefilter(v)
+        except Exception as exc:
+            raise ValueError(str(exc).split(": ", 1)[-1]) from None
+        return v
+
+    @model_validator(mode="after")
+    def _index_or_prefilter(self) -> AuditParams:
+        if self.use_index and self.prefilter:
+            raise ValueError("use_index searches the whole corpus: drop prefilter, or use_index")
+        return self
 
     def identity(self) -> dict:
         """The parameters that define the audit's result (not where it is written or recorded)."""

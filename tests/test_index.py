@@ -105,3 +105,17 @@ def test_sketch_flag_and_unsupported_strategies(monkeypatch):
     monkeypatch.setitem(STRATEGIES, "lowrank", Strategy("lowrank", True, True, True, "eigen"))
     with pytest.raises(UserError, match="supports ekfac, kfac, diagonal, identity only"):
         check_strategy("lowrank")
+
+
+def test_faiss_search_finds_the_exact_top_k_on_a_small_index(setup, tmp_path):
+    pytest.importorskip("faiss")
+    eng, docs, queries = setup
+    factors = eng.fit_factors(docs, "ekfac")
+    index = GradientIndex.create(tmp_path / "ix", eng, factors, sketch=(3, 3), dtype="fp32")
+    index.build_part("all", eng, docs, factors)
+    q = index.query_vectors(eng, queries, factors)
+    exact_scores, exact_ids = index.search(q, top_k=3)
+    scores, ids = index.search_faiss(q, top_k=3)
+    assert ids == exact_ids
+    np.testing.assert_allclose(scores, exact_scores, rtol=1e-5)
+    assert list(tmp_path.glob("ix/faiss-hnsw-*.index"))  # kept for the next query
