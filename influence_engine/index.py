@@ -372,10 +372,12 @@ class GradientIndex:
         return index_vectors(eng, queries, factors, self.sketch(eng.specs))
 
     def search(self, queries: torch.Tensor, top_k: int, *, parts: Sequence[str] | None = None,
-               block: int = 65536, device: str | torch.device = "cpu") -> tuple[np.ndarray, list[list[str]]]:
+               block: int | None = None, device: str | torch.device = "cpu") -> tuple[np.ndarray, list[list[str]]]:
         """Exact top ``top_k`` by inner product for each row of ``queries`` (Q, width): blocked matrix products
-        over the memory-mapped parts, a streaming top-k. Returns scores (Q, k), descending, and the ids."""
+        over the memory-mapped parts (``block`` rows at a time: by default about 2^22 values, a few MB that stay
+        in cache), a streaming top-k. Returns scores (Q, k), descending, and the ids."""
         dt = torch.float64 if self.meta["dtype"] == "fp64" else torch.float32
+        block = block or max(256, 2**22 // max(self.width, 1))
         qv = queries.to(device, dt)
         topk = TopK(max(1, top_k))
         all_ids: list[str] = []
