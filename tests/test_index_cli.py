@@ -9,6 +9,8 @@ import polars as pl
 import pytest
 from reliability_support import build_model, corpus, error_lines, queries, run_in_process, write_jsonl
 
+pytestmark = pytest.mark.slow  # five CLI runs on a tiny model: ~25 s on two idle cores, minutes under load
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
@@ -83,3 +85,28 @@ def test_other_model_or_changed_data_is_refused_in_one_line(world, tmp_path):
     assert proc.returncode != 0 and len(error_lines(proc)) == 1
     assert "training data changed since the index was built" in proc.stderr
     write_jsonl(train, corpus(24))
+
+
+def test_score_with_prefilter_scores_only_bm25_candidates(world):
+    import polars as pl
+
+    from tasks.data import read_rows
+    from tasks.prefilter import bm25_candidates
+
+    root, model, train, qs = world
+    proc = run_in_process(["score", "--model", str(model), "--train", str(train), "--queries", str(qs), "--out",
+                           str(root / "pre.parquet"), "--prefilter", "bm25:6", "--top-k", "4", "--device", "cpu",
+                           "--max-length", "32", "--precision", "fp64", "--query-rank", "0"])
+    assert proc.returncode == 0, proc.stderr
+    assert "documents scored" in proc.stderr
+    got = pl.read_parquet(root / "pre.parquet")
+    cands = bm25_candidates(read_rows(train, "train"), read_rows(qs, "queries"), 6).by_query
+    exact = pl.read_parquet(root / "exact.parquet")
+    for q, ids in cands.items():
+        mine = got.filter(pl.col("query_id") == q).sort("rank")
+        assert set(mine["train_id"].to_list()) <= set(ids) and mine.height == 4
+        both = mine.join(exact, on=["query_id", "train_id"])  # the same documents' scores as without a prefilter
+        assert both["score"].to_numpy() == pytest.approx(both["score_right"].to_numpy(), rel=1e-10)
+    bad = run_in_process(["score", "--model", str(model), "--train", str(train), "--queries", str(qs), "--out",
+                          str(root / "bad.parquet"), "--prefilter", "bm25"])
+    assert bad.returncode != 0 and len(error_lines(bad)) == 1 and "--prefilter" in bad.stderr
