@@ -60,6 +60,9 @@ if str(ROOT) not in sys.path:
 from influence_engine import Example, InfluenceEngine, eigendecompose  # noqa: E402
 from influence_engine.passes import _sample_targets  # noqa: E402  (the same labels for kronfluence)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance  # noqa: E402
+
 try:  # bench-only peer; CI runs without it
     import kronfluence
     from kronfluence.analyzer import Analyzer, prepare_model
@@ -658,7 +661,8 @@ def run(cfg: Config, out: str | None = None, use_kronfluence: bool = True,
     log(f"config {cfg.name}: GPT-2 {cfg.layers}x{cfg.dim}, vocab {cfg.vocab}, seq {cfg.seq}, {cfg.n_docs} docs, "
         f"{cfg.n_queries} queries at rank {cfg.rank}, {n_params / 1e6:.1f}M params, device {device}")
 
-    result: dict[str, Any] = {"machine": machine(device), "config": asdict(cfg) | {"precisions": list(cfg.precisions)},
+    result: dict[str, Any] = {"provenance": provenance(), "machine": machine(device),
+                              "config": asdict(cfg) | {"precisions": list(cfg.precisions)},
                               "kronfluence_ran": peer, "ceiling": {}, "precisions": {}, "agreement": {}}
     kmodel = None
     if peer:

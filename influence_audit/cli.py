@@ -94,7 +94,7 @@ def _check_out_file(path: Path, suffix: str) -> None:
         raise UserError(f"--out {path}: the output must be a {suffix} file")
     if path.is_dir():
         raise UserError(f"--out {path}: is a directory", hint=f"name a {suffix} file inside it")
-    check_writable(path.parent, "--out")
+    check_writable(path.parent, f"--out {path}")
 
 
 def _spec(model: Path, layers: str, device: str, precision: str, batch_size: int, max_length: int, seed: int,
@@ -139,7 +139,7 @@ def fit_factors(model: ModelOpt, train: TrainOpt,
     _check_flags(strategy, damping, on_long)
     if out_dir.exists() and not out_dir.is_dir():
         raise typer.BadParameter(f"{out_dir}: is a file, not a directory", param_hint="--out")
-    check_writable(out_dir, "--out")
+    check_writable(out_dir, f"--out {out_dir}")
     df = read_rows(train, "train")
     eng = _spec(model, layers, device, precision, batch_size, max_length, seed, on_long, trust_remote_code).engine()
     docs = encode_frame(eng, df, "train")
@@ -336,7 +336,7 @@ def audit(model: Annotated[str, typer.Option(help="Local model directory, or mod
 def _absolute(path: str | Path) -> str:
     """Paths as the manifest records them: absolute, so the audit can be found and rerun from anywhere (a glob
     pattern keeps its pattern)."""
-    return str(Path(path).expanduser().absolute())
+    return os.path.abspath(Path(path).expanduser())
 
 
 def _params(cls, **values):

@@ -31,7 +31,7 @@ def list_cmd(home: HomeOpt = None, tracking_uri: UriOpt = None) -> None:
 
     rows = list_audits(home, tracking_uri=tracking_uri)
     if not rows:
-        err.print(f"no audits in {resolve_home(home) / 'audits'}")
+        err.print(f"no audits in {resolve_home(home) / 'audits'}", highlight=False, soft_wrap=True)
         return
     wide = out.width >= 110  # the 32-character MLflow run id fits
     table = Table(box=box.SIMPLE)

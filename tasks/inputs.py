@@ -86,14 +86,15 @@ def factor_settings(p: AuditParams, inputs: Inputs) -> FactorSettings:
 
 
 def check_writable(directory: Path, what: str) -> None:
-    """Refuse a directory that cannot be created or written, before any work."""
-    probe = directory
+    """Refuse a directory that cannot be created or written, before any work; ``what`` names the flag and the
+    path the user gave (e.g. ``--out x/y.parquet``)."""
+    probe = Path(directory)
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise UserError(f"{what} {directory}: {probe} is a file, not a directory", hint="choose another path")
+        raise UserError(f"{what}: {probe} is a file, not a directory", hint="choose another path")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{what} {directory}: {probe} is not writable", hint="choose a directory you can write")
+        raise UserError(f"{what}: {probe} is not writable", hint="choose a directory you can write")
 
 
 def preflight(p: AuditParams) -> None:
@@ -107,7 +108,7 @@ def preflight(p: AuditParams) -> None:
     read_rows(p.queries, "queries")
     if p.planted and not Path(p.planted).is_file():
         raise UserError(f"--planted {p.planted}: no such file", hint="give a JSON file {query_id: [train ids]}")
-    check_writable(resolve_home(p.output_dir), "--output-dir")
+    check_writable(resolve_home(p.output_dir), f"--output-dir {resolve_home(p.output_dir)}")
 
 
 def _token_counts(eng: InfluenceEngine, df: pl.DataFrame, where: str) -> tuple[pl.DataFrame, int, int, int]:

@@ -86,5 +86,8 @@ class AuditParams(BaseModel):
         return self
 
     def identity(self) -> dict:
-        """The parameters that define the audit's result (not where it is written or recorded)."""
-        return self.model_dump(exclude={"output_dir", "experiment", "tracking_uri", "device", "batch_size"})
+        """The parameters that define the audit's result (not where it is written or recorded, nor how it is
+        computed), without those left at their defaults: a parameter added later, left at its default, keeps
+        every existing audit's id (and so its MLflow run and review)."""
+        return self.model_dump(exclude={"output_dir", "experiment", "tracking_uri", "device", "batch_size"},
+                               exclude_defaults=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -271,7 +270,6 @@ def check_review(candidates: pl.DataFrame, reviewer: str, decisions: Sequence[Re
 # ------------------------------------------------------------------------------------------ writing
 
 
-@contextmanager
 def _locked(path: Path) -> FileLock:
     """Exclusive lock on ``<path>.lock`` (blocks until the other writer is done)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,9 @@ def test_smoke_result_has_every_section_with_finite_numbers(smoke):
     result, _ = smoke
     assert {"machine", "config", "ceiling", "precisions", "agreement", "growth", "wall_seconds"} <= set(result)
     assert result["machine"]["torch"] and result["machine"]["date"]
+    prov = result["provenance"]  # every figure names its commit, machine and command
+    assert re.fullmatch(r"[0-9a-f]{12}(-dirty)?", prov["commit"]) and "bench_kronfluence.py" in prov["command"]
+    assert prov["host"]["cpu_count"] >= 1
     for precision in result["config"]["precisions"]:
         ceiling = result["ceiling"][precision]
         assert _finite(ceiling["train_step_tok_s"]) and _finite(ceiling["fwd_bwd_activations_tok_s"])

@@ -66,7 +66,7 @@ def test_three_audits_at_once(tmp_path, api):
     fingerprints = set()
     for d in factor_dirs:
         meta = json.loads((d / "factors.json").read_text())
-        fingerprints.add(meta["model_fingerprint"])
+        fingerprints.add(meta["settings"]["model_fingerprint"])
         assert load_file(str(d / "factors.safetensors"))
         assert len(list((d / "partials").glob("cov-*.safetensors"))) == 3
         assert len(list((d / "partials").glob("lambda-*.safetensors"))) == 3

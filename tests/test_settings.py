@@ -71,3 +71,19 @@ def test_strategies_declare_passes_and_precondition_as_the_explicit_inverse():
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(kind.self_product(t, lam if H is not None else 0.0, G),
                                    (G * want).sum((-2, -1)), rtol=1e-10, atol=1e-12)
+
+
+def test_audit_identity_ignores_parameters_left_at_their_default():
+    """A parameter added later, left at its default, keeps every existing audit's id; any set value counts."""
+    from pydantic import create_model
+
+    from tasks.params import AuditParams
+
+    base = AuditParams(model="m", train=["t"], queries="q")
+    grown = create_model("Grown", __base__=AuditParams, new_option=(str, "old"))
+    assert grown(model="m", train=["t"], queries="q").identity() == base.identity()
+    assert grown(model="m", train=["t"], queries="q", new_option="new").identity() != base.identity()
+    assert AuditParams(model="m", train=["t"], queries="q", top_k=7).identity() != base.identity()
+    # where results go and how they are computed are not part of what an audit is
+    assert AuditParams(model="m", train=["t"], queries="q", output_dir="/x", batch_size=2, device="cpu",
+                       experiment="e", tracking_uri="sqlite:///x.db").identity() == base.identity()
