@@ -318,7 +318,13 @@ def audit(model: Annotated[str, typer.Option(help="Local model directory, or mod
           dask: Annotated[str | None, typer.Option(help="Run mapped stages on Dask: local, local:N or tcp://host:port")]
           = None,
           dask_cluster_class: Annotated[str | None, typer.Option(help="e.g. dask_cuda.LocalCUDACluster for GPUs")]
-          = None) -> None:
+          = None,
+          use_index: Annotated[bool, typer.Option(help="Score by the gradient index (built once per model, data and "
+                                                       "factor settings; reused after)")] = False,
+          sketch: Annotated[str, typer.Option(help="With --use-index: per-layer sketch OUTxIN, or off")] = "16x16",
+          refine: Annotated[int, typer.Option(help="With --use-index: re-score the top N per query exactly")] = 100,
+          prefilter: Annotated[str | None, typer.Option(help="bm25:K scores only each query's K most lexically "
+                                                             "similar documents")] = None) -> None:
     """Run the full audit flow: validate, sample, fit, score, merge, validate, record in MLflow, open review."""
     from tasks.params import AuditParams
 
@@ -329,7 +335,8 @@ def audit(model: Annotated[str, typer.Option(help="Local model directory, or mod
                      device=device, precision=precision, batch_size=batch_size, max_length=max_length,
                      on_long=on_long, shard_size=shard_size, seed=seed, explain_top=explain_top,
                      output_dir=_absolute(output_dir) if output_dir else None, experiment=experiment,
-                     tracking_uri=tracking_uri, planted=_absolute(planted) if planted else None)
+                     tracking_uri=tracking_uri, planted=_absolute(planted) if planted else None,
+                     use_index=use_index, sketch=sketch, refine=refine, prefilter=prefilter)
     _print_summary(_run_audit(params, dask, dask_cluster_class))
 
 

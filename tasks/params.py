@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -60,12 +61,8 @@ class AuditParams(BaseModel):
     @field_validator("sketch")
     @classmethod
     def _sketch(cls, v: str) -> str:
-        from influence_engine.index import parse_sketch
-
-        try:
-            parse_sketch(v)
-        except Exception as exc:
-            raise ValueError(str(exc).split(": ", 1)[-1]) from None
+        if not re.fullmatch(r"\s*(off|none|[1-9]\d*\s*[xX]\s*[1-9]\d*)\s*", v, flags=re.IGNORECASE):
+            raise ValueError("give OUTxIN such as 16x16 (rows kept per layer side), or off")
         return v
 
     @field_validator("prefilter")

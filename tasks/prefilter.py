@@ -14,14 +14,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 
-from influence_engine import Example, InfluenceEngine, PreparedQueries, UserError
+from influence_engine.errors import UserError
 
-from .engine_io import write_parquet_atomic
+if TYPE_CHECKING:  # the flag is parsed by the flow's parameters, which must not import torch
+    from influence_engine import Example, InfluenceEngine, PreparedQueries
 
 CANDIDATE_SCHEMA = {"query_id": pl.String, "train_id": pl.String, "bm25": pl.Float64}
 
@@ -94,6 +95,8 @@ def bm25_candidates(train: pl.DataFrame, queries: pl.DataFrame, k: int) -> Candi
 
 
 def write_candidates(cands: Candidates, path: str | Path) -> str:
+    from .engine_io import write_parquet_atomic
+
     write_parquet_atomic(cands.frame(), path)
     return str(path)
 
