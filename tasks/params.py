@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class AuditParams(BaseModel):
@@ -67,20 +67,16 @@ class AuditParams(BaseModel):
 
     @field_validator("prefilter")
     @classmethod
-    def _prefilter(cls, v: str | None) -> str | None:
+    def _prefilter(cls, v: str | None, info: ValidationInfo) -> str | None:
         from .prefilter import parse_prefilter
 
         try:
             parse_prefilter(v)
         except Exception as exc:
             raise ValueError(str(exc).split(": ", 1)[-1]) from None
+        if v and info.data.get("use_index"):
+            raise ValueError("not with use_index (the index searches the whole corpus): choose one")
         return v
-
-    @model_validator(mode="after")
-    def _index_or_prefilter(self) -> AuditParams:
-        if self.use_index and self.prefilter:
-            raise ValueError("use_index searches the whole corpus: drop prefilter, or use_index")
-        return self
 
     def identity(self) -> dict:
         """The parameters that define the audit's result (not where it is written or recorded, nor how it is
