@@ -24,7 +24,7 @@ import json
 import os
 import platform
 import shutil
-import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +35,9 @@ import torch
 import transformers
 from scipy.stats import spearmanr
 from transformers import GPT2Config, GPT2LMHeadModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import commit  # noqa: E402
 
 from influence_engine import Example, InfluenceEngine
 from influence_engine.index import GradientIndex, parse_sketch
@@ -73,8 +76,7 @@ def plant(docs: list[Example], queries: list[Example], per_query: int,
 
 
 def machine() -> dict[str, Any]:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+    return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "load_average_start": os.getloadavg(), "python": platform.python_version(),
             "platform": platform.platform(), "torch": torch.__version__, "transformers": transformers.__version__,

@@ -12,7 +12,7 @@ import datetime as _dt
 import json
 import os
 import random
-import subprocess
+import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -20,6 +20,9 @@ from typing import Any
 
 import polars as pl
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import commit  # noqa: E402
 
 from influence_audit.demo.model import ensure_demo_model
 from influence_engine import InfluenceEngine
@@ -38,9 +41,8 @@ def main() -> dict[str, Any]:
     args = p.parse_args()
     torch.set_num_threads(1)
     data = Path(str(resources.files("influence_audit.demo") / "data"))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result: dict[str, Any] = {"machine": {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                                          "commit": commit, "machine": "2-core shared CPU",
+                                          "commit": commit(), "machine": "2-core shared CPU",
                                           "load_average_start": os.getloadavg()},
                               "command": "python bench/prefilter_demo.py " + " ".join(
                                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None)}
