@@ -56,7 +56,7 @@ def build(model: Annotated[Path, typer.Option("--model", help="Local Hugging Fac
         raise typer.BadParameter("must be >= 1", param_hint="--part-size")
     if out_dir.exists() and not out_dir.is_dir():
         raise typer.BadParameter(f"{out_dir}: is a file, not a directory", param_hint="--out")
-    check_writable(out_dir, "--out")
+    check_writable(out_dir, f"--out {out_dir}")
     df = read_rows(train, "train")
     eng = _spec(model, layers, device, precision, batch_size, max_length, seed, on_long, trust_remote_code).engine()
     docs = encode_frame(eng, df, "train")
