@@ -34,6 +34,7 @@ from tasks.stages import (
     score_shard,
     search_index,
     validate_outputs,
+    verify_candidates,
 )
 
 
@@ -44,6 +45,10 @@ def influence_audit(params: AuditParams) -> dict[str, Any]:
     If MLflow is unreachable the audit still runs to the end: its files stay on disk, the manifest says
     ``mlflow: pending`` and the flow ends in TrackingUnavailable; ``influence-audit sync`` records it later.
     """
+    if params.mode == "quality":  # the query-free data-quality audit: flows/quality.py
+        from flows.quality import quality_audit
+
+        return quality_audit(params)
     p = params
     book = AuditBook(p, get_run_logger())
     ins = book.load_inputs(lambda: load_and_validate_inputs(p))
@@ -81,6 +86,9 @@ def influence_audit(params: AuditParams) -> dict[str, Any]:
                 shard_scores = score_shard.map(spec, ins.shards, prepared, ins.audit_dir, p.top_k, cands).result()
         with book.stage("merge_candidates"):
             candidates = merge_candidates(spec, p, ins, shard_scores, queries, prepared)
+        if p.verify_k:
+            with book.stage("verify_candidates"):
+                verify_candidates(spec, p, ins, candidates, queries, prepared)
         with book.stage("validate_outputs"):
             report = validate_outputs(p, ins, candidates, queries)
         book.record(lambda: record_results(p, ins, book.run_id, candidates, ins.validation | {"candidates": report},

@@ -38,6 +38,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Which training documents made our language model say this? EK-FAC influence audits.")
 err = Console(stderr=True)
 out = Console()
+if __name__ == "__main__":  # `python -m influence_audit.cli`: the command modules import this module by name
+    sys.modules.setdefault("influence_audit.cli", sys.modules[__name__])
 
 
 class _Bar:
@@ -62,13 +64,18 @@ class _Bar:
         self.progress.update(self.task, completed=docs, rate=f"{rate:,.0f} tok/s")
 
 
-ModelOpt = Annotated[Path, typer.Option("--model", help="Local Hugging Face causal LM directory.")]
+ModelOpt = Annotated[Path, typer.Option("--model", help="Local Hugging Face causal LM directory, or a PEFT LoRA "
+                                                        "adapter directory (its base model local).")]
 TrainOpt = Annotated[list[Path], typer.Option("--train", help="Training JSONL/Parquet file(s) or a directory.")]
 StrategyOpt = Annotated[str, typer.Option(help="identity | diagonal | kfac | ekfac")]
-LayersOpt = Annotated[str, typer.Option(help="mlp | attention | all | a regex on module names")]
+LayersOpt = Annotated[str, typer.Option(help="auto (lora on a LoRA adapter, else mlp) | mlp | attention | all | lora | "
+                                             "a regex on module names (see `influence-audit layers`)")]
 DampingOpt = Annotated[str, typer.Option(help="'auto' (0.1 x mean eigenvalue per layer) or a number")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
 PrecisionOpt = Annotated[str, typer.Option(help="fp32 | bf16 (autocast, fp32 accumulation) | fp64")]
+DeviceMemoryOpt = Annotated[float | None, typer.Option(
+    help="GiB of device memory the factors may take; beyond it layers are fitted in groups, and a layer that alone "
+         "exceeds it is refused before any pass (default: 80% of a GPU's free memory; none on a CPU)")]
 OnLongOpt = Annotated[str, typer.Option("--on-long",
                                         help="truncate (and count) or error on sequences over --max-length")]
 
@@ -98,11 +105,13 @@ def _check_out_file(path: Path, suffix: str) -> None:
 
 
 def _spec(model: Path, layers: str, device: str, precision: str, batch_size: int, max_length: int, seed: int,
-          on_long: str, trust_remote_code: bool):
+          on_long: str, trust_remote_code: bool, device_memory_gb: float | None = None):
     from tasks.pipeline import EngineSpec
 
+    if device_memory_gb is not None and not device_memory_gb > 0:
+        raise typer.BadParameter("must be > 0", param_hint="--device-memory-gb")
     return EngineSpec(str(model.resolve()), layers, device, precision, batch_size, max_length, seed, on_long,
-                      trust_remote_code)
+                      trust_remote_code, device_memory_gb)
 
 
 def _warn_unknown(eng, docs, where: str) -> None:
@@ -125,10 +134,11 @@ def _fit_label(strategy: str, one_pass: bool) -> str:
 @app.command("fit-factors")
 def fit_factors(model: ModelOpt, train: TrainOpt,
                 out_dir: Annotated[Path, typer.Option("--out", help="Directory for factors.safetensors + .json")],
-                strategy: StrategyOpt = "ekfac", layers: LayersOpt = "mlp", damping: DampingOpt = "auto",
+                strategy: StrategyOpt = "ekfac", layers: LayersOpt = "auto", damping: DampingOpt = "auto",
                 device: DeviceOpt = "auto", precision: PrecisionOpt = "fp32", seed: int = 0,
                 batch_size: Annotated[int, typer.Option(help="Documents per batch (halved on out-of-memory)")] = 8,
-                max_length: int = 512, on_long: OnLongOpt = "truncate", trust_remote_code: bool = False) -> None:
+                max_length: int = 512, on_long: OnLongOpt = "truncate", trust_remote_code: bool = False,
+                device_memory_gb: DeviceMemoryOpt = None) -> None:
     """Fit (E)K-FAC factors on training documents and store them."""
     from influence_engine import get_strategy
     from tasks import pipeline
@@ -141,7 +151,8 @@ def fit_factors(model: ModelOpt, train: TrainOpt,
         raise typer.BadParameter(f"{out_dir}: is a file, not a directory", param_hint="--out")
     check_writable(out_dir, f"--out {out_dir}")
     df = read_rows(train, "train")
-    eng = _spec(model, layers, device, precision, batch_size, max_length, seed, on_long, trust_remote_code).engine()
+    eng = _spec(model, layers, device, precision, batch_size, max_length, seed, on_long, trust_remote_code,
+                device_memory_gb).engine()
     docs = encode_frame(eng, df, "train")
     _warn_unknown(eng, docs, "training")
     settings = eng.factor_settings(strategy, damping, data_fingerprint=data_fingerprint(df))
@@ -165,7 +176,7 @@ def score(model: ModelOpt, train: TrainOpt,
           queries: Annotated[Path, typer.Option(help="Queries JSONL/Parquet: id, prompt, completion")],
           out_path: Annotated[Path, typer.Option("--out", help="Output Parquet: query_id, train_id, score, rank")],
           factors: Annotated[Path | None, typer.Option(help="Factors directory (fitted and stored if empty)")] = None,
-          strategy: StrategyOpt = "ekfac", layers: LayersOpt = "mlp",
+          strategy: StrategyOpt = "ekfac", layers: LayersOpt = "auto",
           top_k: Annotated[int, typer.Option(help="Candidates per query; 0 writes every pair")] = 50,
           query_rank: Annotated[int, typer.Option(help="Low-rank query compression; 0 keeps them exact")] = 32,
           damping: DampingOpt = "auto", device: DeviceOpt = "auto", precision: PrecisionOpt = "fp32",
@@ -175,7 +186,12 @@ def score(model: ModelOpt, train: TrainOpt,
                    "on the device, fit and score in one pass over the data; 0 never does")] = 2.0,
           prefilter: Annotated[str | None, typer.Option(
               help="bm25:K scores only each query's K most lexically similar documents")] = None,
-          trust_remote_code: bool = False) -> None:
+          trust_remote_code: bool = False, device_memory_gb: DeviceMemoryOpt = None,
+          verify: Annotated[int, typer.Option(help="Counterfactual check of each query's top K candidates and K "
+                                                   "random documents (columns added to --out); 0 skips")] = 0,
+          verify_check: Annotated[str, typer.Option(help="tail-patch or pbrf (small models)")] = "tail-patch",
+          verify_lr: Annotated[float | None, typer.Option(help="Tail-patch learning rate (default: chosen)")] = None
+          ) -> None:
     """Rank training documents by influence on each query's completion."""
     from tasks import pipeline
     from tasks.data import data_fingerprint, read_rows
@@ -192,7 +208,8 @@ def score(model: ModelOpt, train: TrainOpt,
     _check_out_file(out_path, ".parquet")
     train_df = read_rows(train, "train")
     query_df = read_rows(queries, "queries")
-    eng = _spec(model, layers, device, precision, batch_size, max_length, seed, on_long, trust_remote_code).engine()
+    eng = _spec(model, layers, device, precision, batch_size, max_length, seed, on_long, trust_remote_code,
+                device_memory_gb).engine()
     docs = encode_frame(eng, train_df, "train")
     qs = encode_frame(eng, query_df, "queries")
     _warn_unknown(eng, docs, "training")
@@ -200,7 +217,7 @@ def score(model: ModelOpt, train: TrainOpt,
     t0 = time.perf_counter()
     settings = eng.factor_settings(strategy, damping, data_fingerprint=data_fingerprint(train_df))
     budget = gradient_cache_gb * 2**30
-    one_pass = eng.gradient_cache_bytes(len(docs)) <= budget
+    one_pass = eng.gradient_cache_bytes(len(docs)) <= budget and len(eng.layer_groups()) == 1
     with _Bar(_fit_label(strategy, one_pass), len(docs)) as bar:
         fitted = pipeline.fit(eng, docs, settings, out_dir=factors, cache_budget_bytes=budget, progress=bar,
                               notice=err.print)
@@ -209,17 +226,21 @@ def score(model: ModelOpt, train: TrainOpt,
 
         cands = bm25_candidates(train_df, query_df, k_prefilter)
         rows = score_candidates(eng, docs, eng.prepare_queries(qs, fitted.factors, rank=query_rank), cands, top_k)
-        write_parquet_atomic(score_frame(rows), out_path)
         err.print(f"prefilter bm25:{k_prefilter}: {len(cands.union)} of {len(docs)} documents scored "
                   f"({cands.fraction_scored:.1%}); BM25 index {cands.seconds['bm25_index_s']:.2f} s, "
                   f"queries {cands.seconds['bm25_query_s']:.2f} s", highlight=False, soft_wrap=True)
-        return
-    with _Bar(f"scoring {len(qs)} queries" + (" from kept gradients" if fitted.cache else ""), len(docs)) as bar:
-        result = pipeline.score(eng, docs, qs, fitted, rank=query_rank, top_k=top_k, progress=bar)
-    write_parquet_atomic(score_frame(result.top_rows()), out_path)
+        n_tokens = sum(len(e.input_ids) for e in docs if e.id in cands.union)
+    else:
+        with _Bar(f"scoring {len(qs)} queries" + (" from kept gradients" if fitted.cache else ""), len(docs)) as bar:
+            result = pipeline.score(eng, docs, qs, fitted, rank=query_rank, top_k=top_k, progress=bar)
+        rows, n_tokens = result.top_rows(), result.n_tokens
+    write_parquet_atomic(score_frame(rows), out_path)
+    if verify:
+        verify_scores(eng, out_path, train_df, query_df, eng.prepare_queries(qs, fitted.factors, rank=query_rank),
+                      verify, verify_check, verify_lr)
     seconds = time.perf_counter() - t0
     truncated = sum(e.truncated for e in docs) + sum(q.truncated for q in qs)
-    err.print(f"{len(qs)} queries x {len(docs)} documents ({result.n_tokens:,} tokens"
+    err.print(f"{len(qs)} queries x {len(docs)} documents ({n_tokens:,} tokens scored"
               f"{f'; {truncated} truncated to {max_length}' if truncated else ''}) in {seconds:.1f} s"
               f"{' (fitted and scored in one pass over the documents)' if fitted.cache is not None else ''}"
               f" -> {out_path}")
@@ -290,9 +311,19 @@ def _run_audit(params, dask: str | None = None, cluster_class: str | None = None
 def _print_summary(result: dict) -> None:
     m = result["metrics"]
     out.print(f"[bold green]audit {result['audit_id']} succeeded[/]  MLflow run [bold]{result['run_id']}[/]")
+    if result.get("mode") == "quality":
+        out.print(f"  {int(m['documents'])} documents, {int(m['tokens']):,} tokens; {int(m['flagged'])} flagged ("
+                  + ", ".join(f"{t} {int(m[f'flagged_{t}'])}" for t in ("outlier", "memorised", "near_duplicate",
+                                                                         "low_quality")) + ")")
+        out.print("  stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
+        out.print(f"  report: {result['report']}")
+        return
     out.print(f"  {int(m['documents'])} documents, {int(m['tokens']):,} tokens, {int(m['queries'])} queries; "
               f"factors {'reused from cache' if result['factors_cached'] else 'fitted'}")
-    out.print("  stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
+    out.print("  stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()), soft_wrap=True)
+    if "verified_at_10" in m:
+        out.print(f"  verified_at_10 = [bold]{m['verified_at_10']:.2f}[/] vs random documents "
+                  f"{m['verified_random_at_10']:.2f}   Spearman(score, delta) = {m['verify_spearman']:.2f}")
     if "planted_recall_at_10" in m:
         out.print(f"  planted_recall_at_10 = [bold]{m['planted_recall_at_10']:.3f}[/]   "
                   f"planted_mrr = {m['planted_mrr']:.3f}")
@@ -302,11 +333,14 @@ def _print_summary(result: dict) -> None:
 @app.command()
 def audit(model: Annotated[str, typer.Option(help="Local model directory, or models:/NAME/VERSION, runs:/ID/PATH")],
           train: TrainOpt,
-          queries: Annotated[Path, typer.Option(help="Query source: JSONL/Parquet with id, prompt, completion")],
+          queries: Annotated[Path | None, typer.Option(
+              help="Query source: JSONL/Parquet with id, prompt, completion (none in --mode quality)")] = None,
+          mode: Annotated[str, typer.Option(help="influence | quality (a query-free data-quality audit: "
+                                                 "docs/quality.md)")] = "influence",
           n_queries: Annotated[int | None, typer.Option(help="How many queries to sample (default all)")] = None,
           sampling: Annotated[str, typer.Option(help="random | stratified")] = "random",
           stratify_by: Annotated[str | None, typer.Option(help="Column for stratified sampling")] = None,
-          strategy: StrategyOpt = "ekfac", layers: LayersOpt = "mlp", top_k: int = 50, query_rank: int = 32,
+          strategy: StrategyOpt = "ekfac", layers: LayersOpt = "auto", top_k: int = 50, query_rank: int = 32,
           damping: DampingOpt = "auto", device: DeviceOpt = "auto", precision: PrecisionOpt = "fp32",
           batch_size: int = 8, max_length: int = 512, on_long: OnLongOpt = "truncate",
           shard_size: Annotated[int, typer.Option(help="Documents per shard (unit of mapping and resume)")] = 1000,
@@ -318,7 +352,11 @@ def audit(model: Annotated[str, typer.Option(help="Local model directory, or mod
           dask: Annotated[str | None, typer.Option(help="Run mapped stages on Dask: local, local:N or tcp://host:port")]
           = None,
           dask_cluster_class: Annotated[str | None, typer.Option(help="e.g. dask_cuda.LocalCUDACluster for GPUs")]
-          = None,
+          = None, device_memory_gb: DeviceMemoryOpt = None,
+          verify: Annotated[int, typer.Option(help="Counterfactual check of each query's top K candidates and K "
+                                                   "random documents; 0 skips")] = 0,
+          verify_check: Annotated[str, typer.Option(help="tail-patch or pbrf (small models)")] = "tail-patch",
+          verify_lr: Annotated[float | None, typer.Option(help="Tail-patch learning rate (default: chosen)")] = None,
           use_index: Annotated[bool, typer.Option(help="Score by the gradient index (built once per model, data and "
                                                        "factor settings; reused after)")] = False,
           sketch: Annotated[str, typer.Option(help="With --use-index: per-layer sketch OUTxIN, or off")] = "16x16",
@@ -326,16 +364,24 @@ def audit(model: Annotated[str, typer.Option(help="Local model directory, or mod
           prefilter: Annotated[str | None, typer.Option(help="bm25:K scores only each query's K most lexically "
                                                              "similar documents")] = None) -> None:
     """Run the full audit flow: validate, sample, fit, score, merge, validate, record in MLflow, open review."""
+    from influence_engine.errors import UserError
     from tasks.params import AuditParams
 
+    if mode not in ("influence", "quality"):
+        raise UserError(f"--mode {mode!r}: choose influence or quality")
+    if mode == "influence" and queries is None:
+        raise UserError("--queries is required", hint="give a query file, or --mode quality for a query-free audit")
     local = not model.startswith(("models:/", "runs:/"))
     params = _params(AuditParams, model=_absolute(model) if local else model, train=[_absolute(t) for t in train],
-                     queries=_absolute(queries), n_queries=n_queries, sampling=sampling, stratify_by=stratify_by,
+                     mode=mode, queries=_absolute(queries) if queries else None, n_queries=n_queries,
+                     sampling=sampling, stratify_by=stratify_by,
                      strategy=strategy, layers=layers, top_k=top_k, query_rank=query_rank, damping=damping,
-                     device=device, precision=precision, batch_size=batch_size, max_length=max_length,
+                     device=device, device_memory_gb=device_memory_gb, precision=precision,
+                     batch_size=batch_size, max_length=max_length,
                      on_long=on_long, shard_size=shard_size, seed=seed, explain_top=explain_top,
                      output_dir=_absolute(output_dir) if output_dir else None, experiment=experiment,
                      tracking_uri=tracking_uri, planted=_absolute(planted) if planted else None,
+                     verify_k=verify, verify_check=verify_check, verify_lr=verify_lr,
                      use_index=use_index, sketch=sketch, refine=refine, prefilter=prefilter)
     _print_summary(_run_audit(params, dask, dask_cluster_class))
 
@@ -376,14 +422,14 @@ def demo(output_dir: Annotated[Path | None, typer.Option(help="Project data dire
     err.print(f"demo model: {model_dir}", highlight=False, soft_wrap=True)
     params = AuditParams(model=str(model_dir), train=[str(data / "corpus.jsonl")], queries=str(data / "queries.jsonl"),
                          strategy=strategy, top_k=10, max_length=128, shard_size=100, seed=seed,
-                         output_dir=str(home), planted=str(data / "planted.json"))
+                         output_dir=str(home), planted=str(data / "planted.json"), verify_k=10)
     result = _run_audit(params)
     _print_summary(result)
-    from tasks.tracking import configure_tracking
+    from influence_audit.cli_ui import print_ui
+    from tasks.ui import audit_ui
 
-    uri = configure_tracking(None, home)
-    out.print(f"\nOpen the MLflow UI:  mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000, "
-              f"experiment 'influence-audit', run {result['run_id']})")
+    typer.echo("")
+    print_ui(audit_ui(home, result["audit_id"]))
 
 
 from influence_audit.cli_review import review_app  # noqa: E402
@@ -398,6 +444,21 @@ app.add_typer(webhook_app, name="webhook")
 from influence_audit.cli_sync import sync as _sync  # noqa: E402
 
 app.command("sync")(_sync)
+from influence_audit.cli_ui import ui as _ui  # noqa: E402
+
+app.command("ui")(_ui)
+from influence_audit.cli_models import layers as _layers  # noqa: E402
+from influence_audit.cli_models import plan as _plan  # noqa: E402
+
+app.command("layers")(_layers)
+app.command("plan")(_plan)
+from influence_audit.cli_quality import quality as _quality  # noqa: E402
+
+app.command("quality")(_quality)
+from influence_audit.cli_verify import evaluate, verify, verify_scores  # noqa: E402
+
+app.command("verify")(verify)
+app.command("evaluate")(evaluate)
 from influence_audit.cli_index import index_app  # noqa: E402
 
 app.add_typer(index_app, name="index")

@@ -1,4 +1,4 @@
-"""`influence-audit review ...`: list audits, show candidates, submit decisions, re-sync MLflow.
+"""`influence-audit review ...`: list audits, show candidates, submit decisions, pull the MLflow UI's marks.
 
 Thin: every rule lives in :mod:`tasks.review`; errors are UserErrors (one line, non-zero exit).
 """
@@ -56,12 +56,17 @@ def show_cmd(audit_id: Annotated[str, typer.Argument(help="Audit id (see `review
               f"reviewers: {', '.join(s['reviewers']) or '-'})")
     for (qid,), group in s["candidates"].sort(["query_id", "rank"]).group_by(["query_id"], maintain_order=True):
         first = group.row(0, named=True)
-        table = Table("rank", "train_id", "score", "snippet", "verdict", "reviewer", "comment",
+        checked = "verified" in group.columns
+        table = Table("rank", "train_id", "score", *(["check (Δ up / down)"] if checked else []), "snippet",
+                      "verdict", "reviewer", "comment",
                       title=f"{qid}: {first['query_prompt']!r} -> {first['query_completion']!r}", title_justify="left")
         for r in group.iter_rows(named=True):
             d = latest.get((qid, r["train_id"])) or {}
             snippet = " ".join(str(r["snippet"]).split())
-            table.add_row(str(r["rank"]), r["train_id"], f"{r['score']:.4g}", snippet[:snippet_chars],
+            check = [] if not checked else ["" if r["verified"] is None else
+                                            f"{'verified' if r['verified'] else 'not verified'} "
+                                            f"{r['counterfactual_delta']:+.3g} / {r['counterfactual_delta_down']:+.3g}"]
+            table.add_row(str(r["rank"]), r["train_id"], f"{r['score']:.4g}", *check, snippet[:snippet_chars],
                           d.get("verdict", ""), d.get("reviewer", ""), d.get("comment", ""))
         out.print(table)
 
@@ -88,10 +93,41 @@ def submit_cmd(audit_id: Annotated[str, typer.Argument(help="Audit id (see `revi
               f"{r['undecided']} open -> {r['flagged_path']}")
 
 
-@review_app.command("sync")
+@review_app.command("pull")
+def pull_cmd(audit_id: Annotated[str | None, typer.Argument(help="Audit id (default: every finished audit)")] = None,
+             home: HomeOpt = None, tracking_uri: UriOpt = None) -> None:
+    """Record the culprit assessments made in the MLflow UI as decisions (changed or deleted ones too)."""
+    from rich.markup import escape
+
+    from influence_engine.errors import UserError
+    from tasks.review_pull import pull_reviews
+
+    results = pull_reviews(home, tracking_uri=tracking_uri, audit_id=audit_id)
+    if not results:
+        err.print("no finished audit with an MLflow run to pull")
+    for r in results:
+        if "error" in r:
+            err.print(f"audit {escape(r['audit_id'])}: not pulled: {escape(r['error'])}", highlight=False,
+                      soft_wrap=True)
+            continue
+        c = r["counts"]
+        extra = f" ({r['retracted']} retracted)" if r["retracted"] else ""
+        out.print(f"audit {r['audit_id']}: {r['recorded']} decision(s) recorded{extra} from {r['marks']} culprit "
+                  f"mark(s) on {r['traces']} trace(s): review {r['status']}, {c['culprit']} culprit, "
+                  f"{c['not-culprit']} not-culprit, {c['unsure']} unsure, {r['undecided']} open",
+                  highlight=False, soft_wrap=True)
+        for msg in r["refused"]:
+            err.print(f"  refused: {escape(msg)}", highlight=False, soft_wrap=True)
+    failed = [r for r in results if "error" in r]
+    if failed:
+        raise UserError(f"{len(failed)} of {len(results)} audit(s) not pulled (see above)")
+
+
+@review_app.command("sync", hidden=True)
 def sync_cmd(audit_id: Annotated[str, typer.Argument(help="Audit id")], home: HomeOpt = None,
              tracking_uri: UriOpt = None) -> None:
-    """Rewrite the MLflow run's review table and tags from the decisions on disk."""
+    """Rewrite the MLflow run's review table and tags from the decisions on disk (now part of
+    `influence-audit sync`, the one verb from disk to MLflow)."""
     from tasks.review import record_review_in_mlflow
 
     r = record_review_in_mlflow(home, audit_id, tracking_uri=tracking_uri)

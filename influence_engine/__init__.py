@@ -21,6 +21,7 @@ _EXPORTS = {
     "CovariancePartial": "factors", "Eigenbasis": "factors", "Factors": "factors", "LambdaPartial": "factors",
     "eigendecompose": "factors", "finalize": "factors", "merge": "factors",
     "PreparedQueries": "queries",
+    "DocumentSignals": "quality",
     "FactorSettings": "settings", "stable_key": "settings",
     "STRATEGIES": "strategies", "Strategy": "strategies", "get_strategy": "strategies",
 }
@@ -32,6 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine import Explanation, InfluenceEngine, ScoreResult, load_pretrained, model_fingerprint  # noqa: F401
     from .errors import DataError, FactorMismatchError, ModelError, NumericalError, UserError  # noqa: F401
     from .factors import CovariancePartial, Eigenbasis, Factors, LambdaPartial, eigendecompose, finalize, merge  # noqa: F401
+    from .quality import DocumentSignals  # noqa: F401
     from .queries import PreparedQueries  # noqa: F401
     from .settings import FactorSettings, stable_key  # noqa: F401
     from .strategies import STRATEGIES, Strategy, get_strategy  # noqa: F401

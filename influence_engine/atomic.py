@@ -26,7 +26,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, umask_mode(0o666))
+    finally:
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -39,6 +42,26 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             raise UserError(f"{target}: disk full while writing; nothing was written",
                             hint="free space on that disk and rerun: finished stages are reused") from exc
         raise
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (``os.umask`` can only be read by
+    setting it, which races with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` less the umask: what ``open`` (0666) or ``mkdir`` (0777) would create."""
+    return mode & ~current_umask()
 
 
 def _disk_full(exc: BaseException) -> bool:

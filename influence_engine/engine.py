@@ -11,6 +11,7 @@ Typical use (the pipeline's tasks call exactly these)::
     queries = eng.prepare_queries(eng.encode(query_rows, where="queries"), factors, rank=32)
     result = eng.score(docs, queries, top_k=50)        # streaming top-k per query
     expl = eng.explain(docs[:3], queries)              # per-layer and per-token breakdowns
+    signals = eng.document_signals(docs, factors)      # no queries: self-influence (per token too) and loss
 
 Small models (every document's gradients fit in memory: ``eng.gradient_cache_bytes(len(docs))``) fit and score
 with one pass over the documents instead of three::
@@ -37,6 +38,7 @@ from . import __version__
 from .cache import CachingCovarianceAccumulator, GradientCache, cache_bytes
 from .data import Example, encode, examples_fingerprint
 from .errors import FactorMismatchError, ModelError, UserError
+from .experts import track_experts
 from .factors import (
     CovarianceAccumulator,
     CovariancePartial,
@@ -48,12 +50,17 @@ from .factors import (
     finalize,
 )
 from .fusion import fuse_activations
-from .layers import LayerSpec, layer_spec, select_layers
+from .layers import LayerSpec, layer_spec
 from .passes import PassConfig, PassContext, Progress, Runner
+from .plan import Plan, groups_within, layer_memory, make_plan, model_shape
+from .presets import resolve_layers
+from .quality import DocumentSignalAccumulator, DocumentSignals
 from .queries import PreparedQueries, QueryAccumulator
 from .scoring import ScoreAccumulator, SelfInfluenceAccumulator, TopK, check_scores
 from .settings import PRECISIONS, FactorSettings
 from .strategies import get_strategy
+
+GPU_FACTOR_SHARE = 0.8  # of a GPU's free memory (after the model is loaded) that factors may take
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -80,14 +87,19 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def load_pretrained(path: str | os.PathLike[str], *, trust_remote_code: bool = False):
-    """Load a local Hugging Face causal LM and its tokenizer, never touching the network."""
+def load_pretrained(path: str | os.PathLike[str], *, trust_remote_code: bool = False, tokenizer_only: bool = False):
+    """Load a local Hugging Face causal LM and its tokenizer, never touching the network. A PEFT LoRA adapter
+    directory loads its (local) base model with the adapter's layers injected (see lora.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .lora import is_adapter_dir, load_adapter
 
     p = Path(path)
     if not p.is_dir():
         raise ModelError(f"--model {p}: no such directory", hint="give a local Hugging Face model directory")
-    if not (p / "config.json").exists():
+    if is_adapter_dir(p) and not tokenizer_only:
+        return load_adapter(p, trust_remote_code=trust_remote_code)
+    if not (p / "config.json").exists() and not tokenizer_only:
         raise ModelError(f"--model {p}: no config.json", hint="save the model with save_pretrained()")
     def load(what: str, loader, hint: str):
         try:
@@ -96,7 +108,8 @@ def load_pretrained(path: str | os.PathLike[str], *, trust_remote_code: bool = F
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"--model {p}: the {what} could not be loaded: {first[:300]}", hint=hint) from None
 
-    model = load("model", AutoModelForCausalLM, "check that the weights are complete (re-save the model)")
+    model = None if tokenizer_only else load("model", AutoModelForCausalLM,
+                                             "check that the weights are complete (re-save the model)")
     tokenizer = load("tokenizer", AutoTokenizer, "save the tokenizer into the model directory")
     if len(tokenizer) < 2:  # transformers builds an empty tokenizer when the directory has no tokenizer files
         raise ModelError(f"--model {p}: no usable tokenizer ({len(tokenizer)} tokens)",
@@ -150,10 +163,11 @@ class Explanation:
 class InfluenceEngine:
     """A model with hooks on its tracked layers, and the passes that fit factors and score documents."""
 
-    def __init__(self, model: nn.Module, tokenizer=None, *, layers: str = "mlp", device: str = "auto",
+    def __init__(self, model: nn.Module, tokenizer=None, *, layers: str = "auto", device: str = "auto",
                  precision: str = "fp32", batch_size: int = 8, max_length: int = 512, seed: int = 0,
                  on_long: str = "truncate", fisher: str = "sampled", padding_side: str = "right",
-                 pad_to_multiple: int = 1, fingerprint: str | None = None, fuse: bool = True):
+                 pad_to_multiple: int = 1, fingerprint: str | None = None, fuse: bool = True,
+                 device_memory_budget: int | None = None):
         if precision not in PRECISIONS:
             raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
         if fisher not in ("sampled", "empirical"):
@@ -170,13 +184,21 @@ class InfluenceEngine:
         # activations Hugging Face computes in Python (same formula; see fusion.py)
         self.fused = fuse_activations(model) if fuse else 0
         self.model, self.tokenizer = model, tokenizer
-        self.layers = layers
-        self.tracked = select_layers(model, layers)
+        self.layers = resolve_layers(model, layers)
+        self.tracked = track_experts(model, self.layers, precision)
         self.specs: dict[str, LayerSpec] = {n: layer_spec(n, m) for n, m in self.tracked.items()}
         self.batch_size, self.max_length, self.seed = batch_size, max_length, seed
         self.on_long, self.fisher, self.padding_side = on_long, fisher, padding_side
         self.pad_to_multiple = pad_to_multiple
         self.runner = Runner(model, self.tracked, self.specs, self.device)
+        # bytes the factors may take on the device; on a GPU, 80% of what is free once the model is there (the rest
+        # for batches, which halve on out-of-memory anyway)
+        self.device_memory_budget = device_memory_budget
+        if device_memory_budget is None and self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            self.device_memory_budget = int(GPU_FACTOR_SHARE * free)
+        if self.device_memory_budget is not None:
+            self.plan().check()  # refuse now, not mid-run, when even one layer's factors cannot fit
         if tokenizer is not None:
             vocab = model.get_input_embeddings().num_embeddings
             if len(tokenizer) > vocab:
@@ -221,17 +243,51 @@ class InfluenceEngine:
         return encode(self.tokenizer, rows, max_length=self.max_length, on_long=self.on_long, where=where)
 
     # --------------------------------------------------------------------------------------------- factors
+    def layer_groups(self) -> list[dict[str, LayerSpec]]:
+        """The tracked layers in groups whose factors fit ``device_memory_budget`` together: one covariance (and
+        eigenvalue-correction) pass per group, the other groups' sums on the host. One group without a budget."""
+        if self.device_memory_budget is None:
+            return [self.specs]
+        gemm = self.runner.gemm_dtype(self.precision).itemsize
+        sizes = [(n, layer_memory(s, self.dtype.itemsize, gemm, "ekfac")) for n, s in self.specs.items()]
+        groups = groups_within([(n, max(m.covariance_device, m.lambda_device)) for n, m in sizes],
+                               self.device_memory_budget)
+        return [{n: self.specs[n] for n in g} for g in groups]
+
+    def plan(self, *, strategy: str = "ekfac", docs: int | None = None, tokens: int | None = None,
+             queries: int = 32, query_rank: int = 32) -> Plan:
+        """The memory plan of this engine's layers and settings (see plan.py)."""
+        n_params, hidden, blocks, vocab = model_shape(self.model)
+        return make_plan(self.specs, strategy=strategy, precision=self.precision, n_params=n_params, hidden=hidden,
+                         n_blocks=blocks, vocab=vocab, batch_size=self.batch_size, max_length=self.max_length,
+                         queries=queries, query_rank=query_rank, fisher=self.fisher, docs=docs, tokens=tokens,
+                         device_budget=self.device_memory_budget)
+
+    def _group_runners(self) -> list[tuple[Runner, dict[str, LayerSpec]]]:
+        groups = self.layer_groups()
+        if len(groups) == 1:
+            return [(self.runner, self.specs)]
+        return [(Runner(self.model, {n: self.tracked[n] for n in g}, g, self.device), g) for g in groups]
+
     def fit_covariance(self, examples: Sequence[Example], progress: Progress | None = None) -> CovariancePartial:
-        """Partial sums of ``a a^T`` and ``g g^T`` over these examples (add partials with ``+``)."""
-        acc = CovarianceAccumulator(self.specs, self.device, self.dtype)
-        self.runner.run(examples, acc, self._cfg(self._fit_labels), progress)
-        return self._covariance_partial(acc)
+        """Partial sums of ``a a^T`` and ``g g^T`` over these examples (add partials with ``+``); one pass per
+        group of layers when they do not fit the device together (:meth:`layer_groups`)."""
+        parts = []
+        for runner, specs in self._group_runners():
+            acc = CovarianceAccumulator(specs, self.device, self.dtype)
+            runner.run(examples, acc, self._cfg(self._fit_labels), progress)
+            parts.append(self._covariance_partial(acc))
+        if len(parts) == 1:
+            return parts[0]
+        return CovariancePartial(dict(self.specs), {n: p.A[n] for p in parts for n in p.A},
+                                 {n: p.S[n] for p in parts for n in p.S}, parts[0].n_tokens, parts[0].n_docs,
+                                 {n: c for p in parts for n, c in p.tokens.items()})
 
     @staticmethod
     def _covariance_partial(acc: CovarianceAccumulator) -> CovariancePartial:
         return CovariancePartial(acc.total.specs, {n: t.cpu().double() for n, t in acc.total.A.items()},
                                  {n: t.cpu().double() for n, t in acc.total.S.items()}, acc.total.n_tokens,
-                                 acc.total.n_docs)
+                                 acc.total.n_docs, dict(acc.total.tokens))
 
     def gradient_cache_bytes(self, n_docs: int) -> int:
         """Memory a :class:`GradientCache` of ``n_docs`` documents takes on this engine's device."""
@@ -256,14 +312,19 @@ class InfluenceEngine:
                    progress: Progress | None = None, *, cache: GradientCache | None = None) -> LambdaPartial:
         """Partial eigenvalue corrections in ``basis`` (``None``: the diagonal of the Fisher); from the
         cached gradients of these examples, without a pass, when ``cache`` is given."""
-        acc = LambdaAccumulator(self.specs, basis, self.device, self.dtype,
-                                self.runner.gemm_dtype(self.precision))
         if cache is not None:
+            acc = LambdaAccumulator(self.specs, basis, self.device, self.dtype, self.runner.gemm_dtype(self.precision))
             self._replay(examples, cache, cache.fisher_gradients(), acc, progress)
-        else:
-            self.runner.run(examples, acc, self._cfg(self._fit_labels), progress)
-        total = acc.total
-        return LambdaPartial(total.specs, {n: t.cpu() for n, t in total.sums.items()}, total.n_docs, total.rotated)
+            total = acc.total
+            return LambdaPartial(total.specs, {n: t.cpu() for n, t in total.sums.items()}, total.n_docs,
+                                 total.rotated)
+        sums, n_docs = {}, 0
+        for runner, specs in self._group_runners():  # one pass per group of layers that fit the device together
+            acc = LambdaAccumulator(specs, basis, self.device, self.dtype, self.runner.gemm_dtype(self.precision))
+            runner.run(examples, acc, self._cfg(self._fit_labels), progress)
+            sums |= {n: t.cpu() for n, t in acc.total.sums.items()}
+            n_docs = acc.total.n_docs
+        return LambdaPartial(dict(self.specs), {n: sums[n] for n in self.specs}, n_docs, basis is not None)
 
     def _replay(self, examples: Sequence[Example], cache: GradientCache, grads: dict[str, torch.Tensor], acc,
                 progress: Progress | None) -> None:
@@ -309,7 +370,7 @@ class InfluenceEngine:
         if kind.covariance:
             cov, gc = self.fit_covariance_cached(examples, progress) if cache else (
                 self.fit_covariance(examples, progress), None)
-            basis = eigendecompose(cov, self.device)
+            basis = eigendecompose(cov, self.device, self.device_memory_budget)
         if kind.lambdas:
             lam = self.fit_lambda(examples, basis if kind.lambda_basis else None, progress, cache=gc)
         factors = self.finalize(settings, basis=basis, lambdas=lam, covariance=cov)
@@ -336,7 +397,7 @@ class InfluenceEngine:
         if len(set(ids)) != len(ids):
             raise UserError("query ids are not unique")
         acc = QueryAccumulator(self.specs, factors, rank, self.dtype,  # float32 unless fp64
-                               keep_factors=len(examples) > self.batch_size)
+                               keep_factors=len(examples) > self.batch_size and len(self.layer_groups()) == 1)
         self.runner.run(examples, acc, self._cfg("true"))
         return acc.prepared(ids)
 
@@ -408,3 +469,14 @@ class InfluenceEngine:
         acc = SelfInfluenceAccumulator(factors)
         self.runner.run(examples, acc, self._cfg("true"), progress)
         return acc.values
+
+    def document_signals(self, examples: Sequence[Example], factors: Factors,
+                         progress: Progress | None = None) -> list[DocumentSignals]:
+        """Self-influence (per document and per token position) and loss of each document, in one pass, in
+        ``examples`` order: the engine's part of a query-free quality audit (quality.py)."""
+        self.check_factors(factors)
+        if len({e.id for e in examples}) != len(examples):
+            raise UserError("document ids are not unique")
+        acc = DocumentSignalAccumulator(factors, examples)
+        self.runner.run(examples, acc, self._cfg("true"), progress)
+        return [acc.signals[e.id] for e in examples]

@@ -4,6 +4,8 @@ Symbols (Grosse et al. 2023, section 2.2), per tracked layer with input ``a`` (b
 output pseudo-gradient ``g`` (from labels sampled from the model, so the Fisher is the true Fisher):
 
 * ``A = Σ_tok a a^T / n_tokens`` and ``S = Σ_tok g g^T / n_docs``: activation and gradient covariances.
+  ``n_tokens`` is the layer's own count: every real token for a dense layer, the tokens routed to it for a
+  mixture-of-experts expert (see experts.py).
   K-FAC approximates the layer's per-document Fisher ``E_doc[vec(G) vec(G)^T]`` as ``A ⊗ S`` (treating
   tokens as independent, ``Σ_t a_t a_t^T ⊗ g_t g_t^T ≈ (Σ_t a_t a_t^T / T) ⊗ Σ_t g_t g_t^T``), so K-FAC and
   EK-FAC eigenvalues are on the same scale.
@@ -76,6 +78,11 @@ class CovariancePartial:
     S: dict[str, torch.Tensor]
     n_tokens: int = 0
     n_docs: int = 0
+    tokens: dict[str, int] = field(default_factory=dict)  # per layer, where it differs from n_tokens (experts)
+
+    def layer_tokens(self, name: str) -> int:
+        """Tokens layer ``name`` saw: the normaliser of its ``A``."""
+        return self.tokens.get(name, self.n_tokens)
 
     @classmethod
     def zeros(cls, specs: dict[str, LayerSpec], device: torch.device | str = "cpu",
@@ -88,13 +95,15 @@ class CovariancePartial:
     def __add__(self, other: CovariancePartial) -> CovariancePartial:
         if list(self.specs) != list(other.specs):
             raise FactorMismatchError("covariance partials track different layers; they cannot be merged")
+        tokens = {n: self.layer_tokens(n) + other.layer_tokens(n) for n in set(self.tokens) | set(other.tokens)}
         return CovariancePartial(self.specs, {n: self.A[n] + other.A[n].to(self.A[n]) for n in self.A},
                                  {n: self.S[n] + other.S[n].to(self.S[n]) for n in self.S},
-                                 self.n_tokens + other.n_tokens, self.n_docs + other.n_docs)
+                                 self.n_tokens + other.n_tokens, self.n_docs + other.n_docs, tokens)
 
     def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> None:
         tensors = {f"A/{n}": t for n, t in self.A.items()} | {f"S/{n}": t for n, t in self.S.items()}
         _save_tensors(Path(path), tensors, {"kind": "covariance", "n_tokens": self.n_tokens, "n_docs": self.n_docs,
+                                            "tokens": self.tokens,
                                             "layers": [s.to_json() for s in self.specs.values()], **(meta or {})})
 
     @classmethod
@@ -102,7 +111,7 @@ class CovariancePartial:
         t, meta = _load_tensors(Path(path))
         specs = {d["name"]: LayerSpec(**d) for d in meta["layers"]}
         return cls(specs, {n: t[f"A/{n}"] for n in specs}, {n: t[f"S/{n}"] for n in specs},
-                   int(meta["n_tokens"]), int(meta["n_docs"]))
+                   int(meta["n_tokens"]), int(meta["n_docs"]), {k: int(v) for k, v in meta.get("tokens", {}).items()})
 
 
 def merge(partials: Iterable[Any]) -> Any:
@@ -139,19 +148,23 @@ def load_basis(path: str | Path) -> Eigenbasis:
     return Eigenbasis(specs, *({n: t[f"{key}/{n}"] for n in specs} for key in ("Q_A", "lambda_A", "Q_S", "lambda_S")))
 
 
-def eigendecompose(cov: CovariancePartial, device: torch.device | str | None = None) -> Eigenbasis:
-    """Eigendecompose the mean covariances in float64 (negative round-off eigenvalues clipped to 0).
+def eigendecompose(cov: CovariancePartial, device: torch.device | str | None = None,
+                   device_budget: int | None = None) -> Eigenbasis:
+    """Eigendecompose the mean covariances in float64 (negative round-off eigenvalues clipped to 0), one layer
+    at a time.
 
-    ``device``: where ``eigh`` runs (default the CPU); a GPU is many times faster at GPT-2 widths. The
-    result is on the CPU either way."""
+    ``device``: where ``eigh`` runs (default the CPU); a GPU is many times faster at GPT-2 widths. A layer whose
+    matrices and eigenvectors in float64 (``16 max(in, out)^2`` bytes) exceed ``device_budget`` runs on the CPU.
+    The result is on the CPU either way."""
     if cov.n_tokens == 0:
         raise UserError("no tokens were seen while fitting covariances", hint="the training data is empty")
     device = torch.device(device) if device is not None else torch.device("cpu")
     out = Eigenbasis(cov.specs, {}, {}, {}, {})
-    for n in cov.specs:
-        for key, mat, count, qs, ls in (("A", cov.A[n], cov.n_tokens, out.Q_A, out.lambda_A),
+    for n, spec in cov.specs.items():
+        big = device_budget is not None and 16 * max(spec.a_dim, spec.out_features) ** 2 > device_budget
+        for key, mat, count, qs, ls in (("A", cov.A[n], max(1, cov.layer_tokens(n)), out.Q_A, out.lambda_A),
                                         ("S", cov.S[n], cov.n_docs, out.Q_S, out.lambda_S)):
-            m = mat.to(device, torch.float64) / count
+            m = mat.to("cpu" if big else device, torch.float64) / count
             _check_finite(n, f"covariance {key}", m)
             m = 0.5 * (m + m.T)
             vals, vecs = torch.linalg.eigh(m)
@@ -226,9 +239,11 @@ class CovarianceAccumulator(BaseAccumulator):
         self.total = CovariancePartial.zeros(specs, device, dtype)
         self.specs = specs
         self._pending: list[tuple[dict[str, torch.Tensor], str, torch.Tensor, torch.Tensor | None]] = []
+        self._tokens: dict[str, int] = {}  # this batch's per-layer counts, for layers that see part of it
 
     def begin_batch(self, ctx: PassContext) -> None:
         self._pending = []
+        self._tokens = {}
 
     def forward(self, spec: LayerSpec, a: torch.Tensor, ctx: PassContext) -> None:
         self._add_activations(spec, ctx.masked(a, ctx.gemm_dtype), ctx)
@@ -240,6 +255,8 @@ class CovarianceAccumulator(BaseAccumulator):
         """This batch's ``Σ x x^T`` (and bias row) from masked inputs ``x`` (B, T, in); committed at batch end."""
         flat = x.flatten(0, 1)
         col = flat.sum(0, dtype=ctx.dtype) if spec.bias else None
+        if ctx.n_tokens is not None:
+            self._tokens[spec.name] = ctx.n_tokens
         self._pending.append((self.total.A, spec.name, gram(flat), col))
 
     def _add_gradients(self, spec: LayerSpec, g: torch.Tensor) -> None:
@@ -258,13 +275,17 @@ class CovarianceAccumulator(BaseAccumulator):
                 acc[:n, :n] += value.to(acc.dtype)
                 acc[n, :n] += col
                 acc[:n, n] += col
-                acc[n, n] += n_tokens
+                acc[n, n] += self._tokens.get(name, n_tokens)
+        for name, count in self._tokens.items():
+            self.total.tokens[name] = self.total.tokens.get(name, 0) + count
         self._pending = []
+        self._tokens = {}
         self.total.n_tokens += n_tokens
         self.total.n_docs += len(ctx.batch)
 
     def abort_batch(self) -> None:
         self._pending = []
+        self._tokens = {}
 
 
 def per_document_gradient(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

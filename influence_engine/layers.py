@@ -1,7 +1,9 @@
 """Which layers are tracked, and how their weights are laid out.
 
-A tracked layer computes ``y = W a + b`` for each token. Both ``nn.Linear`` (weight ``(out, in)``) and
-GPT-2's ``Conv1D`` (weight ``(in, out)``) qualify natively. Influence treats the bias as an extra input
+A tracked layer computes ``y = W a + b`` for each token. ``nn.Linear`` (weight ``(out, in)``), GPT-2's
+``Conv1D`` (weight ``(in, out)``) and one expert's projection of a fused mixture-of-experts module
+(:class:`~influence_engine.experts.ExpertLinear`, a slice of a 3-D parameter) qualify natively. What the presets
+mean on each family is in presets.py. Influence treats the bias as an extra input
 column of ones, so a layer's gradient is an ``(out, in + bias)`` matrix ``G = sum_t g_t a_t^T``.
 """
 
@@ -13,18 +15,13 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from .errors import UserError
+from .experts import ExpertLinear
+from .presets import PRESETS, preset_layers
 
 try:  # transformers is optional for the maths, required for HF models
     from transformers.pytorch_utils import Conv1D
 except Exception:  # pragma: no cover
     Conv1D = ()  # type: ignore[assignment,misc]
-
-PRESETS = {
-    # Grosse et al. track the MLP layers: that is the default.
-    "mlp": re.compile(r"(^|\.)(mlp|feed_forward|ffn|ff)\."),
-    "attention": re.compile(r"(^|\.)(attn|attention|self_attn|self_attention)\."),
-}
-_OUTPUT_HEADS = re.compile(r"(^|\.)(lm_head|embed_out|output)$")
 
 
 @dataclass(frozen=True)
@@ -32,7 +29,7 @@ class LayerSpec:
     """Shape of one tracked layer: gradient matrices are ``(out_features, a_dim)``."""
 
     name: str
-    kind: str  # "linear" | "conv1d"
+    kind: str  # "linear" | "conv1d" | "expert"
     in_features: int
     out_features: int
     bias: bool
@@ -46,10 +43,12 @@ class LayerSpec:
 
 
 def is_trackable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
+    return isinstance(module, (nn.Linear, ExpertLinear)) or (bool(Conv1D) and isinstance(module, Conv1D))
 
 
 def layer_spec(name: str, module: nn.Module) -> LayerSpec:
+    if isinstance(module, ExpertLinear):
+        return LayerSpec(name, "expert", module.in_features, module.out_features, module.bias is not None)
     if isinstance(module, nn.Linear):
         return LayerSpec(name, "linear", module.in_features, module.out_features, module.bias is not None)
     if Conv1D and isinstance(module, Conv1D):
@@ -61,20 +60,17 @@ def layer_spec(name: str, module: nn.Module) -> LayerSpec:
 def select_layers(model: nn.Module, layers: str = "mlp") -> dict[str, nn.Module]:
     """Tracked modules by name, in model order.
 
-    ``layers`` is a preset (``mlp``, ``attention``, ``all``) or a regular expression searched in module
-    names (e.g. ``h\\.[0-3]\\.mlp``). ``all`` is every Linear/Conv1D except the output head.
-    """
+    ``layers`` is a preset (``mlp``, ``attention``, ``all``, ``lora``: see presets.py) or a regular expression
+    searched in module names (e.g. ``h\\.[0-3]\\.mlp``). ``all`` is every Linear/Conv1D/expert layer except
+    the output head and routers."""
     candidates = {n: m for n, m in model.named_modules() if n and is_trackable(m)}
-    if layers == "all":
-        chosen = {n: m for n, m in candidates.items() if not _OUTPUT_HEADS.search(n)}
-    elif layers in PRESETS:
-        pattern = PRESETS[layers]
-        chosen = {n: m for n, m in candidates.items() if pattern.search(n)}
+    if layers in PRESETS:
+        chosen = preset_layers(model, candidates, layers)
     else:
         try:
             pattern = re.compile(layers)
         except re.error as exc:
-            raise UserError(f"--layers {layers!r}: not a preset (mlp, attention, all) and not a valid "
+            raise UserError(f"--layers {layers!r}: not a preset ({', '.join(PRESETS)}) and not a valid "
                             f"regular expression: {exc}") from None
         chosen = {n: m for n, m in candidates.items() if pattern.search(n)}
     if not chosen:

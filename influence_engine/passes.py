@@ -19,14 +19,15 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from .data import Batch, Example, collate, example_seed
-from .errors import UserError
+from .errors import ModelError, UserError
+from .experts import GatheredRows, RoutedView, gathers_rows, routed_view
 from .layers import LayerSpec
 
 Progress = Callable[[int, int], None]  # (documents done, tokens done)
@@ -47,10 +48,18 @@ class PassContext:
     gemm_dtype: torch.dtype | None = None
     padded: bool = True
     objective: int = 0  # which label set's backward pass is running (passes with labels like ``sampled+true``)
+    n_tokens: int | None = None  # tokens a layer saw, when not the whole batch's (experts: tokens routed to it)
+    # p(the data's next token) at each position that predicts a target, (B, T), 0 elsewhere; set by passes whose
+    # labels include ``true``, before any backward hook runs (per-document losses come from it: quality.py)
+    target_probs: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.gemm_dtype is None:
             self.gemm_dtype = self.dtype
+
+    def routed(self, view: RoutedView) -> PassContext:
+        """This context for an expert layer that sees only some tokens of the batch, laid out as ``view``."""
+        return replace(self, mask=view.mask, padded=True, n_tokens=view.n_tokens)
 
     def masked(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``x`` in ``dtype`` (default ``self.dtype``) with padding positions exactly zero; no copy when
@@ -88,7 +97,11 @@ class Accumulator(Protocol):
 
 
 class BaseAccumulator:
-    """Default no-op batch bookkeeping: the forward state is the activation itself."""
+    """Default no-op batch bookkeeping: the forward state is the activation itself. ``positional``: whether the
+    accumulator needs every token at its position in the batch (per-token scores); otherwise a layer that sees only
+    some tokens (a MoE expert) hands over just those, each document's side by side."""
+
+    positional = False
 
     def begin_batch(self, ctx: PassContext) -> None:
         pass
@@ -272,6 +285,7 @@ class Runner:
         # the logits' gradient overwrites the logits, unless the model's graph keeps them for its backward
         # (a final op that saves its output): autograd then refuses, and passes fall back to a copy
         self._in_place = True
+        self.gathered = gathers_rows(tracked)  # older per-expert layouts: place gathered rows (experts.py)
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
@@ -351,14 +365,46 @@ class Runner:
         device_type = self.device.type
         storages: set[int] = set()  # of tracked outputs: a tracked head's output is the logits themselves
 
+        recorder = GatheredRows() if self.gathered else None
+        fired: set[str] = set()
+        shape = tuple(ctx.mask.shape)
+
         def hook_for(spec: LayerSpec):
             def forward_hook(module, inputs, output):
                 storages.add(output.untyped_storage().data_ptr())
-                with torch.autocast(device_type, enabled=False):  # accumulators choose their own dtypes
-                    state = acc.forward(spec, inputs[0].detach(), ctx)
+                fired.add(spec.name)
+                a = inputs[0].detach()
+                cell: dict[str, Any] = {"ctx": ctx, "view": None}
+
+                def start(routed: torch.Tensor | None) -> None:
+                    x = a
+                    if routed is not None:  # an expert: its routed tokens' rows, each document's side by side
+                        view = routed_view(routed, ctx.mask, packed=not getattr(acc, "positional", False))
+                        cell["ctx"], cell["view"] = ctx.routed(view), view
+                        x = view.place(a)
+                    elif x.dim() == 2:  # tokens flattened by the model (a MoE block's shared expert): one row each
+                        x = x.view(*shape, -1)
+                    with torch.autocast(device_type, enabled=False):  # accumulators choose their own dtypes
+                        cell["state"] = acc.forward(spec, x, cell["ctx"])
+
+                routed = getattr(module, "routed", None)
+                if a.dim() == 2 and routed is None and a.shape[0] != shape[0] * shape[1]:
+                    if recorder is None:
+                        raise ModelError(f"layer {spec.name} sees {a.shape[0]} rows, not the batch's {shape[0]} x "
+                                         f"{shape[1]} tokens (an expert whose routing the engine cannot see)",
+                                         hint="track other --layers")
+                    recorder.expect(a.shape[0], spec.name, start)  # placed when its output is scattered back
+                else:
+                    start(routed)
 
                 def grad_hook(g):
-                    acc.backward(spec, state, g, ctx)
+                    layer_ctx = cell["ctx"]
+                    if cell["view"] is not None:
+                        g = cell["view"].place(g)
+                        layer_ctx.objective = ctx.objective
+                    elif g.dim() == 2:
+                        g = g.view(*shape, -1)
+                    acc.backward(spec, cell["state"], g, layer_ctx)
 
                 output.register_hook(grad_hook)
 
@@ -371,17 +417,30 @@ class Runner:
                         else contextlib.nullcontext())
             with autocast:
                 embeds = self.model.get_input_embeddings()(batch.input_ids).detach().requires_grad_(True)
-                logits = self.model(inputs_embeds=embeds, attention_mask=batch.attention_mask.long(),
-                                    position_ids=batch.position_ids, use_cache=False).logits
+                with recorder or contextlib.nullcontext():
+                    logits = self.model(inputs_embeds=embeds, attention_mask=batch.attention_mask.long(),
+                                        position_ids=batch.position_ids, use_cache=False).logits
+                if recorder is not None:
+                    recorder.check()
                 # tensor hooks do not fire on a tensor changed in place: a tracked head's output keeps its values
                 in_place = self._in_place and logits.untyped_storage().data_ptr() not in storages
                 grad = LogitGradient(logits, batch, labels, cfg.seed, in_place=in_place)
+            if "true" in labels:
+                ctx.target_probs = grad.probs[labels.index("true")].view(batch.input_ids.shape)
+            # layers the model skipped this batch (an older layout's expert no token was routed to) see zeros
+            idle = [self.specs[n] for n in self.tracked if n not in fired]
+            none = routed_view(torch.zeros(0, dtype=torch.long, device=self.device), ctx.mask,
+                               packed=not getattr(acc, "positional", False))
+            empty = ctx.routed(none)
+            states = {s.name: acc.forward(s, embeds.new_zeros(*none.mask.shape, s.in_features), empty) for s in idle}
             root = logits.view_as(logits)  # a view as the root, so hooks on the logits (a tracked head) still fire
             del logits
             for k in range(len(labels)):
-                ctx.objective = k
+                ctx.objective = empty.objective = k
                 torch.autograd.grad(root, embeds, grad.switch(k) if k else grad.grad,
                                     retain_graph=k + 1 < len(labels))
+                for s in idle:
+                    acc.backward(s, states[s.name], embeds.new_zeros(*none.mask.shape, s.out_features), empty)
         except BaseException:
             acc.abort_batch()
             raise

@@ -88,6 +88,7 @@ class ScoreAccumulator(BaseAccumulator):
         self.on_batch = on_batch
         self.n_queries = len(queries)
         self.per_token = per_token
+        self.positional = per_token  # per-token scores need every layer's rows at their tokens' positions
         self.dtype = dtype
         self.gemm_dtype = gemm_dtype or dtype
         low = self.gemm_dtype.itemsize < dtype.itemsize

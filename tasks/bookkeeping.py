@@ -130,7 +130,7 @@ class AuditBook:
             with self.stage("record_mlflow"):
                 self.metrics = self._tracked(record) or {}
         if not validation_passed:
-            raise RuntimeError("output validation failed: see validation/candidates.json in the audit directory")
+            raise RuntimeError(f"output validation failed: see the reports in {self.audit_dir / 'validation'}")
 
     def open_review(self, open_review: Callable[[], Any]) -> None:
         """Hand the candidates to reviewers and end the MLflow run as succeeded."""

@@ -73,11 +73,17 @@ def validate_outputs(p: AuditParams, inputs: Inputs, candidates_path: str, queri
     cands = pl.read_parquet(candidates_path)
     train_ids = pl.concat([pl.read_parquet(s.path, columns=["id"]) for s in inputs.shards])["id"]
     query_ids = pl.read_parquet(queries_path, columns=["id"])["id"]
-    report = validate_candidates(cands, train_ids=train_ids, query_ids=query_ids, k=p.top_k)
+    from .verify import verification_metrics
+
+    baseline = verification_metrics(inputs.audit_dir).get("verified_random_at_10")
+    report = validate_candidates(cands, train_ids=train_ids, query_ids=query_ids, k=p.top_k,
+                                 verified_baseline=baseline)
     out = report.to_json()
     write_json_atomic(Path(inputs.audit_dir) / "validation" / "candidates.json", out)
     if not report.success and log is not None:
         log.error(report.summary())
+    elif report.warnings() and log is not None:
+        log.warning(report.summary())
     return out
 
 

@@ -17,6 +17,7 @@ import polars as pl
 
 from influence_engine import FactorSettings, InfluenceEngine, UserError, stable_key
 from influence_engine.atomic import write_json_atomic
+from influence_engine.lora import is_adapter_dir, layers_for
 
 from .data import add_content_hashes, data_fingerprint, read_rows, sample_queries, shard_frame
 from .engine_io import encode_frame, write_parquet_atomic
@@ -70,19 +71,20 @@ def resolve_model(model: str) -> str:
     path = Path(model).expanduser()
     if not path.is_dir():
         raise UserError(f"--model {model}: no such directory", hint="give a local Hugging Face model directory")
-    if not (path / "config.json").exists():
+    if not (path / "config.json").exists() and not is_adapter_dir(path):
         raise UserError(f"--model {model}: no config.json", hint="save the model with save_pretrained()")
     return str(path.resolve())
 
 
 def engine_spec(p: AuditParams, model_dir: str) -> EngineSpec:
-    return EngineSpec(model_dir, p.layers, p.device, p.precision, p.batch_size, p.max_length, p.seed, p.on_long,
-                      p.trust_remote_code)
+    return EngineSpec(model_dir, layers_for(model_dir, p.layers), p.device, p.precision, p.batch_size,
+                      p.max_length, p.seed, p.on_long, p.trust_remote_code, p.device_memory_gb)
 
 
 def factor_settings(p: AuditParams, inputs: Inputs) -> FactorSettings:
-    return FactorSettings(inputs.model_fingerprint, inputs.data_fingerprint, p.strategy, p.layers, p.damping,
-                          seed=p.seed, max_length=p.max_length, precision=p.precision, on_long=p.on_long)
+    return FactorSettings(inputs.model_fingerprint, inputs.data_fingerprint, p.strategy,
+                          layers_for(inputs.model_dir, p.layers), p.damping, seed=p.seed, max_length=p.max_length,
+                          precision=p.precision, on_long=p.on_long)
 
 
 def check_writable(directory: Path, what: str) -> None:
@@ -105,7 +107,13 @@ def preflight(p: AuditParams) -> None:
     from .data import check_columns
 
     check_columns(p.train, "train")
-    read_rows(p.queries, "queries")
+    if p.queries:  # none in quality mode
+        read_rows(p.queries, "queries")
+    if p.device_memory_gb is not None and not p.model.startswith(("models:/", "runs:/")):
+        from influence_engine.plan import plan_for  # from the config alone: refuse a layer that cannot fit, now
+
+        plan_for(resolve_model(p.model), p.layers, trust_remote_code=p.trust_remote_code, precision=p.precision,
+                 device_budget=int(p.device_memory_gb * 2**30)).check()
     if p.planted and not Path(p.planted).is_file():
         raise UserError(f"--planted {p.planted}: no such file", hint="give a JSON file {query_id: [train ids]}")
     check_writable(resolve_home(p.output_dir), f"--output-dir {resolve_home(p.output_dir)}")

@@ -26,6 +26,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from influence_engine.atomic import umask_mode
 from influence_engine.errors import UserError
 
 __all__ = ["is_model_uri", "model_cache_dir", "register_model_dir", "resolve_model_uri"]
@@ -105,6 +106,7 @@ def resolve_model_uri(uri: str) -> str:
             return str(root)
         cache.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache))
+        tmp.chmod(umask_mode(0o777))  # mkdtemp's 0700 would hide the cached model from other accounts
         try:
             mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(tmp))
             if _model_root(tmp) is None:

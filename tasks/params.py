@@ -5,7 +5,10 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+INFLUENCE_FIELDS = ("queries", "n_queries", "sampling", "stratify_by", "top_k", "query_rank", "explain_top", "planted",
+                    "use_index", "sketch", "refine", "prefilter")
 
 
 class AuditParams(BaseModel):
@@ -15,16 +18,23 @@ class AuditParams(BaseModel):
 
     model: str = Field(description="Local Hugging Face model directory, or models:/NAME/VERSION, runs:/ID/PATH")
     train: list[str] = Field(description="Training JSONL/Parquet files or directories of shards", min_length=1)
-    queries: str = Field(description="Query source: JSONL/Parquet with id, prompt, completion")
+    mode: Literal["influence", "quality"] = Field(
+        "influence", description="influence: rank documents per query; quality: a query-free data-quality report "
+                                 "(outliers, memorised, near-duplicate and low-quality documents; docs/quality.md)")
+    queries: str | None = Field(None, description="Query source: JSONL/Parquet with id, prompt, completion "
+                                                  "(required in influence mode)")
     n_queries: int | None = Field(None, ge=1, description="How many queries to sample (all if empty)")
     sampling: Literal["random", "stratified"] = "random"
     stratify_by: str | None = Field(None, description="Column to stratify query sampling by")
     strategy: Literal["identity", "diagonal", "kfac", "ekfac"] = "ekfac"
-    layers: str = Field("mlp", description="mlp | attention | all | regex on module names")
+    layers: str = Field("auto", description="auto (lora on a LoRA adapter, else mlp) | mlp | attention | all | "
+                                            "lora | regex on module names")
     top_k: int = Field(50, ge=0, description="Candidates per query (0 = every document)")
     query_rank: int = Field(32, ge=0, description="Low-rank query compression (0 = exact)")
     damping: str = Field("auto", description="'auto' (0.1 x mean eigenvalue) or a number")
     device: str = "auto"
+    device_memory_gb: float | None = Field(None, gt=0, description="Device memory for factors in GiB; layers are "
+                                           "fitted in groups beyond it (default: 80% of a GPU's free memory)")
     precision: Literal["fp32", "bf16", "fp64"] = "fp32"
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(512, ge=2)
@@ -46,6 +56,22 @@ class AuditParams(BaseModel):
     refine: int = Field(100, ge=0, description="With use_index: re-score the top N per query exactly and rerank")
     prefilter: str | None = Field(None, description="bm25:K: score only each query's K most lexically similar "
                                                     "documents (not with use_index)")
+    verify_k: int = Field(0, ge=0, description="Counterfactual check of each query's top-k candidates and k random "
+                                               "documents (0 = off)")
+    verify_check: Literal["tail-patch", "pbrf"] = Field("tail-patch", description="tail-patch (one optimizer "
+                                                        "step; any size) or pbrf (small models)")
+    verify_lr: float | None = Field(None, gt=0, description="Tail-patch learning rate (default: chosen from the "
+                                                            "model's scale and recorded)")
+    cutoff: float = Field(3.5, gt=0, description="quality mode: robust z-score from which an issue is flagged")
+    near_duplicate_threshold: float = Field(0.7, gt=0, le=1, description="quality mode: Jaccard similarity "
+                                                                         "(character 5-grams) of near duplicates")
+    hot_spots: int = Field(10, ge=0, description="quality mode: token positions kept per document (0: all)")
+
+    @model_validator(mode="after")
+    def _queries_in_influence_mode(self) -> AuditParams:
+        if self.mode == "influence" and not self.queries:
+            raise ValueError("queries are required in influence mode (or set mode: quality)")
+        return self
 
     @field_validator("damping")
     @classmethod
@@ -81,6 +107,13 @@ class AuditParams(BaseModel):
     def identity(self) -> dict:
         """The parameters that define the audit's result (not where it is written or recorded, nor how it is
         computed), without those left at their defaults: a parameter added later, left at its default, keeps
-        every existing audit's id (and so its MLflow run and review)."""
-        return self.model_dump(exclude={"output_dir", "experiment", "tracking_uri", "device", "batch_size"},
-                               exclude_defaults=True)
+        every existing audit's id (and so its MLflow run and review). A quality audit drops the query parameters.
+        Verification settings are left out: checks add to a result (``influence-audit verify`` on a finished audit
+        writes into the same audit)."""
+        out = self.model_dump(exclude={"output_dir", "experiment", "tracking_uri", "device", "batch_size",
+                                       "device_memory_gb", "verify_k", "verify_check", "verify_lr"},
+                              exclude_defaults=True)
+        if self.mode == "quality":
+            for key in INFLUENCE_FIELDS:
+                out.pop(key, None)
+        return out

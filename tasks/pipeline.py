@@ -55,7 +55,7 @@ class EngineSpec:
     so mapped tasks on one worker load the model once."""
 
     model_dir: str
-    layers: str = "mlp"
+    layers: str = "auto"
     device: str = "auto"
     precision: str = "fp32"
     batch_size: int = 8
@@ -63,6 +63,7 @@ class EngineSpec:
     seed: int = 0
     on_long: str = "truncate"
     trust_remote_code: bool = False
+    device_memory_gb: float | None = None  # for factors on the device (None: 80% of a GPU's free memory)
 
     def engine(self) -> InfluenceEngine:
         return _engine(self)
@@ -70,10 +71,11 @@ class EngineSpec:
 
 @functools.lru_cache(maxsize=4)
 def _engine(spec: EngineSpec) -> InfluenceEngine:
+    budget = None if spec.device_memory_gb is None else int(spec.device_memory_gb * 2**30)
     return InfluenceEngine.from_pretrained(spec.model_dir, layers=spec.layers, device=spec.device,
                                            precision=spec.precision, batch_size=spec.batch_size,
                                            max_length=spec.max_length, seed=spec.seed, on_long=spec.on_long,
-                                           trust_remote_code=spec.trust_remote_code)
+                                           trust_remote_code=spec.trust_remote_code, device_memory_budget=budget)
 
 
 # ------------------------------------------------------------------------------------------------ whole
@@ -106,8 +108,8 @@ def fit(eng: InfluenceEngine, docs: Sequence[Example], settings: FactorSettings,
         if notice:
             notice(f"reusing factors in {out_dir}")
         return Fitted(stored, reused=True)
-    one_pass = get_strategy(settings.strategy).covariance and \
-        eng.gradient_cache_bytes(len(docs)) <= cache_budget_bytes
+    one_pass = get_strategy(settings.strategy).covariance and len(eng.layer_groups()) == 1 and \
+        eng.gradient_cache_bytes(len(docs)) <= cache_budget_bytes  # (layers fitted in groups: separate passes)
     fitted: Fitted | None = None
     if one_pass:
         import torch

@@ -12,6 +12,7 @@ import polars as pl
 from .candidates import planted_metrics
 from .inputs import Inputs
 from .params import AuditParams
+from .verify import verification_metrics
 
 
 def run_params(p: AuditParams, inputs: Inputs | None) -> dict[str, Any]:
@@ -35,7 +36,7 @@ def start_run(p: AuditParams, inputs: Inputs | None, audit_id: str) -> str:
 
 def record_results(p: AuditParams, inputs: Inputs, run_id: str, candidates_path: str, validation: dict[str, dict],
                    stage_seconds: dict[str, float], factors_cached: bool) -> dict[str, float]:
-    """Plots, the HTML page, metrics and the candidate table on the audit's MLflow run."""
+    """Plots, the HTML page, metrics and the candidate table on the audit's MLflow run; one trace per query."""
     from .report import plot_layer_share, plot_score_distribution, render_html_report
     from .tracking import record_audit_results
 
@@ -52,6 +53,7 @@ def record_results(p: AuditParams, inputs: Inputs, run_id: str, candidates_path:
     if score_seconds > 0:
         metrics["scoring_tokens_per_s"] = inputs.n_tokens / score_seconds
     metrics |= planted_metrics(cands, p.planted)
+    metrics |= verification_metrics(audit_dir)
     plots = [plot_score_distribution(cands, audit_dir / "plots" / "score_distribution.png"),
              plot_layer_share(cands, audit_dir / "plots" / "layer_share.png")]
     html = render_html_report(cands, audit_dir / "report.html", title=f"Influence audit {inputs.audit_id}",
@@ -63,6 +65,10 @@ def record_results(p: AuditParams, inputs: Inputs, run_id: str, candidates_path:
                          validation_reports=validation, plots=plots, html_report=html,
                          extra_artifacts=[audit_dir / "manifest.json"] if (audit_dir / "manifest.json").exists()
                          else [])
+    from .traces import document_texts, record_traces  # one trace per query: where reviewers mark culprits
+
+    record_traces(run_id, cands, audit_id=inputs.audit_id,
+                  texts=document_texts(audit_dir, cands["train_id"].unique().to_list()))
     return metrics
 
 
@@ -73,18 +79,40 @@ def finish_run(run_id: str, succeeded: bool, validation_passed: bool | None, err
 
 
 def open_review(p: AuditParams, inputs: Inputs, run_id: str, candidates_path: str) -> str:
-    """Hand the candidate list to people: a Prefect markdown artifact linking the MLflow run, and the top 3
+    """Open the review: record marks already made in MLflow (a rerun keeps its review), start the Prefect-form
+    review where a server has the ``review`` deployment, and hand people a markdown artifact with the MLflow
+    addresses of the run and its traces (one per query: where reviewers mark culprits), and the top 3
     candidates per query as a Prefect table artifact."""
+    import mlflow
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+    from .review_pull import pull_review
+    from .review_runs import open_review_form
+    from .ui import audit_urls, ui_base, ui_command
+
+    home = Path(inputs.audit_dir).parent.parent
+    pulled = pull_review(home, inputs.audit_id)
+    try:
+        form = open_review_form(inputs.audit_id, str(home))
+    except Exception as exc:  # the review in MLflow stands without the form
+        form = f"Prefect-form review not started: {str(exc).splitlines()[0][:200]}"
+    uri = mlflow.get_tracking_uri()
+    urls = audit_urls(ui_base(uri), mlflow.get_run(run_id).info.experiment_id, run_id)
+    serve = ui_command(uri)
     cands = pl.read_parquet(candidates_path).filter(pl.col("rank") <= 3)
     table = cands.select("query_id", "rank", "train_id", "score").sort("query_id", "rank").to_dicts()
     create_table_artifact(key=f"audit-{inputs.audit_id}-top-candidates", table=table,
                           description=f"Influence audit {inputs.audit_id}: top 3 candidates per query")
-    text = (f"# Influence audit `{inputs.audit_id}`: review open\n\n"
-            f"MLflow run `{run_id}` (experiment `{p.experiment}`): the candidate table `candidates.json` and "
-            f"`report.html` are in its artifacts; the top 3 candidates per query are in the table artifact "
-            f"`audit-{inputs.audit_id}-top-candidates`. Candidates are a first screen, not a verdict.\n\n"
-            f"Review in a terminal: `influence-audit review show {inputs.audit_id}`\n")
-    return str(create_markdown_artifact(key=f"audit-{inputs.audit_id}-review", markdown=text,
+    lines = [f"# Influence audit `{inputs.audit_id}`: review {pulled['status']}", "",
+             "Candidates are a first screen, not a verdict. Review them in MLflow: open the run's traces (one per "
+             "query), pick a candidate's span, add the feedback `culprit` (true, false or `unsure`).", "",
+             f"- traces: {urls['traces']}", f"- run: {urls['run']} (experiment `{p.experiment}`; `candidates.json` "
+             "and `report.html` are in its artifacts)",
+             *([f"- serve the UI first: `{serve}`"] if serve else []),
+             f"- decisions come back with `influence-audit review pull {inputs.audit_id}` (also on the `review-pull` "
+             f"schedule); or decide in a terminal: `influence-audit review show {inputs.audit_id}`, then "
+             "`influence-audit review submit`",
+             f"- {form}",
+             f"- the top 3 candidates per query are in the table artifact `audit-{inputs.audit_id}-top-candidates`"]
+    return str(create_markdown_artifact(key=f"audit-{inputs.audit_id}-review", markdown="\n".join(lines),
                                         description=f"Review influence audit {inputs.audit_id}"))

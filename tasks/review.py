@@ -37,6 +37,7 @@ from .paths import resolve_home
 
 __all__ = [
     "FLAGGED_SCHEMA",
+    "RETRACTED",
     "REVIEW_TABLE",
     "VERDICTS",
     "ReviewDecision",
@@ -54,10 +55,14 @@ __all__ = [
     "resolve_home",
     "review_markdown",
     "submit_review",
+    "valid_decisions",
 ]
 
 Verdict = Literal["culprit", "not-culprit", "unsure"]
 VERDICTS: tuple[str, ...] = ("culprit", "not-culprit", "unsure")
+# Recorded by `review pull` when the MLflow assessment behind a pair's latest decision is deleted: the pair is
+# undecided again. Never accepted as input.
+RETRACTED = "retracted"
 REVIEW_TABLE = "review_decisions.json"
 FLAGGED_FILE = "flagged_documents.parquet"
 FLAGGED_SCHEMA: dict[str, Any] = {
@@ -138,8 +143,10 @@ def load_decisions(home: str | os.PathLike[str] | None, audit_id: str) -> pl.Dat
 
 
 def latest_verdicts(decisions: pl.DataFrame) -> pl.DataFrame:
-    """One row per (query_id, train_id): the last decision submitted (later submissions win)."""
-    return decisions.unique(["query_id", "train_id"], keep="last", maintain_order=True)
+    """One row per (query_id, train_id): the last decision submitted (later submissions win). A pair whose
+    last row is a retraction (its MLflow assessment was deleted) is undecided again and left out."""
+    latest = decisions.unique(["query_id", "train_id"], keep="last", maintain_order=True)
+    return latest.filter(pl.col("verdict") != RETRACTED)
 
 
 def _review_state(candidates: pl.DataFrame, decisions: pl.DataFrame) -> dict[str, Any]:
@@ -404,7 +411,7 @@ def submit_review(home: str | os.PathLike[str] | None, audit_id: str, reviewer: 
             _call("record review", _record, run_id, all_decisions, state)
         except UserError as exc:
             raise UserError(f"decisions saved in {flagged}, but not yet on the MLflow run: {exc.message}",
-                            hint=f"`influence-audit review sync {audit_id}` records them once MLflow is back"
+                            hint=f"`influence-audit sync --audit-id {audit_id}` records them once MLflow is back"
                             ) from exc
     return {"audit_id": audit_id, "run_id": run_id, **state, "submitted": rows.height,
             "flagged_path": str(flagged)}
@@ -433,12 +440,18 @@ def review_markdown(summary: dict[str, Any], *, message: str = "", max_snippet: 
               "--decision QUERY_ID:TRAIN_ID:VERDICT[:comment]`.", ""]
     for (qid,), group in cands.sort(["query_id", "rank"]).group_by(["query_id"], maintain_order=True):
         first = group.row(0, named=True)
+        checked = "verified" in group.columns
         lines += [f"## `{qid}`", "", f"*{_md(first['query_prompt'])}* → **{_md(first['query_completion'])}**", "",
-                  "| rank | train_id | score | snippet | verdict |", "|---|---|---|---|---|"]
+                  "| rank | train_id | score |" + (" check (Δ up / down, nats) |" if checked else "")
+                  + " snippet | verdict |", "|---|---|---|" + ("---|" if checked else "") + "---|---|"]
         for r in group.iter_rows(named=True):
             d = latest.get((qid, r["train_id"]))
             verdict = f"{d['verdict']} ({_md(d['reviewer'])})" if d else ""
-            lines.append(f"| {r['rank']} | `{r['train_id']}` | {r['score']:.4g} | "
+            check = "" if not checked else (" |" if r["verified"] is None else
+                                            f" {'verified' if r['verified'] else 'not verified'} "
+                                            f"{r['counterfactual_delta']:+.3g} / "
+                                            f"{r['counterfactual_delta_down']:+.3g} |")
+            lines.append(f"| {r['rank']} | `{r['train_id']}` | {r['score']:.4g} |{check} "
                          f"{_md(str(r['snippet'])[:max_snippet])} | {verdict} |")
         lines.append("")
     return "\n".join(lines)
@@ -475,6 +488,23 @@ def check_review_input(home: str, audit_id: str, reviewer: str, decisions: list[
     except ReviewInputError as exc:
         return str(exc)
     return None
+
+
+def valid_decisions(candidates: pl.DataFrame, decisions: Sequence[ReviewDecision]) -> list[ReviewDecision]:
+    """The decisions that name a candidate, each pair once (the first): what a refused form keeps."""
+    known = set(zip(candidates["query_id"].to_list(), candidates["train_id"].to_list(), strict=True))
+    out, seen = [], set()
+    for d in decisions:
+        if (d.query_id, d.train_id) in known and (d.query_id, d.train_id) not in seen:
+            seen.add((d.query_id, d.train_id))
+            out.append(d)
+    return out
+
+
+@task(name="valid-decisions")
+def valid_decisions_task(home: str, audit_id: str, decisions: list[ReviewDecision]) -> list[ReviewDecision]:
+    """:func:`valid_decisions` of the audit's candidates (the refused form is shown again with these)."""
+    return valid_decisions(load_candidates(home, audit_id), decisions)
 
 
 @task(name="submit-review")

@@ -10,7 +10,7 @@ from prefect import get_run_logger, task
 
 from influence_engine import FactorSettings, UserError
 
-from . import candidates, index, inputs, pipeline, prefilter, record
+from . import candidates, index, inputs, pipeline, prefilter, record, verify
 from .inputs import Inputs
 from .params import AuditParams
 from .pipeline import EngineSpec, Shard
@@ -95,6 +95,13 @@ def merge_candidates(spec: EngineSpec, p: AuditParams, ins: Inputs, shard_paths:
 @task(name="validate-outputs")
 def validate_outputs(p: AuditParams, ins: Inputs, candidates_path: str, queries_path: str) -> dict:
     return candidates.validate_outputs(p, ins, candidates_path, queries_path, get_run_logger())
+
+
+@task(name="verify-candidates")
+def verify_candidates(spec: EngineSpec, p: AuditParams, ins: Inputs, candidates_path: str, queries_path: str,
+                      prepared_path: str) -> dict[str, float]:
+    return verify.verify_audit_stage(spec, p, ins, candidates_path, queries_path, prepared_path,
+                                     get_run_logger().info)
 
 
 @task(name="start-mlflow-run", **_MLFLOW)

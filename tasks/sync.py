@@ -10,6 +10,10 @@ manifests and, per audit:
 * failed, but MLflow shows no run or a run still ``running``: records it as failed (never as succeeded);
 * unfinished (no ``status``): left alone; rerunning the same audit resumes it.
 
+For every succeeded audit it also adds the query traces that are missing (audits recorded before traces
+existed) and rewrites the run's review table and tags from the decisions on disk: ``sync`` is the one verb
+from disk to MLflow, ``review pull`` the one from MLflow to disk.
+
 Plain functions (those of :mod:`tasks.record`, which the flow's tasks wrap), so sync needs no Prefect server.
 """
 
@@ -78,6 +82,13 @@ def _record_succeeded(manifest: dict[str, Any], audit_dir: Path, params: Any) ->
 
     inputs = _inputs(manifest)
     run_id = start_run(params, inputs, inputs.audit_id)
+    if params.mode == "quality":
+        from .quality_stages import quality_paths, record_quality
+
+        record_quality(params, inputs, run_id, quality_paths(audit_dir), _validation_reports(audit_dir),
+                       dict(manifest.get("seconds") or {}), bool(manifest.get("factors_cached", False)))
+        finish_run(run_id, succeeded=True, validation_passed=True)
+        return run_id
     record_results(params, inputs, run_id, str(audit_dir / "candidates.parquet"), _validation_reports(audit_dir),
                       dict(manifest.get("seconds") or {}), bool(manifest.get("factors_cached", False)))
     finish_run(run_id, succeeded=True, validation_passed=True)
@@ -131,7 +142,32 @@ def sync_one(manifest_path: Path, *, tracking_uri: str | None = None, experiment
         action, detail = "up-to-date", f"already recorded as {state}"
     if manifest.get("mlflow") != "recorded" or manifest.get("mlflow_run_id") != run_id:
         write_json_atomic(manifest_path, manifest | {"mlflow": "recorded", "mlflow_run_id": run_id})
+    if status == "succeeded" and run_id:
+        detail += _push_review(audit_dir, audit_id, run_id, traces=params.mode != "quality")
     return SyncOutcome(audit_id, action, run_id, detail)
+
+
+def _push_review(audit_dir: Path, audit_id: str, run_id: str, *, traces: bool = True) -> str:
+    """Traces for audits recorded before they existed (idempotent; query audits only: a quality audit records
+    none), and the review decisions on disk."""
+    import polars as pl
+
+    from .review import load_decisions, record_review_in_mlflow
+    from .traces import document_texts, record_traces
+
+    written = 0
+    if traces:
+        cands = pl.read_parquet(audit_dir / "candidates.parquet")
+        written = record_traces(run_id, cands, audit_id=audit_id,
+                                texts=document_texts(audit_dir, cands["train_id"].unique().to_list()))["written"]
+    home = audit_dir.parent.parent
+    n = load_decisions(home, audit_id).height
+    if n:
+        import mlflow
+
+        record_review_in_mlflow(home, audit_id, tracking_uri=mlflow.get_tracking_uri())
+    return (f"; {written} query trace(s) added" if written else "") + (f"; {n} review decision(s) pushed" if n
+                                                                       else "")
 
 
 def sync_audits(home: Path, *, tracking_uri: str | None = None, experiment: str | None = None,

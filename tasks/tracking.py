@@ -60,7 +60,9 @@ _log = logging.getLogger(__name__)
 
 CANDIDATES_TABLE = "candidates.json"
 TABLE_COLUMNS = ("query_id", "query_prompt", "query_completion", "train_id", "snippet", "score", "rank")
+VERIFY_TABLE_COLUMNS = ("counterfactual_delta", "counterfactual_delta_down", "verified")  # when verified
 AUDIT_ID_TAG = "audit.id"
+REVIEW_STATUS_TAG = "review.status"
 ERROR_TAG = "audit.error"
 _ERROR_MAX = 500
 _PARAM_MAX = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
@@ -234,7 +236,7 @@ def _chunks(items: list[T], n: int = _BATCH) -> Iterable[list[T]]:
 def _start(experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, Any]) -> str:
     client = MlflowClient()
     all_tags = {str(k): str(v) for k, v in tags.items()}
-    all_tags.update({"audit.status": "running", "validation.status": "pending", "review.status": "none"})
+    all_tags.update({"audit.status": "running", "validation.status": "pending"})
     str_params = {str(k): str(v)[:_PARAM_MAX] for k, v in params.items()}
 
     run_id = _find(client, experiment, all_tags[AUDIT_ID_TAG]) if AUDIT_ID_TAG in all_tags else None
@@ -242,7 +244,8 @@ def _start(experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapp
         exp_id = _experiment_id(client, experiment, create=True)
         assert exp_id is not None
         run_id = client.create_run(exp_id, run_name=run_name).info.run_id
-    else:  # rerun of the same audit: reopen its run
+        all_tags[REVIEW_STATUS_TAG] = "none"
+    else:  # rerun of the same audit: reopen its run; its review (status and decisions) carries on
         logged = client.get_run(run_id).data.params
         clash = {k: (logged[k], v) for k, v in str_params.items() if k in logged and logged[k] != v}
         if clash:
@@ -266,7 +269,8 @@ def start_audit_run(experiment: str, *, run_name: str, params: Mapping[str, Any]
     """Create (or, when ``tags`` has an ``audit.id`` already recorded, reopen) the audit's run.
 
     Creates the experiment if missing; logs ``params`` and ``tags`` plus ``audit.status=running``,
-    ``validation.status=pending``, ``review.status=none``; returns the run id.
+    ``validation.status=pending`` and, on a new run, ``review.status=none`` (a rerun keeps its review
+    status: its decisions stay); returns the run id.
     """
     return _call("start run", _start, experiment, run_name, params, tags)
 
@@ -281,8 +285,9 @@ def _table_frame(candidates: pl.DataFrame) -> Any:
     missing = [c for c in TABLE_COLUMNS if c not in candidates.columns]
     if missing:
         raise ValueError(f"candidate frame lacks columns {missing}")
-    df = candidates.select(TABLE_COLUMNS).sort(["query_id", "rank"], maintain_order=True)
-    return pd.DataFrame(df.to_dict(as_series=False), columns=list(TABLE_COLUMNS))
+    columns = [*TABLE_COLUMNS, *(c for c in VERIFY_TABLE_COLUMNS if c in candidates.columns)]
+    df = candidates.select(columns).sort(["query_id", "rank"], maintain_order=True)
+    return pd.DataFrame(df.to_dict(as_series=False), columns=columns)
 
 
 def replace_table(client: MlflowClient, run_id: str, frame: Any, name: str) -> None:
@@ -372,8 +377,8 @@ def _finish(run_id: str, succeeded: bool, validation_passed: bool | None, error:
     tags = {"audit.status": "succeeded" if succeeded else "failed"}
     if validation_passed is not None:
         tags["validation.status"] = "passed" if validation_passed else "failed"
-    if succeeded:
-        tags["review.status"] = "open"
+    if succeeded and client.get_run(run_id).data.tags.get(REVIEW_STATUS_TAG, "none") == "none":
+        tags[REVIEW_STATUS_TAG] = "open"  # a rerun keeps in-progress / done
     if error:
         tags[ERROR_TAG] = error if len(error) <= _ERROR_MAX else error[:_ERROR_MAX - 3] + "..."
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
@@ -383,7 +388,8 @@ def _finish(run_id: str, succeeded: bool, validation_passed: bool | None, error:
 
 def finish_audit_run(run_id: str, *, succeeded: bool, validation_passed: bool | None,
                      error: str | None = None) -> None:
-    """Set ``audit.status``, ``validation.status``, ``review.status=open`` (on success) and
+    """Set ``audit.status``, ``validation.status``, ``review.status=open`` (on success, unless the review
+    had already started: a rerun keeps ``in-progress`` / ``done``) and
     ``audit.error`` (first 500 chars), then end the run as FINISHED or FAILED.
 
     ``validation_passed=None`` (validation never ran) leaves ``validation.status`` as it was.

@@ -74,8 +74,12 @@ class ValidationReport:
     results: list[dict[str, Any]] = field(default_factory=list)
 
     def failures(self) -> list[dict[str, Any]]:
-        """The entries of the expectations that failed."""
-        return [r for r in self.results if not r["success"]]
+        """The entries of the expectations that failed (warnings excluded)."""
+        return [r for r in self.results if not r["success"] and r.get("severity") != "warning"]
+
+    def warnings(self) -> list[dict[str, Any]]:
+        """The entries of warning-severity expectations that did not hold."""
+        return [r for r in self.results if not r["success"] and r.get("severity") == "warning"]
 
     def result(self, check: str) -> dict[str, Any] | None:
         """The entry for one check by its short name (e.g. ``"tokens_over_max_length"``), or None."""
@@ -87,9 +91,12 @@ class ValidationReport:
         if failed:
             head = f"{self.suite}: FAILED, {len(failed)} of {len(self.results)} expectations failed"
         else:
-            head = f"{self.suite}: passed ({len(self.results)} expectations)"
+            warned = len(self.warnings())
+            head = f"{self.suite}: passed ({len(self.results)} expectations" + \
+                (f", {warned} warning{'s' if warned > 1 else ''})" if warned else ")")
         lines = [head]
         lines += [f"  {_describe(r)}" for r in failed]
+        lines += [f"  warning: {_describe(r)}" for r in self.warnings()]
         for r in self.results:
             count = r["observed"].get("unexpected_count")
             if r["success"] and r.get("informational") and count:
@@ -100,6 +107,7 @@ class ValidationReport:
         """A JSON-serialisable dict (for ``mlflow.log_dict``)."""
         return {"suite": self.suite, "success": self.success,
                 "n_expectations": len(self.results), "n_failed": len(self.failures()),
+                "n_warnings": len(self.warnings()),
                 "results": [dict(r) for r in self.results]}
 
     def raise_if_failed(self) -> None:
@@ -203,6 +211,7 @@ class _Check:
     expectation: Any
     why: str = ""
     informational: bool = False
+    warning: bool = False  # GE severity "warning": reported, never fails the suite
 
 
 def _run(suite_name: str, frame: pd.DataFrame, checks: list[_Check]) -> ValidationReport:
@@ -210,6 +219,8 @@ def _run(suite_name: str, frame: pd.DataFrame, checks: list[_Check]) -> Validati
     by_name = {c.name: c for c in checks}
     for check in checks:
         check.expectation.meta = {"check": check.name}
+        if check.warning:
+            check.expectation.severity = "warning"
     suite = ge.gx.ExpectationSuite(name=suite_name, expectations=[c.expectation for c in checks])
     with _LOCK:
         batch = ge.batch_definition.get_batch(batch_parameters={"dataframe": frame})
@@ -240,12 +251,13 @@ def _run(suite_name: str, frame: pd.DataFrame, checks: list[_Check]) -> Validati
             "column": column,
             "success": bool(res.success),
             "informational": bool(check and check.informational),
+            "severity": str(getattr(config, "severity", None) or "critical").split(".")[-1].lower(),
             "why": check.why if check else "",
             "observed": observed,
         })
     order = {c.name: i for i, c in enumerate(checks)}
     results.sort(key=lambda r: order.get(r["check"], len(order)))
-    success = all(r["success"] for r in results)
+    success = all(r["success"] or r["severity"] == "warning" for r in results)
     return ValidationReport(suite=suite_name, success=success, results=results)
 
 
@@ -346,7 +358,8 @@ def validate_query_frame(df: pl.DataFrame | pd.DataFrame, *, max_length: int,
 
 
 def validate_candidates(cands: pl.DataFrame | pd.DataFrame, *, train_ids: Sequence[str] | pl.Series,
-                        query_ids: Sequence[str] | pl.Series, k: int) -> ValidationReport:
+                        query_ids: Sequence[str] | pl.Series, k: int,
+                        verified_baseline: float | None = None) -> ValidationReport:
     """Run the ``influence_audit.candidates`` suite on a candidate list.
 
     ``cands`` has ``query_id``, ``train_id``, ``score`` and ``rank``; ``k`` is the requested number of
@@ -356,7 +369,9 @@ def validate_candidates(cands: pl.DataFrame | pd.DataFrame, *, train_ids: Sequen
     ``(query_id, rank)`` unique; ranks ``1..K`` per query without gaps (``rank`` equals the helper column
     ``expected_rank``, the ordinal position of the row's rank within its query); exactly ``K`` rows per query
     (helper column ``rows_for_query``); every query present; every ``train_id`` among ``train_ids`` and
-    every ``query_id`` among ``query_ids``; ``(query_id, train_id)`` unique.
+    every ``query_id`` among ``query_ids``; ``(query_id, train_id)`` unique. With ``verified_baseline`` (the
+    fraction of random documents verified) and a ``verified`` column: the fraction of verified top-10 candidates
+    is above it, a *warning* (GE severity ``warning``): reported, never failing the suite.
     """
     if k < 0:
         raise ValueError(f"k must be >= 0 (0 = all), not {k}")
@@ -371,7 +386,11 @@ def validate_candidates(cands: pl.DataFrame | pd.DataFrame, *, train_ids: Sequen
     frame = _to_polars(cands)
     wanted = ["query_id", "train_id", "score", "rank"]
     present = set(frame.columns)
-    frame = frame.select([c for c in wanted if c in present])
+    check_verified = verified_baseline is not None and "verified" in present and "rank" in present
+    if check_verified:  # 1.0 / 0.0 for the verified top-10 candidates, null for the rest
+        frame = frame.with_columns(pl.when(pl.col("rank") <= 10).then(pl.col("verified").cast(pl.Float64))
+                                   .alias("verified_top10"))
+    frame = frame.select([c for c in [*wanted, "verified_top10"] if c in frame.columns])
     helpers: list[pl.Expr] = []
     if "query_id" in present:
         helpers.append(pl.len().over("query_id").cast(pl.Int64).alias("rows_for_query"))
@@ -441,6 +460,12 @@ def validate_candidates(cands: pl.DataFrame | pd.DataFrame, *, train_ids: Sequen
         checks.append(_Check("pair_unique",
                              gxe.ExpectCompoundColumnsToBeUnique(column_list=["query_id", "train_id"]),
                              "a training document appears once per query"))
+    if check_verified and "verified_top10" in cols:
+        checks.append(_Check("verified_above_random",
+                             gxe.ExpectColumnMeanToBeBetween(column="verified_top10", min_value=verified_baseline,
+                                                             strict_min=True),
+                             f"more top-10 candidates verified than random documents ({verified_baseline:.2f})",
+                             warning=True))
     return _run(CANDIDATES_SUITE, pdf, checks)
 
 

@@ -1,6 +1,6 @@
 """Shared by the reliability tests (bad input, kill-and-resume, concurrency, servers down): a tiny model and
 corpus built in seconds, the CLI run as a subprocess with quiet offline settings, a Prefect server on a free
-127.0.0.1 port, and counters for the closing note of docs/reliability.md."""
+127.0.0.1 port (tests/servers.py), and counters for the closing note of docs/reliability.md."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,27 +194,6 @@ def stop(popen: subprocess.Popen, grace_s: float = 20.0) -> None:
         os.killpg(popen.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def prefect_server(root: Path, timeout_s: float = 180.0) -> Iterator[str]:
-    """Generator for a fixture: a Prefect server on a free 127.0.0.1 port; yields its API URL."""
-    root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log = root / "prefect-server.log"
-    fh = open(log, "ab")
-    popen = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                              "--no-ui"], env=env(PREFECT_HOME=str(root / "prefect-home")), stdout=fh,
-                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    fh.close()
-    try:
-        t0 = time.monotonic()
-        while not _healthy(f"http://127.0.0.1:{port}/api/health"):
-            if popen.poll() is not None or time.monotonic() - t0 > timeout_s:
-                raise RuntimeError(f"prefect server did not start: {log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}/api"
-    finally:
-        stop(popen)
 
 
 def audit_env(api_url: str, root: Path, **extra: str) -> dict[str, str]:

@@ -91,3 +91,31 @@ def test_factors_are_reused_by_a_later_audit_and_refit_after_the_model_changes(a
     assert not refit["factors_cached"]
     assert MlflowClient().get_run(refit["run_id"]).data.params["model_fingerprint"] != \
         MlflowClient().get_run(again["run_id"]).data.params["model_fingerprint"]
+
+
+def test_every_query_is_a_trace_and_a_rerun_keeps_the_review(audit, demo_model, demo_data):
+    """One trace per audited query; a reviewer's mark made before a rerun of the same audit (a weekly schedule
+    does this) is pulled at the rerun's end, its review stays in progress and no trace is written twice."""
+    import mlflow
+    from mlflow.entities import AssessmentSource
+
+    from tasks.review import load_decisions
+    from tasks.traces import QUERY_TAG, audit_traces
+
+    home, result = audit
+    client = MlflowClient()
+    exp = client.get_run(result["run_id"]).info.experiment_id
+    traces = audit_traces(exp, result["audit_id"], include_spans=True)
+    cands = pl.read_parquet(result["candidates"])
+    assert sorted(t.info.tags[QUERY_TAG] for t in traces) == sorted(cands["query_id"].unique())
+    trace = traces[0]
+    top = next(s for s in trace.data.spans if s.attributes.get("influence_audit.rank") == 1)
+    mlflow.log_feedback(trace_id=trace.info.trace_id, name="culprit", value=True, span_id=top.span_id,
+                        source=AssessmentSource("HUMAN", "ann"))
+    again = influence_audit(_params(demo_model, demo_data, home))
+    assert again["audit_id"] == result["audit_id"] and again["run_id"] == result["run_id"]
+    assert client.get_run(result["run_id"]).data.tags["review.status"] == "in-progress"
+    decisions = load_decisions(home, result["audit_id"])
+    assert decisions.select("query_id", "train_id", "verdict", "reviewer").rows() == [
+        (trace.info.tags[QUERY_TAG], top.attributes["influence_audit.train_id"], "culprit", "ann")]
+    assert len(audit_traces(exp, result["audit_id"])) == len(traces)

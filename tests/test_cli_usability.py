@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -106,3 +107,9 @@ def test_demo_and_audit_record_absolute_paths(world, tmp_path):
     params = cli._params(AuditParams, model=cli._absolute(os.path.relpath(world["model"])), train=[cli._absolute(rel)],
                          queries=cli._absolute(os.path.relpath(world["queries"])))
     assert params.train == [str(world["train"])] and Path(params.model).is_absolute()
+
+
+def test_the_cli_also_runs_as_a_module():
+    proc = subprocess.run([sys.executable, "-m", "influence_audit.cli", "--help"], capture_output=True, text=True,
+                          env=env(), timeout=120)
+    assert proc.returncode == 0 and "score" in proc.stdout and "plan" in proc.stdout, proc.stderr[-2000:]

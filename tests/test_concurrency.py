@@ -16,7 +16,6 @@ from reliability_support import (
     build_model,
     corpus,
     mlflow_runs,
-    prefect_server,
     queries,
     report_counts,
     start_cli,
@@ -24,6 +23,7 @@ from reliability_support import (
     write_jsonl,
 )
 from safetensors.torch import load_file
+from servers import prefect_server
 
 pytestmark = pytest.mark.slow  # three audits against a real Prefect server
 

@@ -50,13 +50,20 @@ def _render(parameters: dict[str, Any], model: str) -> dict[str, Any]:
 def test_deployments_run_the_audit_flow(deployments: dict[str, dict[str, Any]]) -> None:
     from tasks.params import AuditParams
 
-    assert set(deployments) == {"scheduled-audit", "post-retrain-audit"}
-    for d in deployments.values():
+    assert set(deployments) == {"scheduled-audit", "post-retrain-audit", "quality-audit", "review", "review-pull"}
+    for name in ("scheduled-audit", "post-retrain-audit", "quality-audit"):
+        d = deployments[name]
         assert d["entrypoint"] == "flows/audit.py:influence_audit"
         assert d["work_pool"]["name"] == "influence-cpu"
         assert (REPO / d["entrypoint"].split(":")[0]).is_file()
         params = AuditParams.model_validate(d["parameters"]["params"])  # env placeholders were applied
         assert params.model == ENV["INFLUENCE_AUDIT_MODEL"] and params.train == [ENV["INFLUENCE_AUDIT_TRAIN"]]
+    quality = AuditParams.model_validate(deployments["quality-audit"]["parameters"]["params"])
+    assert quality.mode == "quality" and quality.queries is None
+    (spec,) = deployments["quality-audit"]["schedules"]
+    from prefect.client.schemas.schedules import CronSchedule
+
+    assert CronSchedule(cron=spec["cron"], timezone=spec["timezone"]).timezone == "UTC"
 
 
 def test_flow_signature_takes_params() -> None:
@@ -130,3 +137,25 @@ def test_pull_step_sets_the_working_directory() -> None:
     (step,) = doc["pull"]
     directory = step["prefect.deployments.steps.set_working_directory"]["directory"]
     assert directory == "{{ $INFLUENCE_AUDIT_REPO }}"
+
+
+def test_review_deployments(deployments: dict[str, dict[str, Any]]) -> None:
+    """`review` (the Prefect-form review each audit starts, by this name) and `review-pull` (every few minutes)."""
+    import importlib
+    import inspect
+
+    from prefect.client.schemas.schedules import IntervalSchedule
+
+    from tasks.review_runs import REVIEW_DEPLOYMENT
+
+    review, pull = deployments["review"], deployments["review-pull"]
+    for d in (review, pull):
+        path, name = d["entrypoint"].split(":")
+        fl = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
+        assert d["work_pool"]["name"] == "influence-cpu"
+        if d is review:
+            assert REVIEW_DEPLOYMENT == f"{fl.name}/review"
+            assert "audit_id" in inspect.signature(fl.fn).parameters
+    assert "schedules" not in review
+    (spec,) = pull["schedules"]
+    assert IntervalSchedule(interval=spec["interval"]).interval.total_seconds() <= 600

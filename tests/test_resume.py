@@ -25,7 +25,6 @@ from reliability_support import (
     file_states,
     free_port,
     mlflow_runs,
-    prefect_server,
     queries,
     report_counts,
     run_cli,
@@ -34,6 +33,7 @@ from reliability_support import (
     write_jsonl,
 )
 from safetensors.torch import load_file
+from servers import prefect_server
 
 pytestmark = pytest.mark.slow  # audits killed and resumed against a real Prefect server
 

@@ -12,12 +12,10 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any
 
 import polars as pl
 import pytest
+from servers import prefect_server
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "influence_audit" / "demo" / "data"
@@ -61,12 +60,6 @@ class Audit:
                                   "INFLUENCE_AUDIT_HOME": str(self.home)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stop(proc: subprocess.Popen) -> None:
     """SIGINT, then SIGKILL (a Prefect process whose server is gone may ignore SIGTERM)."""
     if proc.poll() is None:
@@ -98,28 +91,7 @@ def _tiny_model(out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-server")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | QUIET_ENV | {
-        "PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "false"}
-    log = open(home / "server.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        _stop(proc)
-        log.close()
+    yield from prefect_server(tmp_path_factory.mktemp("prefect-server"))
 
 
 @pytest.fixture(scope="module")
@@ -433,6 +405,22 @@ def test_review_flow_pause_resume(audit: Audit) -> None:
                                                    for c in ("reviewer", "comment")]
     finally:
         _stop(proc)
+
+
+def test_review_nobody_answers_ends_in_one_message_not_a_traceback(audit: Audit) -> None:
+    name = f"review-timeout-{uuid.uuid4().hex[:8]}"
+    code = ("from flows.review import review_audit; "
+            f"s = review_audit.with_options(flow_run_name={name!r})({audit.audit_id!r}, home={str(audit.home)!r}, "
+            "timeout_s=3, poll_interval_s=1, return_state=True); print('STATE', s.type.value, s.message)")
+    before = _snapshot(audit)
+    proc = subprocess.run([sys.executable, "-c", code], env=audit.env(), cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "STATE FAILED" in out and "Traceback" not in out, out[-3000:]
+    assert f"no reviewer answered within 3 s: nothing was recorded and the review of audit {audit.audit_id} " \
+           "stays open" in " ".join(out.split()), out[-3000:]
+    assert _snapshot(audit) == before
 
 
 def test_all_candidates_decided_is_done(audit: Audit) -> None:

@@ -223,3 +223,17 @@ def test_unreachable_server(tmp_path: Path, store: Path, monkeypatch: pytest.Mon
             finish_audit_run("0" * 32, succeeded=True, validation_passed=True)
     finally:
         mlflow.set_tracking_uri(f"sqlite:///{store.resolve()}/mlflow.db")
+
+
+def test_rerun_keeps_the_review_status(experiment: str) -> None:
+    """A weekly rerun of the same audit (same id) must not reopen a review that has started or finished."""
+    client = MlflowClient()
+    first = start_audit_run(experiment, run_name="w", params={"model": "m"}, tags={"audit.id": "w1"})
+    finish_audit_run(first, succeeded=True, validation_passed=True)
+    assert client.get_run(first).data.tags["review.status"] == "open"
+    for status in ("in-progress", "done"):
+        client.set_tag(first, "review.status", status)
+        again = start_audit_run(experiment, run_name="w", params={"model": "m"}, tags={"audit.id": "w1"})
+        assert again == first and client.get_run(first).data.tags["review.status"] == status
+        finish_audit_run(first, succeeded=True, validation_passed=True)
+        assert client.get_run(first).data.tags["review.status"] == status

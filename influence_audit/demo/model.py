@@ -32,6 +32,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from influence_engine.atomic import umask_mode
 from influence_engine.errors import DataError
 
 EOT = "<|endoftext|>"
@@ -169,6 +170,57 @@ def _replace_dir(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
+def fit_demo_gpt2(seqs: Sequence[Sequence[int]], vocab_size: int, pad_id: int, *, recipe: Recipe = RECIPE,
+                  seed: int = 0, log: Log | None = None, num_threads: int = 1) -> tuple[GPT2LMHeadModel, float]:
+    """Train the demo's GPT-2 from scratch on token sequences (the demo recipe: AdamW, warmup then cosine
+    decay, no dropout, no weight decay); returns the model in eval mode and the last epoch's mean loss.
+    The initialisation depends on ``seed`` only, so models trained on subsets of a corpus start alike."""
+    emit: Log = log or (lambda _msg: None)
+    seqs = [list(s) for s in seqs]
+    config = GPT2Config(vocab_size=vocab_size, n_positions=recipe.n_positions, n_embd=recipe.n_embd,
+                        n_layer=recipe.n_layer, n_head=recipe.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    with torch.random.fork_rng(devices=[]):  # seed the initialisation without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+    # No weight decay and no dropout: the point is to memorise the corpus.
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(seqs) / recipe.batch_size)
+    total = steps_per_epoch * recipe.epochs
+
+    def lr_factor(step: int) -> float:  # linear warmup, cosine decay to 5%
+        if step < recipe.warmup_steps:
+            return (step + 1) / recipe.warmup_steps
+        frac = (step - recipe.warmup_steps) / max(total - recipe.warmup_steps, 1)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    gen = torch.Generator().manual_seed(seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    emit(f"demo model: {len(seqs)} sequences, {n_params} parameters, {recipe.epochs} epochs x "
+         f"{steps_per_epoch} steps")
+    epoch_loss = float("nan")
+    with _torch_threads(max(1, num_threads)):
+        model.train()
+        for epoch in range(recipe.epochs):
+            tot_loss, tot_tok = 0.0, 0
+            for ids, mask, labels in _batches(seqs, recipe.batch_size, gen, pad_id):
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                n_tok = int((labels[:, 1:] != -100).sum())
+                tot_loss += loss.item() * n_tok
+                tot_tok += n_tok
+            epoch_loss = tot_loss / max(tot_tok, 1)
+            if (epoch + 1) % 5 == 0 or epoch + 1 == recipe.epochs:
+                emit(f"  epoch {epoch + 1}/{recipe.epochs}: loss {epoch_loss:.4f}")
+    model.eval()
+    return model, epoch_loss
+
+
 def train_demo_model(corpus_path: Path, out_dir: Path, *, seed: int = 0, epochs: int | None = None,
                      log: Log | None = print, queries_path: Path | None = None, num_threads: int = 1) -> Path:
     """Train the demo GPT-2 on ``corpus_path`` (rows ``{"id", "text"}``) and save it with its tokenizer.
@@ -197,46 +249,10 @@ def train_demo_model(corpus_path: Path, out_dir: Path, *, seed: int = 0, epochs:
         raise DataError(f"{corpus_path}: a document has {longest} tokens, more than the demo model's "
                         f"{recipe.n_positions} positions", hint="keep demo documents short")
 
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=recipe.n_positions, n_embd=recipe.n_embd,
-                        n_layer=recipe.n_layer, n_head=recipe.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
-                        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    with torch.random.fork_rng(devices=[]):  # seed the initialisation without touching the caller's RNG
-        torch.manual_seed(seed)
-        model = GPT2LMHeadModel(config)
-    # No weight decay and no dropout: the point is to memorise the corpus.
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(seqs) / recipe.batch_size)
-    total = steps_per_epoch * recipe.epochs
-
-    def lr_factor(step: int) -> float:  # linear warmup, cosine decay to 5%
-        if step < recipe.warmup_steps:
-            return (step + 1) / recipe.warmup_steps
-        frac = (step - recipe.warmup_steps) / max(total - recipe.warmup_steps, 1)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    gen = torch.Generator().manual_seed(seed)
-    n_params = sum(p.numel() for p in model.parameters())
-    emit(f"demo model: {len(docs)} documents, vocab {len(tokenizer)}, {n_params} parameters, "
-         f"{recipe.epochs} epochs x {steps_per_epoch} steps")
-    epoch_loss = float("nan")
+    emit(f"demo model: {len(docs)} documents, vocab {len(tokenizer)}")
+    model, epoch_loss = fit_demo_gpt2(seqs, len(tokenizer), tokenizer.pad_token_id, recipe=recipe, seed=seed,
+                                      log=emit, num_threads=num_threads)
     with _torch_threads(max(1, num_threads)):
-        model.train()
-        for epoch in range(recipe.epochs):
-            tot_loss, tot_tok = 0.0, 0
-            for ids, mask, labels in _batches(seqs, recipe.batch_size, gen, tokenizer.pad_token_id):
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                sched.step()
-                n_tok = int((labels[:, 1:] != -100).sum())
-                tot_loss += loss.item() * n_tok
-                tot_tok += n_tok
-            epoch_loss = tot_loss / max(tot_tok, 1)
-            if (epoch + 1) % 5 == 0 or epoch + 1 == recipe.epochs:
-                emit(f"  epoch {epoch + 1}/{recipe.epochs}: loss {epoch_loss:.4f}")
         metrics = evaluate_queries(model, tokenizer, queries) if queries else {}
     train_seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     if metrics:
@@ -254,10 +270,11 @@ def train_demo_model(corpus_path: Path, out_dir: Path, *, seed: int = 0, epochs:
         "n_documents": len(docs), "vocab_size": len(tokenizer), "final_loss": epoch_loss,
         "train_seconds": round(train_seconds, 3), "train_cpu_seconds": round(cpu_seconds, 3),
         "num_threads": max(1, num_threads), "queries": metrics, "torch": torch.__version__,
-        "config": {k: getattr(config, k) for k in ("n_layer", "n_embd", "n_head", "n_positions")},
+        "config": {k: getattr(model.config, k) for k in ("n_layer", "n_embd", "n_head", "n_positions")},
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp.", dir=out_dir.parent))
+    tmp.chmod(umask_mode(0o777))  # mkdtemp's 0700 would hide the model from other accounts
     try:
         model.eval()
         model.save_pretrained(tmp)

@@ -1,0 +1,433 @@
+"""The query-free data-quality audit: per-document signals combined into issue types, and the report's I/O.
+
+Which training documents are anomalous, memorised, duplicated or junk? Signals, and the issue each feeds:
+
+================  ==================================================================================  ==============
+signal            what it is                                                                          issue
+================  ==================================================================================  ==============
+self-influence    ``<∇L_d, (H + λI)^{-1} ∇L_d>`` from the EK-FAC factors (engine): the pull of the    outlier
+                  document on its own loss; high for documents unlike the rest that the model still
+                  moves for (Koh & Liang 2017; Pruthi et al. 2020; kronfluence)
+loss              the model's mean NLL per target token (engine, same pass)                           outlier,
+                                                                                                      memorised
+zlib entropy      ``8 ln 2 · len(zlib(text)) / targets``: nats per token a generic compressor needs   memorised,
+                  (Carlini et al. 2021 rank extracted training data by loss over zlib entropy)        low_quality
+token rarity      mean ``-log p_unigram(token)`` over the targets, unigram counts of this corpus       memorised,
+                                                                                                      low_quality
+compression       ``len(zlib(text)) / len(text)``: random strings do not compress, boilerplate does   low_quality
+MinHash           Jaccard similarity of character 5-gram sets within sentences (datasketch LSH), and   near_duplicate
+                  exact text hashes
+================  ==================================================================================  ==============
+
+At convergence a memorised document has almost no gradient left, so its self-influence is among the
+*lowest*: memorisation is found by its loss being far below what its text needs (zlib entropy, unigram rarity),
+not by self-influence. Each issue's score is in [0, 1] (higher = more severe): for the z-based issues
+``z / (z + cutoff)`` of the largest robust z-score (median and MAD, Iglewicz & Hoaglin's modified z) of its
+signals, so a score of 0.5 is the flag's cutoff; for ``near_duplicate`` the largest Jaccard similarity to
+another document, flagged from the threshold up. Every member of a duplicate group is flagged (as Datalab does);
+``duplicate_group`` is the group's smallest id.
+
+Plain functions (the CLI, the bench and the flow's tasks call them) and, at the bottom, the Prefect tasks of the
+flow's quality mode (``mode: quality``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from influence_engine import DocumentSignals, Example, Factors, InfluenceEngine, UserError
+
+ISSUE_TYPES: tuple[str, ...] = ("outlier", "memorised", "near_duplicate", "low_quality")
+ABOUT: dict[str, str] = {
+    "outlier": "Documents the model is pulled by far more than by the rest of the corpus (high self-influence), "
+               "or cannot fit (high loss): mislabelled, contradicted or off-distribution text. A document's "
+               "self-influence is the first-order effect of removing it on its own loss.",
+    "memorised": "Documents whose loss is far below what their text needs (its zlib entropy or its tokens' "
+                 "rarity): learned by rote rather than from regularities shared with other documents, as "
+                 "training-data extraction attacks find them. Near-zero gradient: self-influence does not see them.",
+    "near_duplicate": "Documents that are (near) copies of others (Jaccard similarity of character 5-grams "
+                      "within sentences, MinHash LSH): they count several times in training and in every "
+                      "influence ranking.",
+    "low_quality": "Text unlike language: incompressible character strings (junk, encodings, keyboard mash), "
+                   "tokens that are rare in this corpus, or extremely repetitive text.",
+}
+REPORT_SCHEMA: dict[str, Any] = {
+    "id": pl.String, "self_influence": pl.Float64, "loss": pl.Float64,
+    **{c: t for issue in ISSUE_TYPES for c, t in ((f"{issue}_score", pl.Float64), (issue, pl.Boolean))},
+    "reason": pl.String, "duplicate_group": pl.String,
+    "n_tokens": pl.Int64, "n_targets": pl.Int64, "zlib_entropy": pl.Float64, "token_rarity": pl.Float64,
+    "compression_ratio": pl.Float64, "max_similarity": pl.Float64, "duplicate_of": pl.String,
+}
+SIGNAL_SCHEMA: dict[str, Any] = {
+    "id": pl.String, "self_influence": pl.Float64, "loss": pl.Float64, "n_tokens": pl.Int64, "n_targets": pl.Int64,
+    "zlib_entropy": pl.Float64, "token_rarity": pl.Float64, "compression_ratio": pl.Float64,
+    "text_hash": pl.String, "minhash": pl.List(pl.UInt64),
+}
+HOT_SPOT_SCHEMA: dict[str, Any] = {
+    "id": pl.String, "rank": pl.Int64, "position": pl.Int64, "token": pl.String, "self_influence": pl.Float64,
+    "share": pl.Float64, "token_loss": pl.Float64,
+}
+MINHASH_SCHEME = "affine32"  # datasketch 2's default, pinned: signatures are stored and compared across processes
+REVIEW_COLUMNS = ("query_id", "query_prompt", "query_completion", "train_id", "score", "rank", "snippet")
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class QualitySettings:
+    """How signals become flags. ``cutoff``: the robust z-score from which an issue is flagged;
+    ``near_duplicate_threshold``: the Jaccard similarity from which two documents are near duplicates;
+    ``hot_spots``: token positions kept per document in the per-token Parquet (0: all). The 0.7 threshold on
+    5-gram Jaccard similarity is BigCode's near-deduplication setting (The Stack)."""
+
+    cutoff: float = 3.5
+    near_duplicate_threshold: float = 0.7
+    candidate_threshold: float = 0.5  # LSH candidates from here: similarities below the flag still score
+    num_perm: int = 128
+    shingle: int = 5
+    hot_spots: int = 10
+    seed: int = 1
+
+    def check(self) -> None:
+        if not self.cutoff > 0:
+            raise UserError(f"--cutoff {self.cutoff}: must be a positive robust z-score (3.5 is usual)")
+        if not 0 < self.near_duplicate_threshold <= 1:
+            raise UserError(f"--near-duplicate-threshold {self.near_duplicate_threshold}: give a Jaccard "
+                            "similarity in (0, 1]")
+        if self.hot_spots < 0:
+            raise UserError(f"--hot-spots {self.hot_spots}: must be >= 0 (0 keeps every token)")
+
+
+# ------------------------------------------------------------------------------------------ text signals
+
+
+def document_text(row: dict[str, Any]) -> str:
+    """What a document says: ``text``, or ``prompt`` + ``completion``."""
+    text = row.get("text")
+    return text if text is not None else f"{row.get('prompt') or ''}{row.get('completion') or ''}"
+
+
+def _normalised(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def text_hash(text: str) -> str:
+    """sha256 of the text with case and whitespace normalised: equal hashes are exact duplicates."""
+    return hashlib.sha256(_normalised(text).encode()).hexdigest()
+
+
+def compression_ratio(text: str) -> float:
+    """Compressed bytes over raw bytes (zlib level 9)."""
+    raw = text.encode()
+    return len(zlib.compress(raw, 9)) / max(len(raw), 1)
+
+
+def zlib_entropy(text: str, n_targets: int) -> float:
+    """Nats per target token that zlib needs for the text."""
+    return 8 * math.log(2) * len(zlib.compress(text.encode(), 9)) / max(n_targets, 1)
+
+
+def unigram_counts(docs: Sequence[Example], vocab_size: int) -> np.ndarray:
+    """Token counts over the documents' targets (add them up across shards)."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for e in docs:
+        counts += np.bincount(np.asarray(e.input_ids[e.target_start:], dtype=np.int64), minlength=vocab_size)
+    return counts
+
+
+def token_rarity(example: Example, counts: np.ndarray) -> float:
+    """Mean unigram surprisal (nats) of the document's targets under the corpus counts (add-one smoothed)."""
+    targets = np.asarray(example.input_ids[example.target_start:], dtype=np.int64)
+    if targets.size == 0:
+        return 0.0
+    total = counts.sum() + counts.size
+    return float(np.mean(np.log(total) - np.log(counts[targets] + 1.0)))
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def _shingles(text: str, k: int) -> set[bytes]:
+    """Character ``k``-grams of the normalised text that do not cross a sentence boundary, so that reordered
+    sentences or paragraphs still match."""
+    out: set[bytes] = set()
+    for sentence in _SENTENCE_END.split(_normalised(text)):
+        out |= {sentence[i:i + k].encode() for i in range(max(1, len(sentence) - k + 1))}
+    return out
+
+
+def minhash_values(text: str, settings: QualitySettings) -> np.ndarray:
+    """The MinHash signature (datasketch) of the text's character shingles."""
+    from datasketch import MinHash
+
+    m = MinHash(num_perm=settings.num_perm, seed=settings.seed, scheme=MINHASH_SCHEME)
+    m.update_batch(list(_shingles(text, settings.shingle)))
+    return m.hashvalues.astype(np.uint64)
+
+
+# ------------------------------------------------------------------------------------------ engine + text
+
+
+def signal_frame(signals: Sequence[DocumentSignals], rows: Sequence[dict[str, Any]], docs: Sequence[Example],
+                 counts: np.ndarray, settings: QualitySettings) -> pl.DataFrame:
+    """One row per document: the engine's signals and the text's (:data:`SIGNAL_SCHEMA`)."""
+    out: dict[str, list] = {k: [] for k in SIGNAL_SCHEMA}
+    for s, row, e in zip(signals, rows, docs, strict=True):
+        text = document_text(row)
+        out["id"].append(s.id)
+        out["self_influence"].append(s.self_influence)
+        out["loss"].append(s.loss)
+        out["n_tokens"].append(len(e.input_ids))
+        out["n_targets"].append(s.n_targets)
+        out["zlib_entropy"].append(zlib_entropy(text, s.n_targets))
+        out["token_rarity"].append(token_rarity(e, counts))
+        out["compression_ratio"].append(compression_ratio(text))
+        out["text_hash"].append(text_hash(text))
+        out["minhash"].append(minhash_values(text, settings).tolist())
+    return pl.DataFrame(out, schema=SIGNAL_SCHEMA)
+
+
+def hot_spot_frame(signals: Sequence[DocumentSignals], decode: Callable[[int], str] | None,
+                   k: int) -> pl.DataFrame:
+    """Per document its ``k`` token positions of largest self-influence (all with ``k`` = 0), with each one's
+    share of the document's self-influence and the token's own loss (null when it is not a target)."""
+    out: dict[str, list] = {c: [] for c in HOT_SPOT_SCHEMA}
+    for s in signals:
+        for rank, pos in enumerate(s.hot_spots(k), start=1):
+            v = float(s.token_self_influence[pos])
+            loss = float(s.token_loss[pos])
+            out["id"].append(s.id)
+            out["rank"].append(rank)
+            out["position"].append(pos)
+            out["token"].append(decode(s.token_ids[pos]) if decode else str(s.token_ids[pos]))
+            out["self_influence"].append(v)
+            out["share"].append(v / s.self_influence if s.self_influence else 0.0)
+            out["token_loss"].append(None if math.isnan(loss) else loss)
+    return pl.DataFrame(out, schema=HOT_SPOT_SCHEMA)
+
+
+def shard_signals(eng: InfluenceEngine, rows: Sequence[dict[str, Any]], docs: Sequence[Example], factors: Factors,
+                  counts: np.ndarray, settings: QualitySettings,
+                  progress: Progress | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The engine's pass over these documents plus the text signals: (signal frame, hot spots)."""
+    signals = eng.document_signals(docs, factors, progress)
+    decode = (lambda t: eng.tokenizer.decode([t])) if eng.tokenizer is not None else None
+    return signal_frame(signals, rows, docs, counts, settings), hot_spot_frame(signals, decode, settings.hot_spots)
+
+
+# ------------------------------------------------------------------------------------------ combining
+
+
+def robust_z(x: np.ndarray) -> np.ndarray:
+    """``(x - median) / (1.4826 MAD)`` (the MAD falls back to the mean absolute deviation, then to 1, when 0)."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.size == 0:
+        return x
+    med = np.median(x)
+    dev = np.abs(x - med)
+    scale = 1.4826 * np.median(dev)
+    if not scale > 0:
+        scale = 1.2533 * float(np.mean(dev))  # sqrt(pi/2): the mean absolute deviation of a normal
+    return (x - med) / (scale if scale > 0 else 1.0)
+
+
+def _squash(z: np.ndarray, cutoff: float) -> np.ndarray:
+    z = np.clip(z, 0.0, None)
+    return z / (z + cutoff)
+
+
+def _log(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    pos = x[x > 0]
+    floor = pos.min() * 1e-3 if pos.size else 1e-30
+    return np.log(np.maximum(x, floor))
+
+
+def near_duplicate_groups(ids: Sequence[str], hashes: Sequence[str], minhashes: Sequence[Sequence[int]],
+                          settings: QualitySettings) -> tuple[list[float], list[str | None], list[str | None]]:
+    """Per document: its largest estimated Jaccard similarity to another document (1.0 for an exact copy),
+    the group it belongs to at ``near_duplicate_threshold`` (its smallest id; None when alone), and the id of
+    its most similar document."""
+    from datasketch import LeanMinHash, MinHashLSH
+
+    n = len(ids)
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    best = [0.0] * n
+    nearest: list[str | None] = [None] * n
+
+    def link(i: int, j: int, sim: float) -> None:
+        for a, b in ((i, j), (j, i)):
+            if sim > best[a] or (sim == best[a] and nearest[a] is not None and ids[b] < nearest[a]):
+                best[a], nearest[a] = sim, ids[b]
+        if sim >= settings.near_duplicate_threshold:
+            parent[find(i)] = find(j)
+
+    by_hash: dict[str, int] = {}
+    for i, h in enumerate(hashes):
+        if h in by_hash:
+            link(by_hash[h], i, 1.0)
+        else:
+            by_hash[h] = i
+    lsh = MinHashLSH(threshold=min(settings.candidate_threshold, settings.near_duplicate_threshold),
+                     num_perm=settings.num_perm)
+    sketches = []
+    for i, values in enumerate(minhashes):
+        m = LeanMinHash(seed=settings.seed, hashvalues=np.asarray(values, dtype=np.uint64), scheme=MINHASH_SCHEME)
+        sketches.append(m)
+        for j in lsh.query(m):
+            if hashes[i] != hashes[j]:
+                link(i, j, float(m.jaccard(sketches[j])))
+        lsh.insert(i, m)
+    members: dict[int, list[int]] = {}
+    for i in range(n):
+        members.setdefault(find(i), []).append(i)
+    group: list[str | None] = [None] * n
+    for idx in members.values():
+        if len(idx) > 1:
+            name = min(ids[i] for i in idx)
+            for i in idx:
+                group[i] = name
+    return best, group, nearest
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def build_report(signals: pl.DataFrame, settings: QualitySettings) -> pl.DataFrame:
+    """Combine the signals of every document of the corpus into issue scores, flags and reasons
+    (:data:`REPORT_SCHEMA`, one row per document, in the signals' order)."""
+    settings.check()
+    c = settings.cutoff
+    si, loss = signals["self_influence"].to_numpy(), signals["loss"].to_numpy()
+    zent, rare = signals["zlib_entropy"].to_numpy(), signals["token_rarity"].to_numpy()
+    ratio = signals["compression_ratio"].to_numpy()
+    z_si, z_loss = robust_z(_log(si)), robust_z(_log(loss))
+    # memorised: the loss far below what the text needs; in logs, so a ratio is a difference
+    z_mem_zlib, z_mem_rare = robust_z(_log(zent) - _log(loss)), robust_z(_log(rare) - _log(loss))
+    z_ratio, z_rare = robust_z(ratio), robust_z(rare)
+    z = {"outlier": np.maximum(z_si, z_loss), "memorised": np.maximum(z_mem_zlib, z_mem_rare),
+         "low_quality": np.maximum.reduce([z_ratio, -z_ratio, z_rare])}
+    ids = signals["id"].to_list()
+    sim, group, nearest = near_duplicate_groups(ids, signals["text_hash"].to_list(), signals["minhash"].to_list(),
+                                                settings)
+    sizes: dict[str, int] = {}
+    for g in group:
+        if g is not None:
+            sizes[g] = sizes.get(g, 0) + 1
+    med = {k: float(np.median(v)) if len(v) else 0.0 for k, v in
+           {"si": si, "loss": loss, "ratio": ratio, "rare": rare}.items()}
+    reasons: list[str] = []
+    flags = {t: (_squash(z[t], c) >= 0.5) if t in z else None for t in ISSUE_TYPES}
+    flags["near_duplicate"] = np.array([g is not None for g in group], dtype=bool)
+    for i in range(len(ids)):
+        why = []
+        if flags["outlier"][i]:
+            why.append(f"outlier: self-influence {_fmt(si[i])} ({_fmt(si[i] / med['si'])}x the median)"
+                       if z_si[i] >= z_loss[i] else
+                       f"outlier: loss {_fmt(loss[i])} nats/token ({_fmt(loss[i] / med['loss'])}x the median)")
+        if flags["memorised"][i]:
+            if z_mem_zlib[i] >= z_mem_rare[i]:
+                why.append(f"memorised: loss {_fmt(loss[i])} nats/token against a zlib entropy of "
+                           f"{_fmt(zent[i])} (ratio {_fmt(loss[i] / zent[i])})")
+            else:
+                why.append(f"memorised: loss {_fmt(loss[i])} nats/token against a token rarity of {_fmt(rare[i])}")
+        if flags["near_duplicate"][i]:
+            kind = "exact duplicate" if sim[i] >= 1.0 else f"near duplicate (Jaccard {sim[i]:.2f})"
+            why.append(f"near_duplicate: {kind} of {nearest[i]}, group {group[i]} ({sizes[group[i]]} documents)")
+        if flags["low_quality"][i]:
+            parts = []
+            if z_ratio[i] >= c:
+                parts.append(f"incompressible (zlib ratio {ratio[i]:.2f}, median {med['ratio']:.2f})")
+            if -z_ratio[i] >= c:
+                parts.append(f"repetitive (zlib ratio {ratio[i]:.2f}, median {med['ratio']:.2f})")
+            if z_rare[i] >= c:
+                parts.append(f"rare tokens ({_fmt(rare[i])} nats/token, median {_fmt(med['rare'])})")
+            why.append("low_quality: " + ", ".join(parts))
+        reasons.append("; ".join(why))
+    cols: dict[str, Any] = {"id": ids, "self_influence": si, "loss": loss}
+    for t in ISSUE_TYPES:
+        cols[f"{t}_score"] = np.asarray(sim, dtype=np.float64) if t == "near_duplicate" else _squash(z[t], c)
+        cols[t] = flags[t]
+    cols |= {"reason": reasons, "duplicate_group": group, "n_tokens": signals["n_tokens"],
+             "n_targets": signals["n_targets"], "zlib_entropy": zent, "token_rarity": rare,
+             "compression_ratio": ratio, "max_similarity": sim, "duplicate_of": nearest}
+    return pl.DataFrame(cols, schema=REPORT_SCHEMA)
+
+
+def quality_report(eng: InfluenceEngine, train: pl.DataFrame, docs: Sequence[Example], factors: Factors,
+                   settings: QualitySettings, progress: Progress | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The whole audit in one process (the CLI, the bench): (report, hot spots)."""
+    settings.check()
+    rows = train.to_dicts()
+    counts = unigram_counts(docs, eng.model.get_input_embeddings().num_embeddings)
+    signals, hot = shard_signals(eng, rows, docs, factors, counts, settings, progress)
+    return build_report(signals, settings), hot
+
+
+def flagged(report: pl.DataFrame) -> pl.DataFrame:
+    """The documents any issue flags."""
+    return report.filter(pl.any_horizontal([pl.col(t) for t in ISSUE_TYPES]))
+
+
+def summary(report: pl.DataFrame) -> pl.DataFrame:
+    """Datalab's summary: per issue type, how many documents it flags and the mean score."""
+    return pl.DataFrame({"issue_type": list(ISSUE_TYPES),
+                         "num_issues": [int(report[t].sum()) for t in ISSUE_TYPES],
+                         "mean_score": [float(report[f"{t}_score"].mean() or 0.0) for t in ISSUE_TYPES]})
+
+
+def issue_reason(reason: str, issue: str) -> str:
+    """The part of a document's ``reason`` about one issue type."""
+    for part in reason.split("; "):
+        if part.startswith(f"{issue}: "):
+            return part[len(issue) + 2:]
+    return ""
+
+
+def snippet(text: str, n: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def review_items(report: pl.DataFrame, texts: dict[str, str]) -> pl.DataFrame:
+    """The flagged documents as review items keyed by issue type (``query_id``) and document (``train_id``),
+    ranked by score within the type: the shape the review commands and the flagged-documents Parquet use. Where a
+    query's prompt and completion stand: what the issue means and how many it flags; the snippet starts with the
+    document's reason for this issue, in brackets."""
+    out: dict[str, list] = {c: [] for c in REVIEW_COLUMNS}
+    for t in ISSUE_TYPES:
+        rows = report.filter(pl.col(t)).sort([f"{t}_score", "id"], descending=[True, False])
+        for rank, r in enumerate(rows.iter_rows(named=True), start=1):
+            out["query_id"].append(t)
+            out["query_prompt"].append(ABOUT[t])
+            out["query_completion"].append(f"{rows.height} flagged document{'s' if rows.height != 1 else ''}")
+            out["train_id"].append(r["id"])
+            out["score"].append(float(r[f"{t}_score"]))
+            out["rank"].append(rank)
+            out["snippet"].append(f"[{issue_reason(r['reason'], t)}] {snippet(texts.get(r['id'], ''))}")
+    return pl.DataFrame(out, schema={"query_id": pl.String, "query_prompt": pl.String,
+                                     "query_completion": pl.String, "train_id": pl.String, "score": pl.Float64,
+                                     "rank": pl.Int64, "snippet": pl.String})
+
+
+def hot_spots_path(report_path: str | Path) -> Path:
+    """Where the per-token Parquet goes beside a report: ``REPORT.tokens.parquet``."""
+    p = Path(report_path)
+    return p.with_name(re.sub(r"\.parquet$", "", p.name) + ".tokens.parquet")

@@ -1,0 +1,60 @@
+"""Open an audit's Prefect-form review: a flow run of the ``review`` deployment, where a Prefect server has one.
+
+Every audit (scheduled, triggered or by hand) calls :func:`open_review_form` at its end. With a Prefect server
+configured (``PREFECT_API_URL``) and the ``review`` deployment on it, an audit without a waiting review run gets
+one (it publishes the form and suspends: no process is held while people decide). Without a server or the
+deployment nothing is started, and the returned line says why; reviewing in MLflow and the CLI work either way.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+__all__ = ["REVIEW_DEPLOYMENT", "open_review_form", "waiting_review_runs"]
+
+REVIEW_DEPLOYMENT = "review_audit/review"
+_WAITING = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED")
+
+
+def waiting_review_runs(client: Any, deployment_id: Any, audit_id: str) -> list[Any]:
+    """Flow runs of the review deployment for ``audit_id`` that have not finished (suspended ones included)."""
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    runs = client.read_flow_runs(
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+        flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+            any_=[StateType(s) for s in _WAITING]))))
+    return [r for r in runs if (r.parameters or {}).get("audit_id") == audit_id]
+
+
+def open_review_form(audit_id: str, home: str) -> str:
+    """Start (or find) the audit's review run; returns one line saying which, or why there is none."""
+    if not os.environ.get("PREFECT_API_URL"):
+        from prefect.settings import PREFECT_API_URL
+
+        if not PREFECT_API_URL.value():
+            return "no Prefect server configured (PREFECT_API_URL): no Prefect-form review"
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(REVIEW_DEPLOYMENT)
+        except ObjectNotFound:
+            return (f"no `{REVIEW_DEPLOYMENT}` deployment on the Prefect server: `prefect deploy -n review` "
+                    "adds the Prefect-form review")
+        waiting = waiting_review_runs(client, deployment.id, audit_id)
+        if waiting:
+            return f"review flow run {waiting[0].name} ({waiting[0].id}) is waiting for decisions"
+    run = run_deployment(REVIEW_DEPLOYMENT, parameters={"audit_id": audit_id, "home": home}, timeout=0,
+                         as_subflow=False, flow_run_name=f"review-{audit_id}")
+    return f"review flow run {run.name} ({run.id}) started: it publishes the form and waits, suspended"
