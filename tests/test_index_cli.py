@@ -9,8 +9,6 @@ import polars as pl
 import pytest
 from reliability_support import build_model, corpus, error_lines, queries, run_in_process, write_jsonl
 
-pytestmark = pytest.mark.slow  # five CLI runs on a tiny model: ~25 s on two idle cores, minutes under load
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
