@@ -16,10 +16,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from influence_engine import Factors, get_strategy
 from tasks.bookkeeping import AuditBook
+from tasks.index import IndexOptions, index_dir
 from tasks.inputs import engine_spec, factor_settings
 from tasks.params import AuditParams
 from tasks.paths import factor_dir
 from tasks.stages import (
+    build_index_part,
     finalize_factors,
     finish_inputs,
     fit_covariance_partial,
@@ -29,10 +31,12 @@ from tasks.stages import (
     merge_candidates,
     open_review,
     plan_input_shards,
+    prefilter_candidates,
     prepare_query_gradients,
     record_results,
     sample_query_set,
     score_shard,
+    search_index,
     validate_outputs,
     verify_candidates,
 )
@@ -80,8 +84,20 @@ def influence_audit(params: AuditParams) -> dict[str, Any]:
         with book.stage("prepare_queries"):
             prepared = prepare_query_gradients(spec, settings, queries, fdir, p.query_rank,
                                                str(Path(ins.audit_dir) / "prepared-queries.safetensors"))
-        with book.stage("score_shards"):
-            shard_scores = score_shard.map(spec, ins.shards, prepared, ins.audit_dir, p.top_k).result()
+        if p.use_index:  # a matching index (same model, data, factor settings) is reused; else built, per shard
+            idir = str(index_dir(book.home, settings, IndexOptions(p.sketch)))
+            book.manifest["index"] = idir
+            with book.stage("build_index"):
+                parts = build_index_part.map(spec, settings, ins.shards, idir, fdir, IndexOptions(p.sketch)).result()
+            with book.stage("search_index"):
+                shard_scores = [search_index(spec, settings, ins, queries, idir, fdir, parts, p.top_k, p.refine)]
+        else:
+            cands = None
+            if p.prefilter:
+                with book.stage("prefilter"):
+                    cands = prefilter_candidates(p, ins, queries)
+            with book.stage("score_shards"):
+                shard_scores = score_shard.map(spec, ins.shards, prepared, ins.audit_dir, p.top_k, cands).result()
         with book.stage("merge_candidates"):
             candidates = merge_candidates(spec, p, ins, shard_scores, queries, prepared)
         if p.verify_k:

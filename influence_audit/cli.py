@@ -190,6 +190,8 @@ def score(model: ModelOpt, train: TrainOpt,
           gradient_cache_gb: Annotated[float, typer.Option(
               help="When factors are fitted here (kfac, ekfac) and every document's gradients fit in this many GiB "
                    "on the device, fit and score in one pass over the data; 0 never does")] = 2.0,
+          prefilter: Annotated[str | None, typer.Option(
+              help="bm25:K scores only each query's K most lexically similar documents")] = None,
           trust_remote_code: bool = False, device_memory_gb: DeviceMemoryOpt = None,
           verify: Annotated[int, typer.Option(help="Counterfactual check of each query's top K candidates and K "
                                                    "random documents (columns added to --out); 0 skips")] = 0,
@@ -206,6 +208,9 @@ def score(model: ModelOpt, train: TrainOpt,
     if gradient_cache_gb < 0:
         raise typer.BadParameter("must be >= 0", param_hint="--gradient-cache-gb")
     _check_flags(strategy, damping, on_long)
+    from tasks.prefilter import parse_prefilter
+
+    k_prefilter = parse_prefilter(prefilter)
     _check_out_file(out_path, ".parquet")
     train_df = read_rows(train, "train", fields=Fields(id_field, text_field), split=split)
     query_df = read_rows(queries, "queries")
@@ -222,15 +227,26 @@ def score(model: ModelOpt, train: TrainOpt,
     with _Bar(_fit_label(strategy, one_pass), len(docs)) as bar:
         fitted = pipeline.fit(eng, docs, settings, out_dir=factors, cache_budget_bytes=budget, progress=bar,
                               notice=err.print)
-    with _Bar(f"scoring {len(qs)} queries" + (" from kept gradients" if fitted.cache else ""), len(docs)) as bar:
-        result = pipeline.score(eng, docs, qs, fitted, rank=query_rank, top_k=top_k, progress=bar)
-    write_parquet_atomic(score_frame(result.top_rows()), out_path)
+    if k_prefilter is not None:
+        from tasks.prefilter import bm25_candidates, score_candidates
+
+        cands = bm25_candidates(train_df, query_df, k_prefilter)
+        rows = score_candidates(eng, docs, eng.prepare_queries(qs, fitted.factors, rank=query_rank), cands, top_k)
+        err.print(f"prefilter bm25:{k_prefilter}: {len(cands.union)} of {len(docs)} documents scored "
+                  f"({cands.fraction_scored:.1%}); BM25 index {cands.seconds['bm25_index_s']:.2f} s, "
+                  f"queries {cands.seconds['bm25_query_s']:.2f} s", highlight=False, soft_wrap=True)
+        n_tokens = sum(len(e.input_ids) for e in docs if e.id in cands.union)
+    else:
+        with _Bar(f"scoring {len(qs)} queries" + (" from kept gradients" if fitted.cache else ""), len(docs)) as bar:
+            result = pipeline.score(eng, docs, qs, fitted, rank=query_rank, top_k=top_k, progress=bar)
+        rows, n_tokens = result.top_rows(), result.n_tokens
+    write_parquet_atomic(score_frame(rows), out_path)
     if verify:
         verify_scores(eng, out_path, train_df, query_df, eng.prepare_queries(qs, fitted.factors, rank=query_rank),
                       verify, verify_check, verify_lr)
     seconds = time.perf_counter() - t0
     truncated = sum(e.truncated for e in docs) + sum(q.truncated for q in qs)
-    err.print(f"{len(qs)} queries x {len(docs)} documents ({result.n_tokens:,} tokens"
+    err.print(f"{len(qs)} queries x {len(docs)} documents ({n_tokens:,} tokens scored"
               f"{f'; {truncated} truncated to {max_length}' if truncated else ''}) in {seconds:.1f} s"
               f"{' (fitted and scored in one pass over the documents)' if fitted.cache is not None else ''}"
               f" -> {out_path}")
@@ -347,7 +363,13 @@ def audit(model: Annotated[str, typer.Option(help="Local model directory, or mod
                                                    "random documents; 0 skips")] = 0,
           verify_check: Annotated[str, typer.Option(help="tail-patch or pbrf (small models)")] = "tail-patch",
           verify_lr: Annotated[float | None, typer.Option(help="Tail-patch learning rate (default: chosen)")] = None,
-          split: SplitOpt = "train", id_field: IdFieldOpt = "id", text_field: TextFieldOpt = "text") -> None:
+          split: SplitOpt = "train", id_field: IdFieldOpt = "id", text_field: TextFieldOpt = "text",
+          use_index: Annotated[bool, typer.Option(help="Score by the gradient index (built once per model, data and "
+                                                       "factor settings; reused after)")] = False,
+          sketch: Annotated[str, typer.Option(help="With --use-index: per-layer sketch OUTxIN, or off")] = "16x16",
+          refine: Annotated[int, typer.Option(help="With --use-index: re-score the top N per query exactly")] = 100,
+          prefilter: Annotated[str | None, typer.Option(help="bm25:K scores only each query's K most lexically "
+                                                             "similar documents")] = None) -> None:
     """Run the full audit flow: validate, sample, fit, score, merge, validate, record in MLflow, open review."""
     from influence_engine.errors import UserError
     from tasks.params import AuditParams
@@ -366,7 +388,8 @@ def audit(model: Annotated[str, typer.Option(help="Local model directory, or mod
                      on_long=on_long, shard_size=shard_size, seed=seed, explain_top=explain_top,
                      output_dir=_absolute(output_dir) if output_dir else None, experiment=experiment,
                      tracking_uri=tracking_uri, planted=_absolute(planted) if planted else None,
-                     verify_k=verify, verify_check=verify_check, verify_lr=verify_lr)
+                     verify_k=verify, verify_check=verify_check, verify_lr=verify_lr,
+                     use_index=use_index, sketch=sketch, refine=refine, prefilter=prefilter)
     _print_summary(_run_audit(params, dask, dask_cluster_class))
 
 
@@ -443,6 +466,9 @@ from influence_audit.cli_verify import evaluate, verify, verify_scores  # noqa: 
 
 app.command("verify")(verify)
 app.command("evaluate")(evaluate)
+from influence_audit.cli_index import index_app  # noqa: E402
+
+app.add_typer(index_app, name="index")
 
 
 def _usage_error_types() -> tuple[type[Exception], ...]:

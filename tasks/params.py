@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-INFLUENCE_FIELDS = ("queries", "n_queries", "sampling", "stratify_by", "top_k", "query_rank", "explain_top", "planted")
+INFLUENCE_FIELDS = ("queries", "n_queries", "sampling", "stratify_by", "top_k", "query_rank", "explain_top", "planted",
+                    "use_index", "sketch", "refine", "prefilter")
 
 
 class AuditParams(BaseModel):
@@ -52,6 +54,12 @@ class AuditParams(BaseModel):
     planted: str | None = Field(None, description="JSON {query_id: [train ids]} of known culprits: logs "
                                                   "planted_recall_at_10")
     trust_remote_code: bool = False
+    use_index: bool = Field(False, description="Score by searching the gradient index (built on first use, as a "
+                                               "mapped stage; reused while model, data and factor settings match)")
+    sketch: str = Field("16x16", description="The index's per-layer random projection OUTxIN, or off (exact)")
+    refine: int = Field(100, ge=0, description="With use_index: re-score the top N per query exactly and rerank")
+    prefilter: str | None = Field(None, description="bm25:K: score only each query's K most lexically similar "
+                                                    "documents (not with use_index)")
     verify_k: int = Field(0, ge=0, description="Counterfactual check of each query's top-k candidates and k random "
                                                "documents (0 = off)")
     verify_check: Literal["tail-patch", "pbrf"] = Field("tail-patch", description="tail-patch (one optimizer "
@@ -78,6 +86,26 @@ class AuditParams(BaseModel):
                     raise ValueError
             except ValueError:
                 raise ValueError("damping must be 'auto' or a non-negative number") from None
+        return v
+
+    @field_validator("sketch")
+    @classmethod
+    def _sketch(cls, v: str) -> str:
+        if not re.fullmatch(r"\s*(off|none|[1-9]\d*\s*[xX]\s*[1-9]\d*)\s*", v, flags=re.IGNORECASE):
+            raise ValueError("give OUTxIN such as 16x16 (rows kept per layer side), or off")
+        return v
+
+    @field_validator("prefilter")
+    @classmethod
+    def _prefilter(cls, v: str | None, info: ValidationInfo) -> str | None:
+        from .prefilter import parse_prefilter
+
+        try:
+            parse_prefilter(v)
+        except Exception as exc:
+            raise ValueError(str(exc).split(": ", 1)[-1]) from None
+        if v and info.data.get("use_index"):
+            raise ValueError("not with use_index (the index searches the whole corpus): choose one")
         return v
 
     def identity(self) -> dict:

@@ -264,12 +264,22 @@ def prepare_queries(spec: EngineSpec, settings: FactorSettings, queries_path: st
     return out_path
 
 
-def score_shard(spec: EngineSpec, shard: Shard, prepared_path: str, audit_dir: str, top_k: int) -> str:
-    """Top-k per query within one shard, written as soon as the shard is done."""
+def score_shard(spec: EngineSpec, shard: Shard, prepared_path: str, audit_dir: str, top_k: int,
+                candidates_path: str | None = None) -> str:
+    """Top-k per query within one shard, written as soon as the shard is done; with ``candidates_path`` (a
+    prefilter's), each query's top-k among its candidates, and only candidates are scored."""
     path = Path(audit_dir) / "scores" / f"shard-{shard.index:05d}-{shard.key}.parquet"
     if not path.exists():
         eng = spec.engine()
         t0 = time.perf_counter()
+        if candidates_path is not None:
+            from .prefilter import Candidates, score_candidates
+
+            cands = Candidates.from_frame(pl.read_parquet(candidates_path), 0)
+            rows = score_candidates(eng, shard_docs(eng, shard), PreparedQueries.load(prepared_path), cands, top_k)
+            write_parquet_atomic(score_frame(rows), path)
+            write_json_atomic(path.with_suffix(".json"), {"seconds": time.perf_counter() - t0})
+            return str(path)
         result = eng.score(shard_docs(eng, shard), PreparedQueries.load(prepared_path), top_k=top_k)
         write_parquet_atomic(score_frame(result.top_rows()), path)
         write_json_atomic(path.with_suffix(".json"), {"seconds": time.perf_counter() - t0, "tokens": result.n_tokens,

@@ -10,7 +10,7 @@ from prefect import get_run_logger, task
 
 from influence_engine import FactorSettings, UserError
 
-from . import candidates, inputs, pipeline, record, verify
+from . import candidates, index, inputs, pipeline, prefilter, record, verify
 from .inputs import Inputs
 from .params import AuditParams
 from .pipeline import EngineSpec, Shard
@@ -74,8 +74,27 @@ def prepare_query_gradients(spec: EngineSpec, settings: FactorSettings, queries_
 
 
 @task(name="score-shard")
-def score_shard(spec: EngineSpec, shard: Shard, prepared_path: str, audit_dir: str, top_k: int) -> str:
-    return pipeline.score_shard(spec, shard, prepared_path, audit_dir, top_k)
+def score_shard(spec: EngineSpec, shard: Shard, prepared_path: str, audit_dir: str, top_k: int,
+                candidates_path: str | None = None) -> str:
+    return pipeline.score_shard(spec, shard, prepared_path, audit_dir, top_k, candidates_path)
+
+
+@task(name="prefilter-candidates")
+def prefilter_candidates(p: AuditParams, ins: Inputs, queries_path: str) -> str:
+    return prefilter.audit_candidates(p, ins, queries_path)
+
+
+@task(name="build-index-part")
+def build_index_part(spec: EngineSpec, settings: FactorSettings, shard: Shard, directory: str, factor_dir: str,
+                     options: index.IndexOptions) -> str:
+    return index.build_shard_part(spec, settings, shard, directory, factor_dir, options)
+
+
+@task(name="search-index")
+def search_index(spec: EngineSpec, settings: FactorSettings, ins: Inputs, queries_path: str, directory: str,
+                 factor_dir: str, parts: list[str], top_k: int, refine: int) -> str:
+    return index.search_audit(spec, settings, ins.shards, queries_path, directory, factor_dir, parts, top_k, refine,
+                              ins.audit_dir)
 
 
 @task(name="merge-candidates")
