@@ -424,7 +424,8 @@ class InfluenceEngine:
             scores = sum(layer_scores.values())
             check_scores(scores, layer_scores)
             index = torch.tensor([position[d] for d in ctx.batch.ids])
-            topk.push(scores, index)
+            if top_k:  # with every pair kept, all_scores is the result: no running top-k over the whole corpus
+                topk.push(scores, index)
             if all_scores is not None:
                 all_scores[:, index] = scores.T.double().cpu()
             tokens += ctx.batch.n_tokens
@@ -442,6 +443,8 @@ class InfluenceEngine:
         if n == 0:
             empty = np.zeros((len(queries), 0))
             return ScoreResult(queries.ids, doc_ids, empty, empty.astype(int), None, 0, paths)
+        if not top_k:
+            topk.values, topk.index = torch.sort(all_scores, dim=1, descending=True)
         return ScoreResult(queries.ids, doc_ids, topk.values.double().cpu().numpy(), topk.index.cpu().numpy(),
                            None if all_scores is None else all_scores.numpy(), tokens, paths)
 
