@@ -270,7 +270,7 @@ def test_retrain_event_and_registry_webhook_trigger_audits(servers: Servers, tin
                          "PREFECT_WORKER_QUERY_SECONDS": "2", "INFLUENCE_AUDIT_WEBHOOK_SECRET": SECRET}
     prefect = str(BIN / "prefect")
     t = time.monotonic()
-    _run([prefect, "work-pool", "create", "influence-cpu", "--type", "process"], env)
+    _run([prefect, "work-pool", "create", "influence-cpu", "--type", "process", "--overwrite"], env)
     _run([prefect, "--no-prompt", "deploy", "--all"], env)
     print(f"\nwork pool + deploy --all: {time.monotonic() - t:.1f} s")
 
@@ -358,7 +358,7 @@ def test_retrain_event_and_registry_webhook_trigger_audits(servers: Servers, tin
 
         # 3. GPU workers (docs/operations.md): the same deployment, moved into the influence-gpu pool
         worker.stop()
-        _run([prefect, "work-pool", "create", "influence-gpu", "--type", "process"], env)
+        _run([prefect, "work-pool", "create", "influence-gpu", "--type", "process", "--overwrite"], env)
         _run([prefect, "--no-prompt", "deploy", "-n", "post-retrain-audit", "-p", "influence-gpu"], env)
         moved = _api(servers, "GET", f"/deployments/{post['id']}")
         assert moved["work_pool_name"] == "influence-gpu"
