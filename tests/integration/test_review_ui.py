@@ -186,7 +186,7 @@ def test_a_killed_worker_loses_no_decision(servers: Servers, tmp_path: Path) -> 
     prefect = str(BIN / "prefect")
     pools = {p["name"] for p in _api(servers, "POST", "/work_pools/filter", json={})}
     if "influence-cpu" not in pools:
-        subprocess.run([prefect, "work-pool", "create", "influence-cpu", "--type", "process", "--overwrite"], env=env, check=True,
+        subprocess.run([prefect, "work-pool", "create", "influence-cpu", "--type", "process"], env=env, check=True,
                        capture_output=True, timeout=120)
     subprocess.run([prefect, "--no-prompt", "deploy", "-n", "review"], env=env, cwd=REPO, check=True,
                    capture_output=True, timeout=300)
