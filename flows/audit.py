@@ -14,7 +14,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from influence_engine import Factors, get_strategy
+from flows.factors import fit_factor_stages
+from influence_engine import Factors
 from tasks.bookkeeping import AuditBook
 from tasks.index import IndexOptions, index_dir
 from tasks.inputs import engine_spec, factor_settings
@@ -22,12 +23,8 @@ from tasks.params import AuditParams
 from tasks.paths import factor_dir
 from tasks.stages import (
     build_index_part,
-    finalize_factors,
     finish_inputs,
-    fit_covariance_partial,
-    fit_lambda_partial,
     load_and_validate_shard,
-    merge_and_eigendecompose,
     merge_candidates,
     open_review,
     plan_input_shards,
@@ -66,7 +63,7 @@ def influence_audit(params: AuditParams) -> dict[str, Any]:
                                                                    plan.ranges).result())
 
     ins = book.load_inputs(load_inputs)
-    spec, settings, kind = engine_spec(p, ins.model_dir), factor_settings(p, ins), get_strategy(p.strategy)
+    spec, settings = engine_spec(p, ins.model_dir), factor_settings(p, ins)
     fdir = str(factor_dir(book.home, settings))
     cached = Factors.exists(fdir)
     book.manifest["factors_cached"] = cached
@@ -75,12 +72,7 @@ def influence_audit(params: AuditParams) -> dict[str, Any]:
             queries = sample_query_set(p, ins)
         with book.stage("fit_factors"):
             if not cached:
-                basis = None
-                if kind.covariance:
-                    basis = merge_and_eigendecompose(fit_covariance_partial.map(spec, ins.shards, fdir).result(), fdir)
-                lambdas = fit_lambda_partial.map(spec, ins.shards, fdir, basis if kind.lambda_basis else None
-                                                 ).result() if kind.lambdas else []
-                finalize_factors(spec, settings, fdir, basis, lambdas)
+                fit_factor_stages(spec, settings, ins.shards, fdir)
         with book.stage("prepare_queries"):
             prepared = prepare_query_gradients(spec, settings, queries, fdir, p.query_rank,
                                                str(Path(ins.audit_dir) / "prepared-queries.safetensors"))

@@ -10,7 +10,8 @@ from typing import Any
 
 from prefect import get_run_logger
 
-from influence_engine import Factors, get_strategy
+from flows.factors import fit_factor_stages
+from influence_engine import Factors
 from tasks.bookkeeping import AuditBook
 from tasks.inputs import engine_spec, factor_settings
 from tasks.params import AuditParams
@@ -24,7 +25,6 @@ from tasks.quality_stages import (
     settings_of,
     validate_quality_task,
 )
-from tasks.stages import finalize_factors, fit_covariance_partial, fit_lambda_partial, merge_and_eigendecompose
 
 
 def quality_audit(p: AuditParams) -> dict[str, Any]:
@@ -35,7 +35,7 @@ def quality_audit(p: AuditParams) -> dict[str, Any]:
     book = AuditBook(p, get_run_logger())
     ins = book.load_inputs(lambda: load_quality_inputs_task(p))
     book.manifest["mode"] = "quality"
-    spec, settings, kind = engine_spec(p, ins.model_dir), factor_settings(p, ins), get_strategy(p.strategy)
+    spec, settings = engine_spec(p, ins.model_dir), factor_settings(p, ins)
     fdir = str(factor_dir(book.home, settings))
     cached = Factors.exists(fdir)
     book.manifest["factors_cached"] = cached
@@ -43,12 +43,7 @@ def quality_audit(p: AuditParams) -> dict[str, Any]:
     with book.running():
         with book.stage("fit_factors"):
             if not cached:
-                basis = None
-                if kind.covariance:
-                    basis = merge_and_eigendecompose(fit_covariance_partial.map(spec, ins.shards, fdir).result(), fdir)
-                lambdas = fit_lambda_partial.map(spec, ins.shards, fdir, basis if kind.lambda_basis else None
-                                                 ).result() if kind.lambdas else []
-                finalize_factors(spec, settings, fdir, basis, lambdas)
+                fit_factor_stages(spec, settings, ins.shards, fdir)
         with book.stage("quality_signals"):
             signal_paths = quality_shard.map(spec, settings, ins.shards, fdir, ins.audit_dir, quality).result()
         with book.stage("merge_report"):
