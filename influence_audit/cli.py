@@ -333,7 +333,7 @@ def _print_summary(result: dict) -> None:
     if "planted_recall_at_10" in m:
         out.print(f"  planted_recall_at_10 = [bold]{m['planted_recall_at_10']:.3f}[/]   "
                   f"planted_mrr = {m['planted_mrr']:.3f}")
-    out.print(f"  candidates: {result['candidates']}")
+    out.print(f"  candidates: {result['candidates']}", highlight=False, soft_wrap=True)
 
 
 @app.command()
