@@ -174,7 +174,8 @@ def fit_factors(model: ModelOpt, train: TrainOpt,
         fitted = pipeline.fit(eng, docs, settings, out_dir=out_dir, progress=progress, notice=err.print)
     truncated = sum(e.truncated for e in docs)
     err.print(f"factors for {len(fitted.factors.specs)} layers from {len(docs)} documents"
-              f"{f' ({truncated} truncated to {max_length} tokens)' if truncated else ''} -> {out_dir}")
+              f"{f' ({truncated} truncated to {max_length} tokens)' if truncated else ''} -> {out_dir}",
+              highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -249,7 +250,7 @@ def score(model: ModelOpt, train: TrainOpt,
     err.print(f"{len(qs)} queries x {len(docs)} documents ({n_tokens:,} tokens scored"
               f"{f'; {truncated} truncated to {max_length}' if truncated else ''}) in {seconds:.1f} s"
               f"{' (fitted and scored in one pass over the documents)' if fitted.cache is not None else ''}"
-              f" -> {out_path}")
+              f" -> {out_path}", highlight=False, soft_wrap=True)
 
 
 def _hide_user_error_tracebacks() -> None:
