@@ -224,8 +224,7 @@ def score(model: ModelOpt, train: TrainOpt,
     t0 = time.perf_counter()
     settings = eng.factor_settings(strategy, damping, data_fingerprint=data_fingerprint(train_df))
     budget = gradient_cache_gb * 2**30
-    one_pass = eng.gradient_cache_bytes(len(docs)) <= budget and len(eng.layer_groups()) == 1
-    with _Bar(_fit_label(strategy, one_pass), len(docs)) as bar:
+    with _Bar(_fit_label(strategy, pipeline.one_pass(eng, len(docs), settings, budget)), len(docs)) as bar:
         fitted = pipeline.fit(eng, docs, settings, out_dir=factors, cache_budget_bytes=budget, progress=bar,
                               notice=err.print)
     if k_prefilter is not None:

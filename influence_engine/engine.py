@@ -87,6 +87,19 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def check_model_dir(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a directory holding a saved model (``config.json``) or a PEFT adapter; a one-line ModelError
+    otherwise. Reads no weights: the audit's preflight calls it before anything starts."""
+    from .lora import is_adapter_dir
+
+    p = Path(path)
+    if not p.is_dir():
+        raise ModelError(f"--model {p}: no such directory", hint="give a local Hugging Face model directory")
+    if not (p / "config.json").exists() and not is_adapter_dir(p):
+        raise ModelError(f"--model {p}: no config.json", hint="save the model with save_pretrained()")
+    return p
+
+
 def load_pretrained(path: str | os.PathLike[str], *, trust_remote_code: bool = False, tokenizer_only: bool = False):
     """Load a local Hugging Face causal LM and its tokenizer, never touching the network. A PEFT LoRA adapter
     directory loads its (local) base model with the adapter's layers injected (see lora.py)."""
@@ -99,8 +112,8 @@ def load_pretrained(path: str | os.PathLike[str], *, trust_remote_code: bool = F
         raise ModelError(f"--model {p}: no such directory", hint="give a local Hugging Face model directory")
     if is_adapter_dir(p) and not tokenizer_only:
         return load_adapter(p, trust_remote_code=trust_remote_code)
-    if not (p / "config.json").exists() and not tokenizer_only:
-        raise ModelError(f"--model {p}: no config.json", hint="save the model with save_pretrained()")
+    if not tokenizer_only:
+        check_model_dir(p)
     def load(what: str, loader, hint: str):
         try:
             return loader.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)

@@ -28,7 +28,7 @@ import polars as pl
 from influence_engine import FactorSettings, UserError, stable_key
 from influence_engine.atomic import atomic_path, write_json_atomic
 from influence_engine.errors import DataError
-from influence_engine.lora import is_adapter_dir, layers_for
+from influence_engine.lora import layers_for
 
 from .data import (
     SOURCE,
@@ -90,12 +90,9 @@ def resolve_model(model: str) -> str:
         from .model_uri import resolve_model_uri
 
         return resolve_model_uri(model)
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        raise UserError(f"--model {model}: no such directory", hint="give a local Hugging Face model directory")
-    if not (path / "config.json").exists() and not is_adapter_dir(path):
-        raise UserError(f"--model {model}: no config.json", hint="save the model with save_pretrained()")
-    return str(path.resolve())
+    from influence_engine.engine import check_model_dir
+
+    return str(check_model_dir(Path(model).expanduser()).resolve())
 
 
 def engine_spec(p: AuditParams, model_dir: str) -> EngineSpec:

@@ -107,7 +107,6 @@ class Fitted:
 
     factors: Factors
     cache: GradientCache | None = None
-    reused: bool = False
 
 
 def load_factors(directory: str | Path | None, eng: InfluenceEngine, settings: FactorSettings) -> Factors | None:
@@ -116,6 +115,13 @@ def load_factors(directory: str | Path | None, eng: InfluenceEngine, settings: F
     if directory is None or not Factors.exists(directory):
         return None
     return Factors.load(directory, settings=settings, layers=list(eng.specs))
+
+
+def one_pass(eng: InfluenceEngine, n_docs: int, settings: FactorSettings, cache_budget_bytes: float) -> bool:
+    """Whether :func:`fit` fits in one pass, keeping the documents' gradients: the strategy has a covariance pass,
+    the layers are fitted together (not in groups) and the gradients fit in ``cache_budget_bytes``."""
+    return get_strategy(settings.strategy).covariance and len(eng.layer_groups()) == 1 and \
+        eng.gradient_cache_bytes(n_docs) <= cache_budget_bytes
 
 
 def fit(eng: InfluenceEngine, docs: Sequence[Example], settings: FactorSettings, *,
@@ -129,11 +135,9 @@ def fit(eng: InfluenceEngine, docs: Sequence[Example], settings: FactorSettings,
     if stored is not None:
         if notice:
             notice(f"reusing factors in {out_dir}")
-        return Fitted(stored, reused=True)
-    one_pass = get_strategy(settings.strategy).covariance and len(eng.layer_groups()) == 1 and \
-        eng.gradient_cache_bytes(len(docs)) <= cache_budget_bytes  # (layers fitted in groups: separate passes)
+        return Fitted(stored)
     fitted: Fitted | None = None
-    if one_pass:
+    if one_pass(eng, len(docs), settings, cache_budget_bytes):
         import torch
 
         try:
