@@ -134,3 +134,56 @@ def planted_metrics(cands: pl.DataFrame, planted_path: str | None) -> dict[str, 
     if not total:
         return {}
     return {"planted_recall_at_10": hits / total, "planted_mrr": sum(rr) / len(rr)}
+
+
+# How far two runs of the same audit may differ when their runners differ (in-process with torch's default thread
+# count, `local:N` Dask workers with one thread each, a scheduler elsewhere): the reductions are the same (partials
+# add up in shard order, shard lists merge by score then id), but a matrix product split over 2 threads adds in
+# another order than one over 1 thread, so the last bits differ (~1e-7 relative at fp32, measured on this 2-core
+# machine). Scores are compared relative to the query's largest |score|.
+RUNNER_TOLERANCE = {"fp64": 1e-10, "fp32": 1e-4, "bf16": 5e-2}
+
+
+def compare_candidates(a: pl.DataFrame, b: pl.DataFrame, precision: str = "fp32") -> list[str]:
+    """What differs between two candidate tables of the same audit beyond what the runner explains (an empty
+    list when they agree): the same (query, document, rank) rows, and scores, per-layer and per-token scores
+    within :data:`RUNNER_TOLERANCE` of each query's largest |score|. Two documents may trade ranks only when
+    their scores tie within that tolerance."""
+    tol = RUNNER_TOLERANCE[precision]
+    problems: list[str] = []
+    if a.height != b.height:
+        return [f"{a.height} candidates against {b.height}"]
+    a, b = a.sort("query_id", "rank"), b.sort("query_id", "rank")
+    scale = a.group_by("query_id").agg(pl.col("score").abs().max().alias("scale"))
+    scale_of = {q: max(float(s), 1e-30) for q, s in scale.iter_rows()}
+    for ra, rb in zip(a.iter_rows(named=True), b.iter_rows(named=True), strict=True):
+        q, limit = ra["query_id"], tol * scale_of.get(ra["query_id"], 1.0)
+        where = f"query {q} rank {ra['rank']}"
+        if (ra["query_id"], ra["rank"]) != (rb["query_id"], rb["rank"]):
+            return [f"{where}: the ranked lists differ in shape"]
+        if abs(ra["score"] - rb["score"]) > limit:
+            problems.append(f"{where}: score {ra['score']!r} against {rb['score']!r} (tolerance {limit:.3g})")
+        if ra["train_id"] != rb["train_id"]:
+            other = a.filter((pl.col("query_id") == q) & (pl.col("train_id") == rb["train_id"]))
+            if other.is_empty() or abs(other["score"][0] - ra["score"]) > limit:
+                problems.append(f"{where}: {ra['train_id']} against {rb['train_id']}, not a tie")
+            continue
+        for col in ("layer_scores", "token_scores"):
+            if col not in a.columns or col not in b.columns:
+                continue
+            va, vb = ra[col], rb[col]
+            if (va is None) != (vb is None):
+                problems.append(f"{where}: {col} present in one table only")
+                continue
+            if va is None:
+                continue
+            xa = json.loads(va) if isinstance(va, str) else va
+            xb = json.loads(vb) if isinstance(vb, str) else vb
+            if isinstance(xa, dict):
+                if xa.keys() != xb.keys():
+                    problems.append(f"{where}: {col} name other layers")
+                    continue
+                xa, xb = [xa[k] for k in sorted(xa)], [xb[k] for k in sorted(xa)]
+            if len(xa) != len(xb) or any(abs(u - v) > limit for u, v in zip(xa, xb, strict=True)):
+                problems.append(f"{where}: {col} differ beyond {limit:.3g}")
+    return problems

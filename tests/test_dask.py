@@ -1,4 +1,5 @@
-"""Mapped stages on a 2-worker local Dask cluster (prefect-dask) give exactly the sequential result."""
+"""Mapped stages on a 2-worker local Dask cluster (prefect-dask) give the sequential result: the same candidates and
+ranks, scores within tasks.candidates.RUNNER_TOLERANCE."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from flows.runners import run_audit, task_runner_for
 from influence_engine import UserError
+from tasks.candidates import compare_candidates
 from tasks.params import AuditParams
 
 pytestmark = pytest.mark.slow
@@ -31,7 +33,7 @@ def test_dask_local_cluster_matches_sequential_run(demo_model, demo_data, tmp_pa
     b = pl.read_parquet(distributed["candidates"])
     assert a.height == 6 * 10
     assert a.select("query_id", "train_id", "rank").equals(b.select("query_id", "train_id", "rank"))
-    assert (a["score"] - b["score"]).abs().max() <= 1e-9 * max(1.0, a["score"].abs().max())
+    assert compare_candidates(a, b, "fp32") == []  # one thread per Dask worker, two in-process
     assert len(list((tmp_path / "dask" / "audits" / distributed["audit_id"] / "scores").glob("*.parquet"))) == 4
 
 

@@ -87,17 +87,22 @@ def test_chat_rows_through_the_audit(world, api, tmp_path):
     assert cands["snippet"][0].startswith("user: the cat sat | assistant: ")
 
 
-def test_two_dask_workers_over_a_sharded_directory_match_the_jsonl_audit(world, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "fp64"])
+def test_two_dask_workers_over_a_sharded_directory_match_the_jsonl_audit(world, tmp_path, precision):
     from flows.runners import run_audit
+    from tasks.candidates import compare_candidates
     from tasks.params import AuditParams
 
     def params(train, home):
         return AuditParams(model=str(world["model"]), train=[str(train)], queries=str(world["queries"]), top_k=5,
                            query_rank=4, max_length=32, shard_size=40, batch_size=8, device="cpu",
-                           output_dir=str(home))
+                           precision=precision, output_dir=str(home))
 
     sequential = run_audit(params(world["jsonl"], tmp_path / "seq"))
     distributed = run_audit(params(world["parts"], tmp_path / "dask"), dask="local:2")
     a, b = pl.read_parquet(sequential["candidates"]), pl.read_parquet(distributed["candidates"])
-    assert a.height == 15 and a.equals(b)
+    # in-process runs torch's default thread count, Dask's workers one thread each: the same candidates and
+    # ranks, scores within the stated tolerance (never bitwise across thread counts)
+    assert a.height == 15 and compare_candidates(a, b, precision) == []
+    assert a.select("query_id", "train_id", "rank").equals(b.select("query_id", "train_id", "rank"))
     assert len(list((tmp_path / "dask" / "audits" / distributed["audit_id"] / "scores").glob("*.parquet"))) == 3
