@@ -12,7 +12,7 @@ output pseudo-gradient ``g`` (from labels sampled from the model, so the Fisher 
 * ``Q_A, Q_S``: their eigenbases (``eigh`` in float64); ``λ_A, λ_S`` their eigenvalues.
 * ``Λ = E_doc[(Q_S^T G Q_A)^2]``: EK-FAC's eigenvalue correction, the mean of squared per-document
   gradients ``G = Σ_t g_t a_t^T`` rotated into the eigenbasis (K-FAC uses ``λ_S λ_A^T`` instead).
-* ``λ``: damping, ``0.1 × mean(Λ)`` per layer unless given.
+* ``λ``: damping per layer, ``0.1 × mean(Λ)`` (``auto``), ``X × mean(Λ)`` (``auto:X``) or a given number.
 
 The preconditioned gradient is ``Q_S [(Q_S^T G Q_A) / (Λ + λ)] Q_A^T``. Strategy ``diagonal`` uses
 ``E_doc[G^2]`` elementwise without rotation; ``identity`` is no preconditioning (gradient dot products).
@@ -36,7 +36,7 @@ from .atomic import atomic_path, write_json_atomic
 from .errors import FactorMismatchError, NumericalError, UserError
 from .layers import LayerSpec
 from .passes import BaseAccumulator, PassContext, aligned, augment
-from .settings import FactorSettings
+from .settings import FactorSettings, damping_rule
 from .strategies import Strategy, get_strategy
 
 FORMAT_VERSION = 2  # 2: meta["settings"] holds the FactorSettings
@@ -396,6 +396,17 @@ class Factors:
         """``<G, (H + λI)^{-1} G>`` per leading index: self-influence without forming the inverse."""
         return self.kind.self_product(self.layer_tensors(name, G.device, G.dtype), self.damping[name], G)
 
+    def with_damping(self, damping: float | str) -> Factors:
+        """The same factors with another damping (``auto``, ``auto:X`` or a number; see :func:`layer_damping`):
+        no refit, the eigenvalues are kept. The recorded settings say the new damping."""
+        kind = self.kind
+        damp = {n: 0.0 if kind.eigen_key is None else layer_damping(damping, self.tensors[n][kind.eigen_key].double())
+                for n in self.specs}
+        meta = dict(self.meta)
+        if meta.get("settings") is not None:
+            meta["settings"] = FactorSettings.from_json(meta["settings"]).replace(damping=damping).to_json()
+        return Factors(self.strategy, self.specs, self.tensors, damp, meta)
+
     # -- store
     def save(self, directory: str | Path) -> Path:
         """Write ``factors.safetensors`` and ``factors.json`` (metadata) atomically."""
@@ -449,11 +460,21 @@ class Factors:
         return cls(meta["strategy"], specs, tensors, {k: float(v) for k, v in meta["damping"].items()}, meta)
 
 
+def layer_damping(damping: float | str | None, eigen: torch.Tensor) -> float:
+    """λ of one layer whose eigenvalues are ``eigen``: ``"auto"`` is 0.1 x their mean, ``"auto:X"`` X x their
+    mean, a number is itself."""
+    rule, value = damping_rule(damping)
+    if rule == "absolute":
+        return value
+    lam = value * float(eigen.mean())
+    return lam if lam > 0 else 1e-8  # a layer that saw no signal: keep the inverse finite
+
+
 def finalize(strategy: str, specs: dict[str, LayerSpec], *, basis: Eigenbasis | None = None,
              lambdas: LambdaPartial | None = None, damping: float | str | None = "auto",
-             damping_scale: float = 0.1, meta: dict[str, Any] | None = None) -> Factors:
+             meta: dict[str, Any] | None = None) -> Factors:
     """Assemble :class:`Factors` from the fitted pieces a strategy needs and choose damping per layer
-    (``damping_scale`` times the mean eigenvalue with ``"auto"``)."""
+    (:func:`layer_damping`)."""
     kind = get_strategy(strategy)
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     damp: dict[str, float] = {}
@@ -465,10 +486,5 @@ def finalize(strategy: str, specs: dict[str, LayerSpec], *, basis: Eigenbasis | 
             continue
         _check_finite(n, "eigenvalues", eigen)
         tensors[n][kind.eigen_key] = eigen
-        if damping in (None, "auto"):
-            damp[n] = damping_scale * float(eigen.mean())
-            if damp[n] <= 0:
-                damp[n] = 1e-8  # a layer that saw no signal: keep the inverse finite
-        else:
-            damp[n] = float(damping)
+        damp[n] = layer_damping(damping, eigen)
     return Factors(strategy, dict(specs), tensors, damp, dict(meta or {}))

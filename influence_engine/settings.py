@@ -32,17 +32,46 @@ def stable_key(values: Mapping[str, Any], defaults: Mapping[str, Any] | None = N
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
+AUTO_DAMPING_SCALE = 0.1  # ``auto``: 0.1 x each layer's mean eigenvalue (kronfluence's default too)
+
+
 def normalise_damping(damping: str | float | None) -> str:
-    """``"auto"`` or the number as ``repr(float)``, so ``1e-3`` and ``0.001`` are the same setting."""
+    """One normal form per damping: ``"auto"`` (0.1 x each layer's mean eigenvalue), ``"auto:X"`` (X x the mean
+    eigenvalue; ``auto:0.1`` is ``auto``) or an absolute number as ``repr(float)``, so ``1e-3`` and ``0.001`` are
+    the same setting."""
     if damping is None or damping == "auto":
         return "auto"
+    if isinstance(damping, str) and damping.strip().lower().startswith("auto"):
+        text = damping.strip().lower()
+        try:
+            if not text.startswith("auto:"):
+                raise ValueError
+            scale = float(text[5:])
+        except ValueError:
+            raise UserError(f"--damping {damping!r}: give 'auto', 'auto:X' (X times each layer's mean eigenvalue, "
+                            f"e.g. auto:0.01) or a non-negative number such as 1e-3") from None
+        if not scale > 0 or scale == float("inf"):  # also refuses NaN
+            raise UserError(f"--damping {damping!r}: the factor X of auto:X must be a positive number")
+        return "auto" if scale == AUTO_DAMPING_SCALE else f"auto:{scale!r}"
     try:
         value = float(damping)
     except (TypeError, ValueError):
-        raise UserError(f"--damping {damping!r}: give 'auto' or a non-negative number such as 1e-3") from None
-    if not value >= 0:  # also refuses NaN
-        raise UserError(f"--damping {damping!r}: must be 'auto' or a non-negative number")
+        raise UserError(f"--damping {damping!r}: give 'auto', 'auto:X' or a non-negative number such as 1e-3"
+                        ) from None
+    if not value >= 0 or value == float("inf"):  # also refuses NaN
+        raise UserError(f"--damping {damping!r}: must be 'auto', 'auto:X' or a non-negative number")
     return repr(value)
+
+
+def damping_rule(damping: str | float | None) -> tuple[str, float]:
+    """``("relative", X)`` for ``auto`` / ``auto:X`` (λ = X x a layer's mean eigenvalue), ``("absolute", λ)``
+    for a number."""
+    normal = normalise_damping(damping)
+    if normal == "auto":
+        return "relative", AUTO_DAMPING_SCALE
+    if normal.startswith("auto:"):
+        return "relative", float(normal[5:])
+    return "absolute", float(normal)
 
 
 @dataclass(frozen=True)
@@ -72,8 +101,8 @@ class FactorSettings:
 
     @property
     def damping_value(self) -> str | float:
-        """``"auto"`` or the number, as :func:`~influence_engine.factors.finalize` takes it."""
-        return "auto" if self.damping == "auto" else float(self.damping)
+        """``"auto"``, ``"auto:X"`` or the number, as :func:`~influence_engine.factors.finalize` takes it."""
+        return self.damping if self.damping.startswith("auto") else float(self.damping)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
