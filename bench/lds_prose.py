@@ -88,7 +88,7 @@ def build_corpus(args: argparse.Namespace) -> None:
                 verses.setdefault(int(m[1]), []).append((int(m[2]), " ".join(m[3].split())))
         for ch, vs in sorted(verses.items()):
             for i in range(0, len(vs) - 1, 2):
-                (v1, a), (v2, b) = vs[i], vs[i + 1]
+                (v1, a), (_, b) = vs[i], vs[i + 1]
                 if 60 <= len(a) + len(b) + 1 <= 360:
                     passages.append({"id": f"{book.lower()}-{ch}-{v1}", "first": a, "second": b})
     random.Random(0).shuffle(passages)
