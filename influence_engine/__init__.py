@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "GradientCache": "cache",
+    "CheckpointScores": "checkpoints", "checkpoint_weights": "checkpoints",
     "Example": "data", "encode": "data",
     "Explanation": "engine", "InfluenceEngine": "engine", "ScoreResult": "engine", "load_pretrained": "engine",
     "model_fingerprint": "engine",
@@ -29,6 +30,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .cache import GradientCache  # noqa: F401
+    from .checkpoints import CheckpointScores, checkpoint_weights  # noqa: F401
     from .data import Example, encode  # noqa: F401
     from .engine import Explanation, InfluenceEngine, ScoreResult, load_pretrained, model_fingerprint  # noqa: F401
     from .errors import DataError, FactorMismatchError, ModelError, NumericalError, UserError  # noqa: F401
