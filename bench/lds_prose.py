@@ -16,8 +16,8 @@ Passages (verses 1-2, 3-4, ... of each chapter; 60 to 360 characters) are shuffl
 are the training documents. The queries are held out: no query passage is in the training data; their
 neighbours in the same chapter often are.
 
-**Model**: a Llama (2 blocks, hidden 128, SwiGLU MLP 352 wide, 4 heads with 2 key-value heads, rotary
-positions, RMSNorm, untied head) over a byte-level BPE tokenizer of 1024 tokens trained offline on the
+**Model**: a Llama (2 blocks, hidden 96, SwiGLU MLP 256 wide, 4 heads with 2 key-value heads, rotary
+positions, RMSNorm, untied head) over a byte-level BPE tokenizer of 768 tokens trained offline on the
 training documents (``tokenizers``), trained with ``bench/lds_train.py``'s loop (AdamW, warmup then cosine
 decay). The base (audited) model is trained on every document; checkpoints at 1/4, 1/2, 3/4 and the end
 are kept (``WORK/checkpoints/step-NNNNN``; the last equals the base model).
@@ -55,11 +55,11 @@ from lds_train import TrainRecipe, checkpoint_saver, recipe_json, train  # noqa:
 DATA = ROOT / "bench" / "data" / "lds_prose"
 WORK = ROOT / ".lds-prose"
 N_QUERIES, N_DOCS = 64, 512
-VOCAB = 1024
+VOCAB = 768
 EOT = "<|endoftext|>"
-ARCH = {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 2, "num_attention_heads": 4,
+ARCH = {"hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "max_position_embeddings": 256}
-RECIPE = TrainRecipe(epochs=12, batch_size=16, lr=5e-3, warmup_steps=20)
+RECIPE = TrainRecipe(epochs=8, batch_size=16, lr=8e-3, warmup_steps=16)
 CHECKPOINTS = (0.25, 0.5, 0.75, 1.0)
 
 
