@@ -190,9 +190,12 @@ class Scorer:
         return np.asarray(res.all_scores), fit_s + time.perf_counter() - t0
 
 
-def kron_scores(truth: dict[str, Any], layers: str, rank: int | None, seed: int = 0) -> tuple[np.ndarray, float]:
+def kron_scores(truth: dict[str, Any], layers: str, rank: int | None, seed: int = 0, *, empirical: bool = False,
+                damping: str = "auto") -> tuple[np.ndarray, float]:
     """kronfluence 1.0.1's EK-FAC on the same model (Conv1D converted to Linear), documents and queries; labels
-    sampled by kronfluence itself; its default damping (0.1 x mean eigenvalue)."""
+    sampled by kronfluence itself (``empirical``: the data's labels, its ``use_empirical_fisher``); its default
+    damping (0.1 x mean eigenvalue; ``damping`` ``auto:X``: X x the mean eigenvalue, through its heuristic's
+    scale; a number: that absolute damping)."""
     import logging
     import tempfile
 
@@ -243,6 +246,13 @@ def kron_scores(truth: dict[str, Any], layers: str, rank: int | None, seed: int 
         def get_influence_tracked_modules(self):
             return tracked
 
+    import kronfluence.factor.config as kconfig
+
+    from influence_engine.settings import damping_rule
+
+    rule, value = damping_rule(damping)
+    kconfig.HEURISTIC_DAMPING_SCALE = value if rule == "relative" else 0.1
+    damping_factor = None if rule == "relative" else value
     task = LMTask()
     model = prepare_model(model, task)
     t0 = time.perf_counter()
@@ -251,13 +261,16 @@ def kron_scores(truth: dict[str, Any], layers: str, rank: int | None, seed: int 
                       log_level=logging.WARNING)
         torch.manual_seed(seed)
         an.fit_all_factors(factors_name="f", dataset=rows(truth["docs"], False), per_device_batch_size=16,
-                           factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
+                           factor_args=FactorArguments(strategy="ekfac", use_empirical_fisher=empirical),
+                           overwrite_output_dir=True)
         an.compute_pairwise_scores(scores_name="s", factors_name="f", query_dataset=rows(truth["queries"], True),
                                    train_dataset=rows(truth["docs"], False), per_device_query_batch_size=32,
                                    per_device_train_batch_size=16,
-                                   score_args=ScoreArguments(damping_factor=None, query_gradient_low_rank=rank),
+                                   score_args=ScoreArguments(damping_factor=damping_factor,
+                                                             query_gradient_low_rank=rank),
                                    overwrite_output_dir=True)
         scores = an.load_pairwise_scores("s")["all_modules"].double().cpu().numpy()
+    kconfig.HEURISTIC_DAMPING_SCALE = 0.1
     return scores, time.perf_counter() - t0
 
 

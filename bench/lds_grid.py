@@ -127,13 +127,13 @@ class Fits:
         return np.asarray(res.all_scores), fit_s, time.process_time() - c0
 
 
-def kron(bench: dict[str, Any]) -> tuple[np.ndarray, float]:
-    """kronfluence's EK-FAC on the MLP layers, its default damping (0.1 x mean eigenvalue), exact queries, its
-    own label sampling; CPU seconds of the whole analysis."""
+def kron(bench: dict[str, Any], fisher: str = "sampled", damping: str = "auto") -> tuple[np.ndarray, float]:
+    """kronfluence's EK-FAC on the MLP layers, exact queries; by default its own label sampling and its default
+    damping (0.1 x mean eigenvalue); CPU seconds of the whole analysis."""
     from lds_demo import kron_scores
 
     c0 = time.process_time()
-    S, _ = kron_scores(bench, "mlp", None)
+    S, _ = kron_scores(bench, "mlp", None, empirical=fisher == "empirical", damping=damping)
     return S, time.process_time() - c0
 
 
@@ -177,6 +177,11 @@ def run_bench(name: str, args: argparse.Namespace) -> dict[str, Any]:
     else:
         S, sec = kron(bench)
         record(kron_name, S, tool="kronfluence", cpu_total=sec)
+        for setting in args.kron_settings:
+            fisher, damping = setting.split(",")
+            S, sec = kron(bench, fisher, damping)
+            record(f"kronfluence ekfac mlp, fisher {fisher}, damping {damping}", S, tool="kronfluence",
+                   fisher=fisher, damping=damping, cpu_total=sec)
     for fisher in ("sampled", "empirical"):
         for damping in DAMPINGS:
             S, fit_s, sc_s = fits.scores(fisher=fisher, damping=damping)
@@ -345,6 +350,8 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--seed-dampings", nargs="*", default=["auto", "auto:0.001"])
     g.add_argument("--checkpoint-settings", nargs="*", default=["sampled,auto", "empirical,auto:0.001"],
                    help="FISHER,DAMPING pairs to average over checkpoints")
+    g.add_argument("--kron-settings", nargs="*", default=["empirical,auto:0.001"],
+                   help="FISHER,DAMPING pairs for kronfluence besides its defaults")
     g.add_argument("--normalise", action="store_true", help="scale each checkpoint's scores to mean |score| 1")
     g.add_argument("--work-dir", default=str(ROOT / ".lds-prose"))
     g.add_argument("--machine", default="2-core shared CPU")
