@@ -98,7 +98,8 @@ class Fits:
 
     def __init__(self, bench: dict[str, Any]):
         self.bench = bench
-        self._fits: dict[tuple, Any] = {}
+        self._fits: dict[tuple, Any] = {}  # the latest fit only: a gradient cache is ~1.5 GB on the demo
+        self._scores: dict[tuple, tuple[np.ndarray, float, float]] = {}
 
     def fit(self, model_dir: Path, fisher: str, seed: int = 0):
         from transformers import AutoModelForCausalLM
@@ -107,6 +108,7 @@ class Fits:
 
         key = (str(model_dir), fisher, seed)
         if key not in self._fits:
+            self._fits.clear()
             c0 = time.process_time()
             model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
             eng = InfluenceEngine(model, self.bench["tokenizer"], layers="mlp", precision="fp32", fisher=fisher,
@@ -119,12 +121,16 @@ class Fits:
 
     def scores(self, model_dir: Path | None = None, fisher: str = "sampled", damping: str = "auto", seed: int = 0,
                rank: int = 32) -> tuple[np.ndarray, float, float]:
-        """Q x N scores, the fit's CPU seconds and the scoring's."""
-        eng, docs, qs, factors, gc, fit_s = self.fit(model_dir or self.bench["model_dir"], fisher, seed)
-        c0 = time.process_time()
-        prepared = eng.prepare_queries(qs, factors.with_damping(damping), rank=rank)
-        res = eng.score(docs, prepared, top_k=0, return_all=True, cache=gc)
-        return np.asarray(res.all_scores), fit_s, time.process_time() - c0
+        """Q x N scores, the fit's CPU seconds and the scoring's (memoised)."""
+        model_dir = model_dir or self.bench["model_dir"]
+        key = (str(model_dir), fisher, damping, seed, rank)
+        if key not in self._scores:
+            eng, docs, qs, factors, gc, fit_s = self.fit(model_dir, fisher, seed)
+            c0 = time.process_time()
+            prepared = eng.prepare_queries(qs, factors.with_damping(damping), rank=rank)
+            res = eng.score(docs, prepared, top_k=0, return_all=True, cache=gc)
+            self._scores[key] = (np.asarray(res.all_scores), fit_s, time.process_time() - c0)
+        return self._scores[key]
 
 
 def kron(bench: dict[str, Any], fisher: str = "sampled", damping: str = "auto") -> tuple[np.ndarray, float]:
@@ -189,9 +195,9 @@ def run_bench(name: str, args: argparse.Namespace) -> dict[str, Any]:
                    cpu_fit=fit_s, cpu_score=sc_s)
     # the sampled Fisher's labels: other seeds, and how far rankings move with the seed
     stability = []
-    for damping in args.seed_dampings:
-        base = mats[f"fisher sampled, damping {damping}"]
-        for seed in (1, 2):
+    for seed in (1, 2):
+        for damping in args.seed_dampings:
+            base = mats[f"fisher sampled, damping {damping}"]
             S, fit_s, sc_s = fits.scores(fisher="sampled", damping=damping, seed=seed)
             record(f"fisher sampled, damping {damping}, seed {seed}", S, fisher="sampled", damping=damping,
                    seed=seed, cpu_fit=fit_s, cpu_score=sc_s)
@@ -203,6 +209,8 @@ def run_bench(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if len(ckpts) >= 4:
         for setting in args.checkpoint_settings:
             fisher, damping = setting.split(",")
+            for d, _ in ckpts[:4]:  # one fit per checkpoint, in turn
+                fits.scores(model_dir=d, fisher=fisher, damping=damping)
             for n in (1, 2, 4):
                 chosen = {1: ckpts[3:4], 2: [ckpts[1], ckpts[3]], 4: ckpts[:4]}[n]  # final; half-way + final; all
                 lr_sums = _segment_lr_sums(ckpts, chosen)
@@ -232,8 +240,17 @@ def run_bench(name: str, args: argparse.Namespace) -> dict[str, Any]:
              **{k.replace(" ", "_").replace(",", ""): v for k, v in per_query.items()})
     return {"ground_truth": {"subsets": int(M.shape[0]), "documents": int(M.shape[1]), "queries": int(Y.shape[1]),
                              "alpha": float(M.mean())},
-            "model_dir": str(bench["model_dir"].relative_to(ROOT)), "rows": rows, "seed_stability": stability,
+            "model": bench["model_dir"].name, "model_fingerprint": _fingerprint(bench["model_dir"]),
+            "rows": rows, "seed_stability": stability,
             "checkpoint_rows": ckpt_rows}
+
+
+def _fingerprint(model_dir: Path) -> str:
+    from transformers import AutoModelForCausalLM
+
+    from influence_engine import model_fingerprint
+
+    return model_fingerprint(AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True))[:16]
 
 
 def _segment_lr_sums(all_ckpts: list[tuple[Path, dict[str, Any]]], chosen: list[tuple[Path, dict[str, Any]]]
