@@ -27,7 +27,7 @@ if __name__ == "__main__":
 
     from flows.runners import run_audit
     from influence_audit.demo.model import DEFAULT_CORPUS, ensure_demo_model
-    from tasks.params import AuditParams
+    from tasks.options import AuditParams
 
     work = Path(tempfile.mkdtemp(prefix="dask-bench-"))
     model = ensure_demo_model(work / "model", log=None)

@@ -41,7 +41,7 @@ from provenance import commit  # noqa: E402
 
 from influence_engine import Example, InfluenceEngine
 from influence_engine.index import GradientIndex, parse_sketch
-from tasks.index import QueryTimes, search_and_refine
+from tasks.influence.index import QueryTimes, search_and_refine
 
 
 def model(dim: int, layers: int, vocab: int, seed: int = 0) -> GPT2LMHeadModel:

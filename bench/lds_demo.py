@@ -37,7 +37,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from influence_audit.demo import make_corpus  # noqa: E402
 from influence_audit.demo.model import (  # noqa: E402
     DEFAULT_CORPUS,
     RECIPE,
@@ -45,6 +44,7 @@ from influence_audit.demo.model import (  # noqa: E402
     fit_demo_gpt2,
     read_jsonl,
 )
+from scripts import demo_corpus as make_corpus  # noqa: E402  (the generator is not part of the runtime package)
 
 WORK = ROOT / ".lds-demo"
 

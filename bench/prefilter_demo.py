@@ -26,10 +26,11 @@ from provenance import commit  # noqa: E402
 
 from influence_audit.demo.model import ensure_demo_model
 from influence_engine import InfluenceEngine
-from tasks.candidates import planted_metrics
-from tasks.data import data_fingerprint, read_rows
-from tasks.engine_io import encode_frame, score_frame
-from tasks.prefilter import bm25_candidates, score_candidates
+from tasks.influence.candidates import planted_metrics
+from tasks.influence.compute import score_frame
+from tasks.influence.prefilter import bm25_candidates, score_candidates
+from tasks.inputs.rows import data_fingerprint, encode_frame
+from tasks.inputs.sources import read_rows
 
 
 def main() -> dict[str, Any]:

@@ -125,7 +125,7 @@ def recall_table(report, faults: dict[str, list[str]], top_fraction: float = 0.1
     """Per fault type: recall within the top ``top_fraction`` of its issue score(s), and recall of the flags."""
     import polars as pl
 
-    from tasks.quality import ISSUE_TYPES
+    from tasks.quality.signals import ISSUE_TYPES
 
     n = report.height
     top_n = max(1, round(top_fraction * n))
@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from influence_audit.demo.model import ensure_demo_model, read_jsonl
-    from tasks.pipeline import EngineSpec
-    from tasks.quality import QualitySettings, quality_report
+    from tasks.engine import EngineSpec
+    from tasks.quality.signals import QualitySettings, quality_report
 
     torch.set_num_threads(1)
     rows = read_jsonl(CORPUS)
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     report.write_parquet(args.out_dir / "report.parquet")
     hot.write_parquet(args.out_dir / "hot_spots.parquet")
     table = recall_table(report, faults)
-    from tasks.quality import ISSUE_TYPES
+    from tasks.quality.signals import ISSUE_TYPES
 
     flagged_ids = set(report.filter(pl.any_horizontal([pl.col(t) for t in ISSUE_TYPES]))["id"].to_list())
     flagged = len(flagged_ids)

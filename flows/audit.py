@@ -1,7 +1,7 @@
 """The audit flow: sampled queries -> factors -> scored shards -> validated candidates -> MLflow -> review.
 
-Composition only: every stage is a task in ``tasks/stages.py``; the strategy says which fitting passes run;
-the manifest and the MLflow run are kept by :class:`tasks.bookkeeping.AuditBook`. This module decides order
+Composition only: every stage is a task in ``tasks/influence/stages.py``; the strategy says which fitting passes run;
+the manifest and the MLflow run are kept by :class:`tasks.record.bookkeeping.AuditBook`. This module decides order
 and mapping.
 """
 
@@ -15,28 +15,24 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.factors import fit_factor_stages
+from flows.inputs import load_input_stages
 from influence_engine import Factors
-from tasks.bookkeeping import AuditBook
-from tasks.index import IndexOptions, index_dir
-from tasks.inputs import engine_spec, factor_settings
-from tasks.params import AuditParams
-from tasks.paths import factor_dir
-from tasks.stages import (
+from tasks.influence.index import IndexOptions, index_dir
+from tasks.influence.stages import (
     build_index_part,
-    finish_inputs,
-    load_and_validate_shard,
     merge_candidates,
-    open_review,
-    plan_input_shards,
     prefilter_candidates,
     prepare_query_gradients,
-    record_results,
-    sample_query_set,
     score_shard,
     search_index,
     validate_outputs,
     verify_candidates,
 )
+from tasks.inputs.stages import sample_query_set
+from tasks.options import AuditParams, engine_spec, factor_settings
+from tasks.paths import factor_dir
+from tasks.record.bookkeeping import AuditBook
+from tasks.record.stages import open_review, record_results
 
 # Mapped tasks run in at most this many threads (the default runner's pool is unbounded): each holds one shard, so
 # the flow's memory is bounded by it, not by the corpus. INFLUENCE_AUDIT_THREADS overrides.
@@ -57,12 +53,7 @@ def influence_audit(params: AuditParams) -> dict[str, Any]:
     p = params
     book = AuditBook(p, get_run_logger())
 
-    def load_inputs() -> Any:  # plan the shards, load them mapped, then check and summarise across them
-        plan = plan_input_shards(p)
-        return finish_inputs(p, plan, load_and_validate_shard.map(plan.spec, range(len(plan.ranges)),
-                                                                   plan.ranges).result())
-
-    ins = book.load_inputs(load_inputs)
+    ins = book.load_inputs(lambda: load_input_stages(p))  # plan, load mapped, check across shards
     spec, settings = engine_spec(p, ins.model_dir), factor_settings(p, ins)
     fdir = str(factor_dir(book.home, settings))
     cached = Factors.exists(fdir)

@@ -6,8 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from influence_engine import FactorSettings, get_strategy
-from tasks.pipeline import EngineSpec, Shard
-from tasks.stages import finalize_factors, fit_covariance_partial, fit_lambda_partial, merge_and_eigendecompose
+from tasks.engine import EngineSpec
+from tasks.influence.stages import (
+    finalize_factors,
+    fit_covariance_partial,
+    fit_lambda_partial,
+    merge_and_eigendecompose,
+)
+from tasks.inputs.shards import Shard
 
 
 def fit_factor_stages(spec: EngineSpec, settings: FactorSettings, shards: Sequence[Shard], factor_dir: str) -> str:

@@ -26,16 +26,16 @@ from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.states import Failed
 
-from tasks.review import (
+from tasks.paths import resolve_home
+from tasks.review.decisions import (
     ReviewDecision,
     ReviewInput,
     check_review_input,
     publish_review_form,
-    resolve_home,
     submit_review_task,
     valid_decisions_task,
 )
-from tasks.review_pull import pull_reviews_task
+from tasks.review.pull import pull_reviews_task
 
 
 def _deployed() -> bool:

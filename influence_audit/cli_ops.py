@@ -10,24 +10,25 @@ import os
 from typing import Annotated
 
 import typer
-from rich.console import Console
+
+from influence_audit.console import err
+from influence_audit.options import Opts, takes
 
 __all__ = ["notify_retrained", "webhook_app"]
 
-err = Console(stderr=True)
 webhook_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                           help="Receive MLflow model-registry webhooks.")
 
 
+@takes(fields={"model": ("model",)})
 def notify_retrained(
-        model: Annotated[str, typer.Option(
-            help="Model directory, or models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH")],
         extra: Annotated[list[str] | None, typer.Option(
-            "--extra", help="KEY=VALUE added to the event payload (repeatable)")] = None) -> None:
+            "--extra", help="KEY=VALUE added to the event payload (repeatable)")] = None, opts: Opts = None) -> None:
     """Emit `model.retrained` so the post-retrain-audit deployment audits MODEL (needs PREFECT_API_URL)."""
     from influence_engine.errors import UserError
-    from tasks.events import emit_retrained
+    from tasks.ops.events import emit_retrained
 
+    model = opts.model.model
     payload: dict[str, str] = {}
     for item in extra or []:
         key, sep, value = item.partition("=")
@@ -53,9 +54,9 @@ def webhook_serve(
             help="MLflow server to check that a delivered version exists (default $MLFLOW_TRACKING_URI; "
                  "unset: no check)")] = None) -> None:
     """Turn signed `model_version.created` deliveries into `model.retrained` (needs PREFECT_API_URL)."""
-    from influence_audit.webhook import make_server, registry_checker
     from influence_engine.errors import UserError
-    from tasks.events import _api_url
+    from tasks.ops.events import _api_url
+    from tasks.ops.webhook import make_server, registry_checker
 
     secret = os.environ.get(secret_env, "")
     if not secret:

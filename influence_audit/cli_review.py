@@ -1,6 +1,6 @@
 """`influence-audit review ...`: list audits, show candidates, submit decisions, pull the MLflow UI's marks.
 
-Thin: every rule lives in :mod:`tasks.review`; errors are UserErrors (one line, non-zero exit).
+Thin: every rule lives in :mod:`tasks.review.decisions`; errors are UserErrors (one line, non-zero exit).
 """
 
 from __future__ import annotations
@@ -10,24 +10,24 @@ from typing import Annotated
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.table import Table
+
+from influence_audit.console import err, out
+from influence_audit.options import AuditArg, Opts, audit_id_of, takes
 
 review_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                          rich_markup_mode=None,
                          help="Human review of audit candidates: culprit / not-culprit / unsure.")
-out = Console()
-err = Console(stderr=True)
-
-HomeOpt = Annotated[Path | None, typer.Option("--output-dir", "--home", help="Where the audits are (default "
-                                                             "$INFLUENCE_AUDIT_HOME or ./.influence-audit)")]
-UriOpt = Annotated[str | None, typer.Option("--tracking-uri", help="MLflow URI (default: the audit's)")]
+WHERE = {"output": ("output_dir", "tracking_uri")}
 
 
 @review_app.command("list")
-def list_cmd(home: HomeOpt = None, tracking_uri: UriOpt = None) -> None:
+@takes(fields=WHERE)
+def list_cmd(opts: Opts = None) -> None:
     """Audits and their review status."""
-    from tasks.review import list_audits, resolve_home
+    home, tracking_uri = opts.output.output_dir, opts.output.tracking_uri
+    from tasks.paths import resolve_home
+    from tasks.review.decisions import list_audits
 
     rows = list_audits(home, tracking_uri=tracking_uri)
     if not rows:
@@ -44,10 +44,13 @@ def list_cmd(home: HomeOpt = None, tracking_uri: UriOpt = None) -> None:
 
 
 @review_app.command("show")
-def show_cmd(audit_id: Annotated[str, typer.Argument(help="Audit id (see `review list`)")], home: HomeOpt = None,
-             snippet_chars: Annotated[int, typer.Option(help="Characters of each snippet")] = 80) -> None:
+@takes("audit_ref", fields=WHERE)
+def show_cmd(audit_id: AuditArg = None,
+             snippet_chars: Annotated[int, typer.Option(help="Characters of each snippet")] = 80,
+             opts: Opts = None) -> None:
     """Candidates per query (rank, document, score, snippet) with the decisions so far."""
-    from tasks.review import audit_summary, latest_verdicts
+    audit_id, home = audit_id_of(audit_id, opts), opts.output.output_dir
+    from tasks.review.decisions import audit_summary, latest_verdicts
 
     s = audit_summary(home, audit_id)
     latest = {(r["query_id"], r["train_id"]): r for r in latest_verdicts(s["decisions"]).iter_rows(named=True)}
@@ -72,16 +75,19 @@ def show_cmd(audit_id: Annotated[str, typer.Argument(help="Audit id (see `review
 
 
 @review_app.command("submit")
-def submit_cmd(audit_id: Annotated[str, typer.Argument(help="Audit id (see `review list`)")],
+@takes("audit_ref", fields=WHERE)
+def submit_cmd(audit_id: AuditArg = None, *,
                reviewer: Annotated[str, typer.Option("--reviewer", help="Your name or handle")],
                decision: Annotated[list[str] | None, typer.Option(
                    "--decision", help="QUERY_ID:TRAIN_ID:VERDICT[:comment], verdict culprit | not-culprit | unsure "
                                       "(repeatable)")] = None,
                file: Annotated[Path | None, typer.Option(
                    "--file", help="JSONL: {query_id, train_id, verdict, comment?} per line")] = None,
-               home: HomeOpt = None, tracking_uri: UriOpt = None) -> None:
+               opts: Opts = None) -> None:
     """Record decisions: flagged-documents Parquet, the audit's decisions, its MLflow run."""
-    from tasks.review import parse_decision, read_decisions_file, submit_review
+    audit_id = audit_id_of(audit_id, opts)
+    home, tracking_uri = opts.output.output_dir, opts.output.tracking_uri
+    from tasks.review.decisions import parse_decision, read_decisions_file, submit_review
 
     decisions = [parse_decision(spec) for spec in decision or []]
     if file is not None:
@@ -94,13 +100,16 @@ def submit_cmd(audit_id: Annotated[str, typer.Argument(help="Audit id (see `revi
 
 
 @review_app.command("pull")
+@takes("audit_ref", fields=WHERE)
 def pull_cmd(audit_id: Annotated[str | None, typer.Argument(help="Audit id (default: every finished audit)")] = None,
-             home: HomeOpt = None, tracking_uri: UriOpt = None) -> None:
+             opts: Opts = None) -> None:
     """Record the culprit assessments made in the MLflow UI as decisions (changed or deleted ones too)."""
+    audit_id = audit_id_of(audit_id, opts, required=False)
+    home, tracking_uri = opts.output.output_dir, opts.output.tracking_uri
     from rich.markup import escape
 
     from influence_engine.errors import UserError
-    from tasks.review_pull import pull_reviews
+    from tasks.review.pull import pull_reviews
 
     results = pull_reviews(home, tracking_uri=tracking_uri, audit_id=audit_id)
     if not results:
@@ -124,11 +133,13 @@ def pull_cmd(audit_id: Annotated[str | None, typer.Argument(help="Audit id (defa
 
 
 @review_app.command("sync", hidden=True)
-def sync_cmd(audit_id: Annotated[str, typer.Argument(help="Audit id")], home: HomeOpt = None,
-             tracking_uri: UriOpt = None) -> None:
+@takes("audit_ref", fields=WHERE)
+def sync_cmd(audit_id: AuditArg = None, opts: Opts = None) -> None:
     """Rewrite the MLflow run's review table and tags from the decisions on disk (now part of
     `influence-audit sync`, the one verb from disk to MLflow)."""
-    from tasks.review import record_review_in_mlflow
+    audit_id = audit_id_of(audit_id, opts)
+    home, tracking_uri = opts.output.output_dir, opts.output.tracking_uri
+    from tasks.review.decisions import record_review_in_mlflow
 
     r = record_review_in_mlflow(home, audit_id, tracking_uri=tracking_uri)
     out.print(f"audit {audit_id}: review {r['status']} recorded on MLflow run {r['run_id']}")

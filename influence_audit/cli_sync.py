@@ -1,35 +1,32 @@
 """``influence-audit sync``: record in MLflow the audits that finished while MLflow was unreachable.
 
-Registered on the main app in ``influence_audit/cli.py``; the work is in :mod:`tasks.sync`.
+Registered on the main app in ``influence_audit/cli.py``; the work is in :mod:`tasks.record.sync`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
+
+from influence_audit.console import err
+from influence_audit.options import Opts, takes
 
 __all__ = ["sync"]
 
-err = Console(stderr=True)
 
 
-def sync(output_dir: Annotated[Path | None, typer.Option(
-             help="Where the audits are (default: $INFLUENCE_AUDIT_HOME or ./.influence-audit)")] = None,
-         tracking_uri: Annotated[str | None, typer.Option(
-             help="MLflow URI (default: each audit's own, else $MLFLOW_TRACKING_URI, else sqlite in --output-dir)")
-         ] = None,
-         experiment: Annotated[str | None, typer.Option(help="MLflow experiment (default: each audit's own)")] = None,
-         audit_id: Annotated[str | None, typer.Option("--audit-id", help="Sync only this audit")] = None) -> None:
+@takes("audit_ref", fields={"output": ("output_dir", "tracking_uri")})
+def sync(experiment: Annotated[str | None, typer.Option(help="MLflow experiment (default: each audit's own)")] = None,
+         opts: Opts = None) -> None:
     """Record every finished audit whose MLflow run is missing or incomplete; failed audits as failed."""
     from tasks.paths import resolve_home
-    from tasks.sync import sync_audits
+    from tasks.record.sync import sync_audits
 
-    home = resolve_home(output_dir)
-    outcomes = sync_audits(home, tracking_uri=tracking_uri, experiment=experiment, audit_id=audit_id)
+    home = resolve_home(opts.output.output_dir)
+    outcomes = sync_audits(home, tracking_uri=opts.output.tracking_uri, experiment=experiment,
+                           audit_id=opts.audit_ref.audit)
     for o in outcomes:
         run = f" (MLflow run {o.run_id})" if o.run_id else ""
         err.print(f"{escape(o.audit_id)}: {o.action}{run}: {escape(o.detail)}", highlight=False, soft_wrap=True)

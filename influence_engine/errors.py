@@ -35,3 +35,11 @@ class NumericalError(UserError):
     """NaN or Inf appeared in factors, gradients or scores; the message names the layer."""
 
     exit_code = 3
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message, cut to ``limit`` characters (its type's name when it has
+    no message): what one-line errors quote of a library's exception."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    text = lines[0].strip() if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -43,8 +43,8 @@ def main() -> None:
 
     from playwright.sync_api import sync_playwright
 
-    from tasks.review import load_candidates
-    from tasks.ui import audit_ui
+    from tasks.record.ui import audit_ui
+    from tasks.review.decisions import load_candidates
 
     info = audit_ui(a.home, a.audit, port=a.port, per_query=True)
     query = a.query or sorted(info["urls"]["trace"])[0]

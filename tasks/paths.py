@@ -2,7 +2,7 @@
 
 The home is ``--output-dir`` (or ``--home``), else ``$INFLUENCE_AUDIT_HOME``, else ``./.influence-audit``, always
 made absolute (manifests record absolute paths). Under it: ``audits/<audit id>/``, ``factors/<settings key>/``,
-the default MLflow store ``mlflow.db`` + ``mlartifacts/`` (:func:`tasks.tracking.configure_tracking`) and
+the default MLflow store ``mlflow.db`` + ``mlartifacts/`` (:func:`tasks.record.tracker.configure_tracking`) and
 ``flagged_documents.parquet``.
 """
 

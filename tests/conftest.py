@@ -13,7 +13,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-sys.path.insert(0, str(Path(__file__).parent))
+# Tests are grouped as the code is (engine, inputs, influence, quality, record, review, ops, cli); support modules
+# (helpers, servers, ...) sit here, and a few tests share fixtures across groups by module name.
+_TESTS = Path(__file__).parent
+for _group in sorted(p for p in _TESTS.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
+    if str(_group) not in sys.path:
+        sys.path.append(str(_group))
+sys.path.insert(0, str(_TESTS))
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "influence_audit" / "demo" / "data"
 

@@ -32,8 +32,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from influence_engine.atomic import umask_mode
 from influence_engine.errors import DataError
+from tasks.files import umask_mode
 
 EOT = "<|endoftext|>"
 UNK = "<unk>"

@@ -47,8 +47,8 @@ def _recorded_audit(servers: Servers, home: Path, audit_id: str) -> tuple[str, s
     """An audit directory in ``home`` whose run and traces are on the MLflow server: (run_id, experiment_id)."""
     import mlflow
 
-    from tasks.traces import record_traces
-    from tasks.tracking import configure_tracking, finish_audit_run, start_audit_run
+    from tasks.record.traces import record_traces
+    from tasks.record.tracker import configure_tracking, finish_audit_run, start_audit_run
 
     cands = make_candidates()
     audit_dir = make_audit(home, cands, audit_id)
@@ -69,7 +69,7 @@ def ui_audit(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 
 def _span(exp: str, audit_id: str, query_id: str, train_id: str) -> tuple[str, str]:
-    from tasks.traces import QUERY_TAG, audit_traces
+    from tasks.record.traces import QUERY_TAG, audit_traces
 
     for t in audit_traces(exp, audit_id, include_spans=True):
         if t.info.tags[QUERY_TAG] == query_id:
@@ -126,7 +126,7 @@ def test_a_culprit_marked_in_the_ui_reaches_the_flagged_documents(servers: Serve
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed "
                                                               "(apt-get install -y chromium)")
 def test_the_trace_view_renders_the_candidates(servers: Servers, ui_audit) -> None:
-    from tasks.ui import audit_ui
+    from tasks.record.ui import audit_ui
 
     info = audit_ui(ui_audit["home"], ui_audit["audit_id"], tracking_uri=servers.mlflow_uri, per_query=True)
     assert info["command"] is None and info["urls"]["run"].startswith(servers.mlflow_uri + "/#/experiments/")
@@ -175,7 +175,7 @@ def test_a_killed_worker_loses_no_decision(servers: Servers, tmp_path: Path) -> 
     from prefect.input.run_input import keyset_from_paused_state, read_flow_run_input
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks.review_runs import REVIEW_DEPLOYMENT, open_review_form
+    from tasks.review.runs import REVIEW_DEPLOYMENT, open_review_form
 
     audit_id = f"dur-{uuid.uuid4().hex[:8]}"
     home = servers.home

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from influence_audit.webhook import make_server, sign
+from tasks.ops.webhook import make_server, sign
 
 from .conftest import BIN, DEMO_DATA, REPO, Proc, Servers, free_port, start, wait_for
 
@@ -170,7 +170,7 @@ def test_model_uris_resolve_to_cached_model_directories(sqlite_registry: Path, t
     from mlflow import MlflowClient
 
     from influence_engine.errors import UserError
-    from tasks.model_uri import register_model_dir, resolve_model_uri
+    from tasks.ops.model_uri import register_model_dir, resolve_model_uri
 
     from .conftest import build_tiny_model
 
@@ -321,7 +321,7 @@ def test_retrain_event_and_registry_webhook_trigger_audits(servers: Servers, tin
         import mlflow
         from mlflow import MlflowClient
 
-        from tasks.model_uri import register_model_dir
+        from tasks.ops.model_uri import register_model_dir
 
         client = MlflowClient(tracking_uri=servers.mlflow_uri)
         hook = client.create_webhook(name="influence-audit", url=hook_url, events=["model_version.created"],

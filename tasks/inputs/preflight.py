@@ -1,0 +1,58 @@
+"""The preflight: an audit's inputs checked in seconds, before Prefect or MLflow start (the model directory or URI,
+the first rows and columns of every training source, the queries, the planted file, a writable output directory),
+so bad input gets one line and a non-zero exit before any long work.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from influence_engine import UserError
+from tasks.inputs.sources import read_rows
+from tasks.options import AuditParams, fields_of
+from tasks.paths import resolve_home
+
+
+def resolve_model(model: str) -> str:
+    """A local directory for the model (``models:/`` and ``runs:/`` URIs are fetched from MLflow)."""
+    if model.startswith(("models:/", "runs:/")):
+        from tasks.ops.model_uri import resolve_model_uri
+
+        return resolve_model_uri(model)
+    from influence_engine.engine import check_model_dir
+
+    return str(check_model_dir(Path(model).expanduser()).resolve())
+
+
+def check_writable(directory: Path, what: str) -> None:
+    """Refuse a directory that cannot be created or written, before any work; ``what`` names the flag and the
+    path the user gave (e.g. ``--out x/y.parquet``)."""
+    probe = Path(directory)
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{what}: {probe} is a file, not a directory", hint="choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{what}: {probe} is not writable", hint="choose a directory you can write")
+
+
+def preflight(p: AuditParams) -> None:
+    """Check the audit's inputs in seconds, before Prefect or MLflow start: the model directory, that the
+    training sources exist and their first rows have the columns they need, the queries, the planted file, the
+    output directory."""
+    if not p.model.startswith(("models:/", "runs:/")):
+        resolve_model(p.model)
+    from tasks.inputs.sources import check_columns
+
+    check_columns(p.train, "train", fields=fields_of(p), split=p.split)
+    if p.queries:  # none in quality mode
+        read_rows(p.queries, "queries")
+    if p.device_memory_gb is not None and not p.model.startswith(("models:/", "runs:/")):
+        from influence_engine.plan import plan_for  # from the config alone: refuse a layer that cannot fit, now
+
+        plan_for(resolve_model(p.model), p.layers, trust_remote_code=p.trust_remote_code, precision=p.precision,
+                 device_budget=int(p.device_memory_gb * 2**30)).check()
+    if p.planted and not Path(p.planted).is_file():
+        raise UserError(f"--planted {p.planted}: no such file", hint="give a JSON file {query_id: [train ids]}")
+    check_writable(resolve_home(p.output_dir), f"--output-dir {resolve_home(p.output_dir)}")

@@ -1,0 +1,1 @@
+"""Operations: the ``model.retrained`` event, the MLflow registry webhook receiver, model URIs."""

@@ -1,0 +1,189 @@
+"""``review pull``: reviewers' ``culprit`` assessments in MLflow become decisions, exactly as ``review submit``
+records them (the audit's ``review/decisions.parquet``, ``<home>/flagged_documents.parquet``, the run's
+``review_decisions.json`` table and ``review.*`` tags).
+
+Per candidate (query, document), the assessment that counts is the latest-updated valid one (an assessment
+edited in the UI overrides the old one, which MLflow marks invalid). A pull compares that with what the
+previous pull recorded (``review/mlflow_marks.json``) and appends a decision row only for pairs whose mark is
+new or changed, so pulling twice records nothing twice. A pair whose mark was deleted gets a ``retracted``
+row (undecided again) when that mark was still the pair's latest decision; a later ``review submit`` for the
+pair stays in force. Assessments that cannot be decisions are refused: the pull reports them and tags
+their trace ``influence_audit.refused`` with the reason, so nothing a reviewer marked is dropped silently.
+
+The rows are appended before the state file is rewritten: a crash in between makes the next pull append
+the same decisions again (harmless: the latest row per pair is unchanged), never lose one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from prefect import task
+
+from influence_engine.atomic import write_json_atomic
+from tasks.paths import resolve_home
+from tasks.record.traces import CulpritMark, read_culprit_assessments, show_refusals
+from tasks.review.decisions import (
+    FLAGGED_FILE,
+    FLAGGED_SCHEMA,
+    RETRACTED,
+    _append,
+    _content_hashes,
+    _decisions_path,
+    _locked,
+    _manifest,
+    _manifests,
+    _record,
+    _review_state,
+    _run_id,
+    _tracking_uri,
+    load_candidates,
+    load_decisions,
+)
+
+__all__ = ["MARKS_FILE", "pull_review", "pull_reviews", "pull_reviews_task"]
+
+MARKS_FILE = "mlflow_marks.json"
+_SEP = "\x1f"
+
+
+def _marks_path(home: Path, audit_id: str) -> Path:
+    return home / "audits" / audit_id / "review" / MARKS_FILE
+
+
+def _read_state(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8")).get("pairs") or {})
+    except (OSError, ValueError):
+        return {}
+
+
+def _effective(marks: list[CulpritMark]) -> dict[str, dict[str, Any]]:
+    """pair key -> the latest-updated mark on that pair (ties: the larger assessment id, for a stable answer)."""
+    out: dict[str, CulpritMark] = {}
+    for m in marks:
+        key = f"{m.query_id}{_SEP}{m.train_id}"
+        cur = out.get(key)
+        if cur is None or (m.updated_ms, m.assessment_id) > (cur.updated_ms, cur.assessment_id):
+            out[key] = m
+    return {k: {"assessment_id": m.assessment_id, "verdict": m.verdict, "reviewer": m.reviewer,
+                "comment": m.comment, "updated_ms": m.updated_ms} for k, m in out.items()}
+
+
+def _same(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    fields = ("assessment_id", "verdict", "reviewer", "comment")
+    return a is not None and b is not None and all(a.get(f) == b.get(f) for f in fields)
+
+
+def _latest_rows(decisions: pl.DataFrame) -> dict[str, dict[str, Any]]:
+    latest = decisions.unique(["query_id", "train_id"], keep="last", maintain_order=True)
+    return {f"{r['query_id']}{_SEP}{r['train_id']}": r for r in latest.iter_rows(named=True)}
+
+
+def _changes(before: dict[str, dict[str, Any]], now: dict[str, dict[str, Any]],
+             decisions: pl.DataFrame) -> list[dict[str, Any]]:
+    """Decision rows (query_id, train_id, verdict, reviewer, comment) for the marks that changed."""
+    latest = _latest_rows(decisions)
+    rows = []
+    for key in sorted(set(before) | set(now), key=lambda k: (now.get(k) or before[k])["updated_ms"]):
+        qid, tid = key.split(_SEP, 1)
+        old, new = before.get(key), now.get(key)
+        if new is not None and not _same(old, new):
+            rows.append({"query_id": qid, "train_id": tid, "verdict": new["verdict"], "reviewer": new["reviewer"],
+                         "comment": new["comment"]})
+        elif new is None and old is not None:
+            last = latest.get(key)
+            if last is not None and (last["verdict"], last["reviewer"], last["comment"]) == (
+                    old["verdict"], old["reviewer"], old["comment"]):
+                rows.append({"query_id": qid, "train_id": tid, "verdict": RETRACTED, "reviewer": old["reviewer"],
+                             "comment": f"culprit assessment {old['assessment_id']} deleted in MLflow"})
+    return rows
+
+
+def _frame(audit_id: str, audit_dir: Path, rows: list[dict[str, Any]]) -> pl.DataFrame:
+    hashes = _content_hashes(audit_dir, (r["train_id"] for r in rows))
+    now = datetime.now(timezone.utc)
+    return pl.DataFrame([{"train_id": r["train_id"], "content_hash": hashes[r["train_id"]], "audit_id": audit_id,
+                          "query_id": r["query_id"], "verdict": r["verdict"], "reviewer": r["reviewer"],
+                          "comment": r["comment"], "decided_at": now} for r in rows], schema=FLAGGED_SCHEMA)
+
+
+def pull_review(home: str | os.PathLike[str] | None, audit_id: str, *,
+                tracking_uri: str | None = None) -> dict[str, Any]:
+    """Record the audit's current ``culprit`` assessments from MLflow as decisions (see the module docstring).
+
+    Returns audit_id, run_id, traces (how many the audit has), marks (current assessments), recorded
+    (decision rows appended), retracted (of those, retractions), refused (messages), and the review state
+    (status, counts, decided, undecided, reviewers), as ``review submit`` does.
+    """
+    from tasks.record.tracker import configure_tracking, tracker
+
+    h = resolve_home(home)
+    manifest = _manifest(h, audit_id)
+    audit_dir = h / "audits" / audit_id
+    cands = load_candidates(h, audit_id)
+    run_id = _run_id(manifest, audit_id)
+    configure_tracking(_tracking_uri(manifest, tracking_uri), h)
+    experiment_id = tracker().experiment_of(run_id)
+    read = read_culprit_assessments(experiment_id, audit_id)
+    known = set(zip(cands["query_id"].to_list(), cands["train_id"].to_list(), strict=True))
+    marks, refused = [], {k: list(v) for k, v in read.refused.items()}
+    for m in read.marks:
+        if (m.query_id, m.train_id) in known:
+            marks.append(m)
+        else:
+            refused.setdefault(m.trace_id, []).append(
+                f"culprit assessment {m.assessment_id} by {m.reviewer} not recorded: {m.query_id}:{m.train_id} "
+                f"is not a candidate of audit {audit_id}")
+    now = _effective(marks)
+    state_path = _marks_path(h, audit_id)
+    flagged = h / FLAGGED_FILE
+    with _locked(_decisions_path(h, audit_id)):
+        decisions = load_decisions(h, audit_id)
+        rows = _changes(_read_state(state_path), now, decisions)
+        if rows:
+            frame = _frame(audit_id, audit_dir, rows)
+            with _locked(flagged):
+                decisions = _append(_decisions_path(h, audit_id), frame)
+                _append(flagged, frame)
+        write_json_atomic(state_path, {"audit_id": audit_id, "run_id": run_id, "pairs": now})
+        state = _review_state(cands, decisions)
+        if rows:
+            _record(run_id, decisions, state)
+    show_refusals(read.traces, refused)
+    messages = [msg for msgs in refused.values() for msg in msgs]
+    return {"audit_id": audit_id, "run_id": run_id, "traces": len(read.traces), "marks": len(marks),
+            "recorded": len(rows), "retracted": sum(r["verdict"] == RETRACTED for r in rows), "refused": messages,
+            "flagged_path": str(flagged), **state}
+
+
+def pull_reviews(home: str | os.PathLike[str] | None, *, tracking_uri: str | None = None,
+                 audit_id: str | None = None) -> list[dict[str, Any]]:
+    """:func:`pull_review` for ``audit_id``, else for every succeeded audit with an MLflow run; an audit that
+    fails to pull (MLflow unreachable, run deleted) gets ``{"audit_id", "error"}`` and the others go on."""
+    from influence_engine.errors import UserError
+
+    h = resolve_home(home)
+    if audit_id is not None:
+        return [pull_review(h, audit_id, tracking_uri=tracking_uri)]
+    out: list[dict[str, Any]] = []
+    for aid, manifest in _manifests(h).items():
+        if manifest.get("status") != "succeeded" or not manifest.get("mlflow_run_id"):
+            continue
+        try:
+            out.append(pull_review(h, aid, tracking_uri=tracking_uri))
+        except UserError as exc:
+            out.append({"audit_id": aid, "error": str(exc)})
+    return out
+
+
+@task(name="pull-review")
+def pull_reviews_task(home: str | None = None, audit_id: str | None = None,
+                      tracking_uri: str | None = None) -> list[dict[str, Any]]:
+    """:func:`pull_reviews` as a Prefect task (the ``review-pull`` deployment and the end of an audit)."""
+    return pull_reviews(home, tracking_uri=tracking_uri, audit_id=audit_id)

@@ -1,0 +1,33 @@
+"""The index benchmark runs end to end at a smoke size and writes finite figures (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # a benchmark end to end
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_index_bench_smoke(tmp_path):
+    out = tmp_path / "index.json"
+    args = ["--sizes", "300", "--queries", "3", "--refine", "20", "--sketches", "4x4", "--sketch", "8x8",
+            "--planted", "2", "--out", str(out)]
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "index_bench.py"), *args], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out.read_text())
+    assert r["complete"] and r["machine"]["commit"]
+    (size,) = r["sizes"]
+    assert set(size["sketches"]) == {"4x4", "8x8"}
+    for info in size["sketches"].values():
+        for key in ("build_s", "query_s", "bytes_per_document", "speedup_vs_rescan"):
+            assert math.isfinite(info[key]) and info[key] > 0, key
+        assert -1 <= info["agreement"]["spearman_mean"] <= 1
+        assert info["planted_recall_at_10"]["exact"] >= 0

@@ -1,0 +1,202 @@
+"""The quality report on a small crafted corpus (40 demo documents, one exact copy, one near copy, one gibberish
+document): its schema and flags, the hot spots, GE refusing broken reports, the CLI's one-line errors and the
+parameters of the flow's quality mode."""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+
+import numpy as np
+import polars as pl
+import pytest
+from pydantic import ValidationError
+
+from tasks.quality.signals import (
+    HOT_SPOT_SCHEMA,
+    ISSUE_TYPES,
+    REPORT_SCHEMA,
+    QualitySettings,
+    build_report,
+    quality_report,
+    review_items,
+    robust_z,
+)
+
+GIBBERISH_ID, COPY_ID, NEAR_ID = "junk-1", "copy-of-3", "near-of-7"
+
+
+def _gibberish(seed: int = 0) -> str:
+    r = random.Random(seed)
+    words = ["".join(r.choice(string.ascii_lowercase) for _ in range(r.randint(3, 9))) for _ in range(24)]
+    return " ".join(" ".join(words[i:i + 6]).capitalize() + "." for i in range(0, 24, 6))
+
+
+@pytest.fixture(scope="module")
+def crafted(demo_data, tmp_path_factory):
+    """The crafted corpus, a demo model trained on it for a few epochs, and its report."""
+    from influence_audit.demo.model import read_jsonl, train_demo_model
+    from tasks.engine import EngineSpec
+
+    rows = read_jsonl(demo_data / "corpus.jsonl")[:40]
+    sents = rows[7]["text"].split(". ")
+    near = ". ".join(sents[1:] + sents[:1]).rstrip(".") + "."  # sentences reordered
+    rows += [{"id": COPY_ID, "text": rows[3]["text"]}, {"id": NEAR_ID, "text": near},
+             {"id": GIBBERISH_ID, "text": _gibberish()}]
+    d = tmp_path_factory.mktemp("crafted")
+    path = d / "corpus.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    model_dir = train_demo_model(path, d / "model", epochs=3, log=None)
+    eng = EngineSpec(str(model_dir), "mlp", "cpu", "fp32", 16, 128, 0).engine()
+    train = pl.DataFrame(rows)
+    docs = eng.encode(rows, where="train")
+    factors = eng.fit_factors(docs, "ekfac")
+    report, hot = quality_report(eng, train, docs, factors, QualitySettings(hot_spots=4))
+    return {"rows": rows, "path": path, "model": model_dir, "report": report, "hot": hot, "signals": eng, "docs": docs,
+            "factors": factors}
+
+
+def test_report_schema_and_flags_on_a_crafted_corpus(crafted):
+    report, rows = crafted["report"], crafted["rows"]
+    assert report.schema == pl.Schema(REPORT_SCHEMA)
+    assert report["id"].to_list() == [r["id"] for r in rows]
+    for t in ISSUE_TYPES:
+        s = report[f"{t}_score"].to_numpy()
+        assert ((0 <= s) & (s <= 1)).all()
+        assert report[t].null_count() == 0
+    by_id = {r["id"]: r for r in report.iter_rows(named=True)}
+    original = rows[3]["id"]
+    for doc in (COPY_ID, original):
+        assert by_id[doc]["near_duplicate"] and by_id[doc]["near_duplicate_score"] == 1.0
+        assert by_id[doc]["duplicate_group"] == min(COPY_ID, original)
+        assert "exact duplicate" in by_id[doc]["reason"]
+    assert by_id[NEAR_ID]["near_duplicate"] and by_id[NEAR_ID]["duplicate_of"] == rows[7]["id"]
+    assert by_id[NEAR_ID]["duplicate_group"] == by_id[rows[7]["id"]]["duplicate_group"]
+    junk = by_id[GIBBERISH_ID]
+    assert junk["low_quality"] and "rare tokens" in junk["reason"]
+    assert junk["low_quality_score"] == report["low_quality_score"].max()
+    # nothing else is a duplicate; reasons exactly for flagged documents; few flags in all
+    dups = set(report.filter(pl.col("near_duplicate"))["id"].to_list())
+    assert dups == {COPY_ID, original, NEAR_ID, rows[7]["id"]}
+    any_flag = report.select(pl.any_horizontal([pl.col(t) for t in ISSUE_TYPES])).to_series()
+    assert ((report["reason"].str.len_chars() > 0) == any_flag).all()
+    assert any_flag.sum() <= 8
+    # the self-influence and loss are the engine's
+    eng, docs, factors = crafted["signals"], crafted["docs"], crafted["factors"]
+    plain = eng.self_influence(docs[:5], factors)
+    for r in report.head(5).iter_rows(named=True):
+        assert r["self_influence"] == pytest.approx(plain[r["id"]], rel=1e-5)
+        assert r["loss"] > 0
+
+
+def test_hot_spots_are_the_largest_token_shares(crafted):
+    hot, report = crafted["hot"], crafted["report"]
+    assert hot.schema == pl.Schema(HOT_SPOT_SCHEMA)
+    assert (hot.group_by("id").len()["len"] == 4).all() and hot["id"].n_unique() == report.height
+    eng, docs, factors = crafted["signals"], crafted["docs"], crafted["factors"]
+    (sig,) = eng.document_signals([docs[0]], factors)
+    mine = hot.filter(pl.col("id") == docs[0].id).sort("rank")
+    assert mine["position"].to_list() == sig.hot_spots(4)
+    np.testing.assert_allclose(mine["share"].to_numpy(),
+                               sig.token_self_influence[sig.hot_spots(4)] / sig.self_influence, rtol=1e-6)
+    assert mine["token"].to_list() == [eng.tokenizer.decode([docs[0].input_ids[p]]) for p in sig.hot_spots(4)]
+
+
+def test_review_items_are_keyed_by_issue_type_and_document(crafted):
+    report = crafted["report"]
+    items = review_items(report, {r["id"]: r["text"] for r in crafted["rows"]})
+    assert set(items["query_id"]) <= set(ISSUE_TYPES)
+    for t in ISSUE_TYPES:
+        mine = items.filter(pl.col("query_id") == t)
+        assert set(mine["train_id"]) == set(report.filter(pl.col(t))["id"])
+        assert mine["rank"].to_list() == list(range(1, mine.height + 1))
+        assert mine["score"].is_sorted(descending=True)
+
+
+def test_validation_passes_the_report_and_refuses_broken_ones(crafted):
+    from tasks.quality.checks import validate_quality_report
+
+    report = crafted["report"]
+    ids = report["id"]
+    assert validate_quality_report(report, train_ids=ids).success
+    broken = {
+        "outlier_score_in_unit_interval": report.with_columns(pl.col("outlier_score") * 3),
+        "loss_not_null": report.with_columns(pl.when(pl.col("id") == COPY_ID).then(float("nan"))
+                                             .otherwise(pl.col("loss")).alias("loss")),
+        "every_document_present": report.head(report.height - 1),
+        "group_matches_flag": report.with_columns(pl.lit(None, dtype=pl.String).alias("duplicate_group")),
+        "memorised_score_exists": report.drop("memorised_score"),
+    }
+    for check, frame in broken.items():
+        result = validate_quality_report(frame, train_ids=ids)
+        assert not result.success, check
+        assert check in {r["check"] for r in result.failures()}, (check, result.summary())
+
+
+def test_scores_are_squashed_robust_z_with_the_flag_at_one_half():
+    x = np.array([1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 8.0])
+    z = robust_z(x)
+    assert np.median(z) == 0.0 and z[-1] > 3.5
+    rng = np.random.default_rng(0)
+    n = 30
+    signals = pl.DataFrame({"id": [f"d{i}" for i in range(n)], "self_influence": rng.lognormal(0, 0.2, n),
+                            "loss": rng.lognormal(-1, 0.2, n), "n_tokens": [20] * n, "n_targets": [19] * n,
+                            "zlib_entropy": rng.normal(5, 0.2, n), "token_rarity": rng.normal(5, 0.2, n),
+                            "compression_ratio": rng.normal(0.7, 0.02, n), "text_hash": [str(i) for i in range(n)],
+                            "minhash": [rng.integers(0, 2**32, 128, dtype=np.uint64).tolist() for _ in range(n)]})
+    signals = signals.with_columns(pl.col("minhash").cast(pl.List(pl.UInt64)))
+    settings = QualitySettings()
+    report = build_report(signals, settings)
+    for t in ("outlier", "memorised", "low_quality"):
+        assert ((report[f"{t}_score"] >= 0.5) == report[t]).all()
+    spiked = signals.with_columns(pl.when(pl.col("id") == "d3").then(1e3).otherwise(pl.col("self_influence"))
+                                  .alias("self_influence"))
+    out = build_report(spiked, settings).row(3, named=True)
+    assert out["outlier"] and out["outlier_score"] > 0.5 and out["reason"].startswith("outlier: self-influence")
+    with pytest.raises(Exception, match="near-duplicate-threshold"):
+        build_report(signals, QualitySettings(near_duplicate_threshold=1.5))
+
+
+def test_quality_mode_needs_no_queries_and_influence_ids_are_unchanged():
+    from tasks.options import AuditParams
+
+    q = AuditParams(model="m", train=["t"], mode="quality")
+    assert q.queries is None and q.identity()["mode"] == "quality"
+    changed = AuditParams(model="m", train=["t"], mode="quality", top_k=7, cutoff=3.0).identity()
+    assert "top_k" not in changed and changed["cutoff"] == 3.0  # the query parameters do not define a report
+    with pytest.raises(ValidationError, match="queries are required"):
+        AuditParams(model="m", train=["t"])
+    influence = AuditParams(model="m", train=["t"], queries="q").identity()
+    assert not {"mode", "cutoff", "near_duplicate_threshold", "hot_spots"} & set(influence)
+    with pytest.raises(ValidationError):
+        AuditParams(model="m", train=["t"], mode="quality", near_duplicate_threshold=0)
+
+
+def test_cli_bad_flags_get_one_line_and_no_output(crafted, tmp_path, monkeypatch, capsys):
+    """The real entry point, in-process (the subprocess form of these cases is tests/cli/test_cli_errors.py's)."""
+    from influence_audit.cli import main
+
+    out = tmp_path / "r.parquet"
+    base = ["quality", "--model", str(crafted["model"]), "--train", str(crafted["path"])]
+    cases = [
+        (base + ["--out", str(tmp_path / "r.csv")], "must be a .parquet file"),
+        (base + ["--out", str(out), "--near-duplicate-threshold", "1.5"], "--near-duplicate-threshold 1.5"),
+        (base + ["--out", str(out), "--strategy", "nope"], "--strategy 'nope'"),
+        (["quality", "--model", str(crafted["model"]), "--train", str(tmp_path / "missing.jsonl"), "--out",
+          str(out)], "missing.jsonl"),
+        (["quality", "--model", str(tmp_path / "no-model"), "--train", str(crafted["path"]), "--out", str(out)],
+         "no-model: no such directory"),
+        (["audit", "--model", str(crafted["model"]), "--train", str(crafted["path"])], "--queries is required"),
+        (["audit", "--mode", "qualty", "--model", str(crafted["model"]), "--train", str(crafted["path"])],
+         "--mode 'qualty'"),
+    ]
+    for args, expect in cases:
+        monkeypatch.setattr("sys.argv", ["influence-audit", *args])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert exit_.value.code == 2, (args, err)
+        assert len(lines) == 1 and expect in lines[0] and "Traceback" not in err, err
+        assert not out.exists()
