@@ -30,8 +30,8 @@ def fit_factors(out_dir: Annotated[Path, typer.Option("--out", help="Directory f
               highlight=False, soft_wrap=True)
 
 
-@takes("model", "data", "factors", "runtime", "queries", "verify", "cache", fields={"search": ("prefilter",)},
-       required=("queries",))
+@takes("model", "checkpoints", "data", "factors", "runtime", "queries", "verify", "cache",
+       fields={"search": ("prefilter",)}, required=("queries",))
 def score(out_path: OutFileOpt,
           factors: Annotated[Path | None, typer.Option(help="Factors directory (fitted and stored if empty)")] = None,
           opts: Opts = None) -> None:
@@ -39,7 +39,8 @@ def score(out_path: OutFileOpt,
     from tasks.influence.commands import score as run
 
     r = run(opts.model, opts.data, opts.factors, opts.runtime, opts.queries, opts.search, opts.verify,
-            out_path=out_path, factors_dir=factors, gradient_cache_gb=opts.cache.gradient_cache_gb, report=REPORT)
+            out_path=out_path, factors_dir=factors, gradient_cache_gb=opts.cache.gradient_cache_gb, report=REPORT,
+            checkpoints=opts.checkpoints)
     if r.prefilter:
         p = r.prefilter
         err.print(f"prefilter bm25:{p['k']}: {p['scored']} of {r.n_docs} documents scored ({p['fraction']:.1%}); "
@@ -51,7 +52,8 @@ def score(out_path: OutFileOpt,
         print_verification(r.verification)
     err.print(f"{r.n_queries} queries x {r.n_docs} documents ({r.n_tokens:,} tokens scored"
               f"{f'; {r.truncated} truncated to {r.max_length}' if r.truncated else ''}) in {r.seconds:.1f} s"
-              f"{' (fitted and scored in one pass over the documents)' if r.one_pass else ''} -> {r.out_path}",
+              f"{' (fitted and scored in one pass over the documents)' if r.one_pass else ''}"
+              f"{f'; scores averaged over {r.checkpoints} checkpoints' if r.checkpoints > 1 else ''} -> {r.out_path}",
               highlight=False, soft_wrap=True)
 
 

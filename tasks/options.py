@@ -63,6 +63,15 @@ class ModelOptions(_Group):
                                                  "trust)")
 
 
+class CheckpointOptions(_Group):
+    """Other checkpoints of the model, whose influence is averaged with the model's (TRAK-style ensembles)."""
+
+    checkpoint: list[str] = option([], metavar="DIR|URI", help="Another checkpoint of the same model (repeatable; "
+                                   "a directory or an MLflow URI, as --model): each is fitted (factors cached by its "
+                                   "own weights) and scored on its own, and the scores are averaged with the "
+                                   "model's")
+
+
 class DataOptions(_Group):
     """Which training documents, and how to read them."""
 
@@ -234,7 +243,8 @@ class AuditRef(_Group):
 
 
 GROUPS: dict[str, type[_Group]] = {
-    "model": ModelOptions, "data": DataOptions, "factors": FactorOptions, "runtime": RuntimeOptions,
+    "model": ModelOptions, "checkpoints": CheckpointOptions, "data": DataOptions, "factors": FactorOptions,
+    "runtime": RuntimeOptions,
     "queries": QueryOptions, "sampling": SamplingOptions, "search": SearchOptions, "index": IndexOptions,
     "verify": VerifyOptions, "cache": CacheOptions,
     "quality": QualityOptions, "audit": AuditOptions, "output": OutputOptions, "audit_ref": AuditRef,
@@ -249,7 +259,7 @@ NOT_IDENTITY = (*OutputOptions.model_fields, *RuntimeOptions.model_fields, *Veri
 
 class AuditParams(OutputOptions, QualityOptions, VerifyOptions, IndexOptions, SearchOptions, SamplingOptions,
                   QueryOptions,
-                  RuntimeOptions, FactorOptions, AuditOptions, DataOptions, ModelOptions):
+                  RuntimeOptions, FactorOptions, AuditOptions, DataOptions, CheckpointOptions, ModelOptions):
     """Everything an audit depends on (every group). Same parameters and inputs = same audit id = resumable."""
 
     model_config = ConfigDict(extra="forbid")

@@ -24,6 +24,7 @@ from tasks.inputs.rows import data_fingerprint, encode_frame
 from tasks.inputs.sources import read_rows
 from tasks.options import (
     CacheOptions,
+    CheckpointOptions,
     DataOptions,
     FactorOptions,
     IndexOptions,
@@ -131,16 +132,53 @@ class ScoreRun:
     out_path: Path
     prefilter: dict[str, Any] | None = None
     verification: dict[str, Any] | None = field(default=None)
+    checkpoints: int = 1  # models whose scores were averaged (the model and its --checkpoint's)
+
+
+def checkpoint_scores(corpus: Corpus, paths: list[str], factors: FactorOptions, runtime: RuntimeOptions,
+                      trust_remote_code: bool, query_df: pl.DataFrame, query_rank: int, factors_dir: Path | None,
+                      budget: float, report: Reporter) -> list[Any]:
+    """Every document's scores on each other checkpoint (``--checkpoint``): its own engine, factors (stored under
+    ``factors_dir/checkpoints/<fingerprint>`` when a factors directory is given) and prepared queries; one
+    checkpoint in memory at a time. The checkpoints must tokenise the documents as the model does."""
+    from influence_engine.errors import UserError
+
+    results = []
+    for path in paths:
+        opts = SimpleNamespace(model=path, trust_remote_code=trust_remote_code, **factors.model_dump(),
+                               **runtime.model_dump())
+        eng = engine_spec(opts, resolve_model(path)).engine()
+        docs = encode_frame(eng, corpus.frame, "train")
+        if [d.input_ids for d in docs] != [d.input_ids for d in corpus.docs]:
+            raise UserError(f"--checkpoint {path}: its tokenizer splits the training documents differently from "
+                            f"--model's", hint="give checkpoints of the same model (same tokenizer)")
+        settings = eng.factor_settings(factors.strategy, factors.damping,
+                                       data_fingerprint=corpus.settings.data_fingerprint)
+        out_dir = None if factors_dir is None else factors_dir / "checkpoints" / settings.model_fingerprint[:16]
+        with report.stage(f"checkpoint {path}: " + fit_label(factors.strategy, compute.one_pass(
+                eng, len(docs), settings, budget)), len(docs)) as bar:
+            fitted = compute.fit(eng, docs, settings, out_dir=out_dir, cache_budget_bytes=budget, progress=bar,
+                                 notice=report.notice)
+        with report.stage(f"checkpoint {path}: scoring", len(docs)) as bar:
+            results.append(compute.score(eng, docs, encode_frame(eng, query_df, "queries"), fitted,
+                                         rank=query_rank, top_k=0, progress=bar))
+        del eng, fitted
+    return results
 
 
 def score(model: ModelOptions, data: DataOptions, factors: FactorOptions, runtime: RuntimeOptions,
           queries: QueryOptions, search: SearchOptions, verify: VerifyOptions, *, out_path: Path,
-          factors_dir: Path | None = None, gradient_cache_gb: float = 2.0, report: Reporter | None = None
-          ) -> ScoreRun:
-    """Rank the training documents by influence on each query; the scores go to ``out_path`` (Parquet)."""
+          factors_dir: Path | None = None, gradient_cache_gb: float = 2.0, report: Reporter | None = None,
+          checkpoints: CheckpointOptions | None = None) -> ScoreRun:
+    """Rank the training documents by influence on each query; the scores go to ``out_path`` (Parquet). With
+    ``checkpoints``, each document's score is the mean of its scores on the model and on every checkpoint."""
     from influence_engine.errors import UserError
 
     report = report or Silent()
+    others = list(checkpoints.checkpoint) if checkpoints is not None else []
+    if others and search.prefilter:
+        raise UserError("--checkpoint with --prefilter: not supported (every checkpoint scores every document)",
+                        hint="leave out one of the two")
     if gradient_cache_gb < 0:
         raise UserError(f"--gradient-cache-gb {gradient_cache_gb}: must be >= 0")
     if search.use_index:
@@ -172,7 +210,17 @@ def score(model: ModelOptions, data: DataOptions, factors: FactorOptions, runtim
     else:
         with report.stage(f"scoring {len(qs)} queries" + (" from kept gradients" if fitted.cache else ""),
                           len(docs)) as bar:
-            result = eng.score(docs, prepared, top_k=queries.top_k, progress=bar, cache=fitted.cache)
+            result = eng.score(docs, prepared, top_k=0 if others else queries.top_k, progress=bar,
+                               cache=fitted.cache)
+        if others:
+            from influence_engine import CheckpointScores, checkpoint_weights
+
+            combined = CheckpointScores(checkpoint_weights(1 + len(others)))
+            combined.add(result)
+            for r in checkpoint_scores(corpus, others, factors, runtime, model.trust_remote_code, query_df,
+                                       queries.query_rank, factors_dir, budget, report):
+                combined.add(r)
+            result = combined.result(queries.top_k)
         rows, n_tokens = result.top_rows(), result.n_tokens
     write_parquet_atomic(compute.score_frame(rows), out_path)
     verification = None
@@ -186,7 +234,7 @@ def score(model: ModelOptions, data: DataOptions, factors: FactorOptions, runtim
                                          log=report.notice)
     truncated = sum(e.truncated for e in docs) + sum(q.truncated for q in qs)
     return ScoreRun(len(qs), len(docs), n_tokens, truncated, factors.max_length, time.perf_counter() - t0,
-                    fitted.cache is not None, out_path, prefilter, verification)
+                    fitted.cache is not None, out_path, prefilter, verification, 1 + len(others))
 
 
 @dataclass

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import lds_prose  # noqa: E402
@@ -60,7 +60,7 @@ def test_shipped_prose_ground_truth_reads_as_kronfluence_files():
     truth = ROOT / "bench" / "data" / "lds_prose" / "truth"
     if not (truth / "masks.pt").exists():
         pytest.skip("ground truth not built yet (bench/lds_prose.py truth)")
-    from tasks.evaluate import read_matrix
+    from tasks.influence.evaluate import read_matrix
 
     M = read_matrix(truth / "masks.pt", "--masks")
     L = read_matrix(truth / "losses.pt", "--outputs")
