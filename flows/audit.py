@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.factors import fit_factor_stages
@@ -28,6 +28,7 @@ from tasks.influence.stages import (
     validate_outputs,
     verify_candidates,
 )
+from tasks.inputs.preflight import checkpoint_specs
 from tasks.inputs.stages import sample_query_set
 from tasks.options import AuditParams, engine_spec, factor_settings
 from tasks.paths import factor_dir
@@ -67,6 +68,16 @@ def influence_audit(params: AuditParams) -> dict[str, Any]:
         with book.stage("prepare_queries"):
             prepared = prepare_query_gradients(spec, settings, queries, fdir, p.query_rank,
                                                str(Path(ins.audit_dir) / "prepared-queries.safetensors"))
+        others = []  # --checkpoint: each other checkpoint's factors (cached by its own fingerprint) and queries
+        if p.checkpoint:
+            with book.stage("checkpoints"):
+                for c_spec, c_settings in checkpoint_specs(p, settings):
+                    c_dir = str(factor_dir(book.home, c_settings))
+                    if not Factors.exists(c_dir):
+                        fit_factor_stages(c_spec, c_settings, ins.shards, c_dir)
+                    name = f"prepared-queries-{c_settings.model_fingerprint[:16]}.safetensors"
+                    others.append((c_spec, prepare_query_gradients(c_spec, c_settings, queries, c_dir, p.query_rank,
+                                                                   str(Path(ins.audit_dir) / name))))
         if p.use_index:  # a matching index (same model, data, factor settings) is reused; else built, per shard
             idir = str(index_dir(book.home, settings, IndexOptions(p.sketch)))
             book.manifest["index"] = idir
@@ -80,7 +91,8 @@ def influence_audit(params: AuditParams) -> dict[str, Any]:
                 with book.stage("prefilter"):
                     cands = prefilter_candidates(p, ins, queries)
             with book.stage("score_shards"):
-                shard_scores = score_shard.map(spec, ins.shards, prepared, ins.audit_dir, p.top_k, cands).result()
+                shard_scores = score_shard.map(spec, ins.shards, prepared, ins.audit_dir, p.top_k, cands,
+                                               unmapped(others)).result()
         with book.stage("merge_candidates"):
             candidates = merge_candidates(spec, p, ins, shard_scores, queries, prepared)
         if p.verify_k:

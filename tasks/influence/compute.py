@@ -187,13 +187,27 @@ def prepare_queries(spec: EngineSpec, settings: FactorSettings, queries_path: st
 
 
 def score_shard(spec: EngineSpec, shard: Shard, prepared_path: str, audit_dir: str, top_k: int,
-                candidates_path: str | None = None) -> str:
+                candidates_path: str | None = None, checkpoints: Sequence[tuple[EngineSpec, str]] = ()) -> str:
     """Top-k per query within one shard, written as soon as the shard is done; with ``candidates_path`` (a
-    prefilter's), each query's top-k among its candidates, and only candidates are scored."""
+    prefilter's), each query's top-k among its candidates, and only candidates are scored. With ``checkpoints``
+    (each other checkpoint's engine and prepared queries), each document's score is the mean of its scores on the
+    model and on every checkpoint, and the top-k is taken on the mean."""
     path = Path(audit_dir) / "scores" / f"shard-{shard.index:05d}-{shard.key}.parquet"
     if not path.exists():
         eng = spec.engine()
         t0 = time.perf_counter()
+        if checkpoints:
+            from influence_engine import CheckpointScores, checkpoint_weights
+
+            combined = CheckpointScores(checkpoint_weights(1 + len(checkpoints)))
+            for s, prepared in ((spec, prepared_path), *checkpoints):
+                e = s.engine()
+                combined.add(e.score(shard_docs(e, shard), PreparedQueries.load(prepared), top_k=0))
+            result = combined.result(top_k)
+            write_parquet_atomic(score_frame(result.top_rows()), path)
+            info = {"seconds": time.perf_counter() - t0, "tokens": result.n_tokens, "checkpoints": 1 + len(checkpoints)}
+            write_json_atomic(path.with_suffix(".json"), info)
+            return str(path)
         if candidates_path is not None:
             from tasks.influence.prefilter import Candidates, score_candidates
 

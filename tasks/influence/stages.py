@@ -43,8 +43,8 @@ def prepare_query_gradients(spec: EngineSpec, settings: FactorSettings, queries_
 
 @task(name="score-shard")
 def score_shard(spec: EngineSpec, shard: Shard, prepared_path: str, audit_dir: str, top_k: int,
-                candidates_path: str | None = None) -> str:
-    return compute.score_shard(spec, shard, prepared_path, audit_dir, top_k, candidates_path)
+                candidates_path: str | None = None, checkpoints: list[tuple[EngineSpec, str]] | None = None) -> str:
+    return compute.score_shard(spec, shard, prepared_path, audit_dir, top_k, candidates_path, checkpoints or ())
 
 
 @task(name="prefilter-candidates")

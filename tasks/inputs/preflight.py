@@ -8,9 +8,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from influence_engine import UserError
+from influence_engine import FactorSettings, UserError
+from tasks.engine import EngineSpec
 from tasks.inputs.sources import read_rows
-from tasks.options import AuditParams, fields_of
+from tasks.options import AuditParams, engine_spec, fields_of
 from tasks.paths import resolve_home
 
 
@@ -43,6 +44,16 @@ def preflight(p: AuditParams) -> None:
     output directory."""
     if not p.model.startswith(("models:/", "runs:/")):
         resolve_model(p.model)
+    for path in p.checkpoint:
+        if p.use_index or p.prefilter or p.mode == "quality":
+            what = "--use-index" if p.use_index else "--prefilter" if p.prefilter else "--mode quality"
+            raise UserError(f"--checkpoint with {what}: not supported (every checkpoint scores every document)",
+                            hint="leave out one of the two")
+        if not path.startswith(("models:/", "runs:/")):
+            try:
+                resolve_model(path)
+            except UserError as exc:
+                raise UserError(f"--checkpoint {path}: {str(exc).split(': ', 1)[-1]}") from None
     from tasks.inputs.sources import check_columns
 
     check_columns(p.train, "train", fields=fields_of(p), split=p.split)
@@ -56,3 +67,16 @@ def preflight(p: AuditParams) -> None:
     if p.planted and not Path(p.planted).is_file():
         raise UserError(f"--planted {p.planted}: no such file", hint="give a JSON file {query_id: [train ids]}")
     check_writable(resolve_home(p.output_dir), f"--output-dir {resolve_home(p.output_dir)}")
+
+
+def checkpoint_specs(p: AuditParams, settings: FactorSettings) -> list[tuple[EngineSpec, FactorSettings]]:
+    """Each ``--checkpoint``'s engine spec and factor settings (the audit's, with the checkpoint's own weights'
+    fingerprint); refused with the gradient index or a prefilter, which score a subset of the documents."""
+    if p.use_index or p.prefilter:
+        raise UserError(f"--checkpoint with {'--use-index' if p.use_index else '--prefilter'}: not supported "
+                        f"(every checkpoint scores every document)", hint="leave out one of the two")
+    out = []
+    for path in p.checkpoint:
+        spec = engine_spec(p, resolve_model(path))
+        out.append((spec, settings.replace(model_fingerprint=spec.engine().fingerprint)))
+    return out
