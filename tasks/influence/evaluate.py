@@ -130,6 +130,16 @@ def plot_lds(per_query: np.ndarray, pred: np.ndarray, outputs: np.ndarray, query
     return path
 
 
+def evaluation_settings(p: Any) -> dict[str, Any]:
+    """The settings the evaluated scores were computed with (the audit's): recorded beside the metrics, so an LDS
+    always says which Fisher, damping, layers and checkpoints it measures."""
+    from influence_engine.settings import normalise_damping
+
+    return {"strategy": p.strategy, "layers": p.layers, "damping": normalise_damping(p.damping), "fisher": p.fisher,
+            "seed": p.seed, "query_rank": p.query_rank, "precision": p.precision, "max_length": p.max_length,
+            "checkpoints": 1 + len(p.checkpoint), "checkpoint": ",".join(p.checkpoint)}
+
+
 def evaluate_audit(home: str | Path | None, audit_id: str, *, masks: str | Path | None = None,
                    outputs: str | Path | None = None, outputs_kind: str = "logprob",
                    doc_ids: str | Path | None = None, query_ids: str | Path | None = None,
@@ -203,7 +213,8 @@ def evaluate_audit(home: str | Path | None, audit_id: str, *, masks: str | Path 
             raise UserError(f"--planted {planted}: none of its queries are among the audit's candidates")
         metrics |= pm
         emit("evaluation: " + ", ".join(f"{k} {v:.3f}" for k, v in pm.items()))
-    result |= {"metrics": metrics, "seconds": time.perf_counter() - t0}
+    settings = evaluation_settings(p)
+    result |= {"settings": settings, "metrics": metrics, "seconds": time.perf_counter() - t0}
     write_json_atomic(audit_dir / SUMMARY, result)
     run_id = manifest.get("mlflow_run_id")
     if run_id:
@@ -212,6 +223,7 @@ def evaluate_audit(home: str | Path | None, audit_id: str, *, masks: str | Path 
         configure_tracking(tracking_uri or p.tracking_uri, Path(p.output_dir) if p.output_dir else resolve_home(home))
         t = tracker()
         t.log_metrics(run_id, {k: float(v) for k, v in metrics.items() if np.isfinite(v)})
+        t.log_params(run_id, {f"evaluation.{k}": v for k, v in settings.items()})
         t.log_artifact(run_id, audit_dir / SUMMARY)
         for plot in plots:
             t.log_artifact(run_id, plot, "plots")

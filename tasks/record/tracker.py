@@ -441,6 +441,14 @@ class Tracker:
         for chunk in _chunks(items, 1000):
             _call("log metrics", self.client.log_batch, run_id, metrics=chunk)
 
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Params (MLflow keeps a param's first value: log only values that never change for this run)."""
+        from mlflow.entities import Param
+
+        items = [Param(str(k), str(v)) for k, v in params.items()]
+        for chunk in _chunks(items, 100):
+            _call("log params", self.client.log_batch, run_id, params=chunk)
+
     def log_artifact(self, run_id: str, path: str | Path, artifact_dir: str | None = None) -> None:
         _call(f"log {Path(path).name}", _log_path, self.client, run_id, Path(path), artifact_dir)
 
