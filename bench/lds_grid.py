@@ -63,8 +63,11 @@ def _load_masks(path: Path) -> np.ndarray:
     return np.asarray(m, dtype=np.float64)
 
 
-def _checkpoints(root: Path) -> list[tuple[Path, dict[str, Any]]]:
-    return [(d, json.loads((d / "checkpoint.json").read_text())) for d in sorted(root.glob("step-*"))]
+def _checkpoints(root: Path, final: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The saved checkpoints, the last (the end of training: the audited model itself) as ``final``, whose
+    scores the grid has already computed."""
+    out = [(d, json.loads((d / "checkpoint.json").read_text())) for d in sorted(root.glob("step-*"))]
+    return [(final, info) if info["fraction"] == 1.0 else (d, info) for d, info in out]
 
 
 def load_bench(name: str) -> dict[str, Any]:
@@ -88,7 +91,8 @@ def load_bench(name: str) -> dict[str, Any]:
         raise SystemExit(f"unknown benchmark {name!r}")
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     return {"name": name, "model_dir": model_dir, "tokenizer": tok, "docs": docs, "queries": queries,
-            "masks": masks, "outputs": outputs, "checkpoints": _checkpoints(ckpt_root), "max_length": max_length}
+            "masks": masks, "outputs": outputs, "checkpoints": _checkpoints(ckpt_root, model_dir),
+            "max_length": max_length}
 
 
 # ------------------------------------------------------------------------------------------------ ours
@@ -328,6 +332,19 @@ def demo_checkpoints(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def combine(args: argparse.Namespace) -> None:
+    """One result from several ``grid`` runs (one benchmark each): benchmarks side by side, the choice remade
+    across all of them."""
+    parts = [json.loads(Path(f).read_text()) for f in args.parts]
+    out = {"bench": "lds_grid", "parts": [{k: p[k] for k in ("commit", "command", "date", "host") if k in p}
+                                          for p in parts], "benchmarks": {}}
+    for p in parts:
+        out["benchmarks"] |= p["benchmarks"]
+    out["choice"] = choose(out["benchmarks"])
+    Path(args.out).write_text(json.dumps(out, indent=1, default=float) + "\n")
+    _log(f"wrote {args.out}; choice {out['choice']['best']}")
+
+
 # ------------------------------------------------------------------------------------------------ table
 def print_table(args: argparse.Namespace) -> None:
     d = json.loads(Path(args.json).read_text())
@@ -372,10 +389,14 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--normalise", action="store_true", help="scale each checkpoint's scores to mean |score| 1")
     g.add_argument("--work-dir", default=str(ROOT / ".lds-prose"))
     g.add_argument("--machine", default="2-core shared CPU")
+    c = sub.add_parser("combine", help="benchmarks of several grid results side by side; the choice across all")
+    c.add_argument("parts", nargs="+")
+    c.add_argument("--out", required=True)
     t = sub.add_parser("table", help="print a grid result as a markdown table")
     t.add_argument("json")
     args = ap.parse_args(argv)
-    {"demo-checkpoints": demo_checkpoints, "grid": run_grid, "table": print_table}[args.phase](args)
+    {"demo-checkpoints": demo_checkpoints, "grid": run_grid, "combine": combine,
+     "table": print_table}[args.phase](args)
 
 
 if __name__ == "__main__":
