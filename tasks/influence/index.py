@@ -186,7 +186,8 @@ def engine_for_index(index: GradientIndex, *, model_dir: str | None = None, devi
     if not model:
         raise UserError(f"{index.directory}: the index records no model directory", hint="give --model")
     spec = EngineSpec(str(Path(model).resolve()), settings.layers, device, settings.precision, batch_size,
-                      settings.max_length, settings.seed, settings.on_long, trust_remote_code)
+                      settings.max_length, settings.seed, settings.on_long, trust_remote_code,
+                      fisher=settings.fisher)
     eng = spec.engine()
     if eng.fingerprint != settings.model_fingerprint:
         raise FactorMismatchError(f"--model {model}: other weights than the index was built for "
