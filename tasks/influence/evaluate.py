@@ -81,14 +81,18 @@ def _ids(path: str | Path | None, what: str) -> list[str] | None:
 
 
 def all_scores(spec: Any, inputs: Any, audit_dir: Path, cands: pl.DataFrame, query_ids: list[str],
-               doc_ids: list[str], log: Log) -> np.ndarray:
+               doc_ids: list[str], log: Log, checkpoints: int = 1) -> np.ndarray:
     """Every query's score of every document (Q x N): from the candidates when they hold every pair
-    (``--top-k 0``), else one scoring pass with the audit's prepared queries."""
+    (``--top-k 0``), else one scoring pass with the audit's prepared queries (the model's alone: an audit over
+    several checkpoints must have kept every pair)."""
     n_pairs = cands.select("query_id", "train_id").unique().height
     if n_pairs == len(query_ids) * len(doc_ids):
         wide = cands.pivot(on="train_id", index="query_id", values="score")
         wide = wide.join(pl.DataFrame({"query_id": query_ids}), on="query_id", how="right")
         return wide.select(doc_ids).to_numpy().astype(np.float64)
+    if checkpoints > 1:
+        raise UserError(f"evaluate: the audit averaged {checkpoints} checkpoints but kept only each query's top "
+                        f"{cands['rank'].max()}", hint="rerun the audit with --top-k 0 to evaluate it")
     log(f"evaluation: scoring all {len(doc_ids)} documents (the audit kept the top {cands['rank'].max()})")
     eng = spec.engine()
     from tasks.inputs.shards import read_shard
@@ -195,7 +199,7 @@ def evaluate_audit(home: str | Path | None, audit_id: str, *, masks: str | Path 
         if outputs_kind == "loss":
             Y = -Y
         spec = engine_spec(p, inputs.model_dir)
-        S = all_scores(spec, inputs, audit_dir, cands, q_ids, d_ids, emit)
+        S = all_scores(spec, inputs, audit_dir, cands, q_ids, d_ids, emit, 1 + len(p.checkpoint))
         res = lds(S, M, Y, n_boot=n_boot)
         metrics |= res.as_dict()
         result["lds"] = {"mean": res.mean, "ci_low": res.ci_low, "ci_high": res.ci_high, "n_subsets": res.n_subsets,
