@@ -223,7 +223,8 @@ def index_build(model: ModelOptions, data: DataOptions, factors: FactorOptions, 
         built = ix.build(corpus.engine, corpus.docs, corpus.settings, out_dir, options=options,
                          factors_dir=factors_dir, cache_budget_bytes=cache.gradient_cache_gb * 2**30,
                          part_size=part_size, sources=[str(Path(p).resolve()) for p in data.train],
-                         model_dir=corpus.model_dir, progress=bar, notice=report.notice)
+                         model_dir=corpus.model_dir, data=data.model_dump(exclude={"train"}), progress=bar,
+                         notice=report.notice)
     size = ix.index_size(built)
     return IndexBuildRun(int(size["documents"]), size["bytes_per_document"], built.meta["sketch"],
                          built.meta["dtype"], time.perf_counter() - t0, out_dir)
