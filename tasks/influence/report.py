@@ -177,7 +177,7 @@ def _explained(query_id: str, r: dict[str, Any]) -> dict[str, Any] | None:
 
 @functools.lru_cache(maxsize=1)
 def _templates() -> Environment:
-    env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
+    env = Environment(loader=FileSystemLoader(Path(__file__).parents[1] / "templates"),
                       autoescape=select_autoescape(["html", "j2"], default=True), keep_trailing_newline=True)
     env.filters["fmt"] = _fmt
     env.filters["repr"] = repr
