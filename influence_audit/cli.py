@@ -18,6 +18,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its INFO lines are not our progress (nor its exit flush)
 
 from influence_audit import (  # noqa: E402  # noqa: E402
     cli_index,

@@ -12,6 +12,7 @@ import typer
 
 from influence_audit.console import REPORT, absolute, err, out
 from influence_audit.options import Opts, build_group, takes
+from tasks.options import AuditParams
 
 __all__ = ["audit", "demo", "fit_factors", "score", "run_audit_here", "print_audit_summary"]
 
@@ -65,19 +66,24 @@ def audit(dask: Annotated[str | None, typer.Option(help="Run mapped stages on Da
           = None, opts: Opts = None) -> None:
     """Run the full audit flow: validate, sample, fit, score, merge, validate, record in MLflow, open review."""
     from influence_engine.errors import UserError
-    from tasks.options import AuditParams
 
     values = opts.merged()
     if values["mode"] == "influence" and not values["queries"]:
         raise UserError("--queries is required", hint="give a query file, or --mode quality for a query-free audit")
+    print_audit_summary(run_audit_here(audit_params(values), dask, dask_cluster_class))
+
+
+def audit_params(values: dict) -> AuditParams:
+    """The flow's parameters from the flags' values, paths made absolute (the manifest records them so, and an
+    audit can then be found and rerun from anywhere)."""
+    values = dict(values)
     if not values["model"].startswith(("models:/", "runs:/")):
         values["model"] = absolute(values["model"])
     values["train"] = [absolute(t) for t in values["train"]]
     for key in ("queries", "output_dir", "planted"):
-        if values[key]:
+        if values.get(key):
             values[key] = absolute(values[key])
-    params = build_group(AuditParams, values)
-    print_audit_summary(run_audit_here(params, dask, dask_cluster_class))
+    return build_group(AuditParams, values)
 
 
 def _hide_user_error_tracebacks() -> None:

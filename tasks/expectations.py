@@ -263,7 +263,7 @@ def to_polars(df: pl.DataFrame | pd.DataFrame) -> pl.DataFrame:
 
 
 def exists(ge: GEContext, columns: Sequence[str]) -> list[Check]:
-    return [Check(f"{c}exists", ge.gxe.ExpectColumnToExist(column=c), f"column {c!r} is required")
+    return [Check(f"{c}_exists", ge.gxe.ExpectColumnToExist(column=c), f"column {c!r} is required")
             for c in columns]
 
 

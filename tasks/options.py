@@ -14,16 +14,16 @@ of the engine, so it is written once.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from influence_engine import FactorSettings
 from influence_engine.errors import UserError
-from influence_engine.lora import layers_for
-from influence_engine.settings import normalise_damping
-from tasks.engine import EngineSpec
-from tasks.inputs.rows import Fields
+
+if TYPE_CHECKING:  # imported where used: the CLI reads these declarations without loading torch
+    from influence_engine import FactorSettings
+    from tasks.engine import EngineSpec
+    from tasks.inputs.rows import Fields
 
 __all__ = [
     "GROUPS", "AuditOptions", "AuditRef", "AuditParams", "CacheOptions", "DataOptions", "FactorOptions", "IndexOptions",
@@ -111,6 +111,8 @@ class FactorOptions(_Group):
     @field_validator("damping")
     @classmethod
     def _damping(cls, v: str) -> str:
+        from influence_engine.settings import normalise_damping
+
         try:
             normalise_damping(v)
         except UserError as exc:
@@ -292,6 +294,8 @@ class AuditParams(OutputOptions, QualityOptions, VerifyOptions, IndexOptions, Se
 # ----------------------------------------------------------------------------------- what is built from them
 def fields_of(p: DataOptions) -> Fields:
     """The column mapping (``--id-field`` / ``--text-field``) the training data is read with."""
+    from tasks.inputs.rows import Fields
+
     return Fields(p.id_field, p.text_field)
 
 
@@ -318,12 +322,18 @@ class _EngineGroups(Protocol):  # FactorOptions + RuntimeOptions + ModelOptions.
 
 def engine_spec(p: _EngineGroups, model_dir: str) -> EngineSpec:
     """How to build the engine for these options on the model in ``model_dir`` (a local directory or file)."""
+    from influence_engine.lora import layers_for
+    from tasks.engine import EngineSpec
+
     return EngineSpec(model_dir, layers_for(model_dir, p.layers), p.device, p.precision, p.batch_size,
                       p.max_length, p.seed, p.on_long, p.trust_remote_code, p.device_memory_gb, p.fisher)
 
 
 def factor_settings(p: FactorOptions, inputs: FingerprintedInputs) -> FactorSettings:
     """What the factors of an audit with these options on these inputs depend on (the cache key)."""
+    from influence_engine import FactorSettings
+    from influence_engine.lora import layers_for
+
     return FactorSettings(inputs.model_fingerprint, inputs.data_fingerprint, p.strategy,
                           layers_for(inputs.model_dir, p.layers), p.damping, fisher=p.fisher, seed=p.seed,
                           max_length=p.max_length, precision=p.precision, on_long=p.on_long)

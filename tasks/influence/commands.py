@@ -19,9 +19,9 @@ import polars as pl
 from influence_engine import Example, FactorSettings, InfluenceEngine
 from tasks.files import check_out_file, write_parquet_atomic
 from tasks.influence import compute
+from tasks.inputs import sources
 from tasks.inputs.preflight import check_writable, resolve_model
 from tasks.inputs.rows import data_fingerprint, encode_frame
-from tasks.inputs.sources import read_rows
 from tasks.options import (
     CacheOptions,
     CheckpointOptions,
@@ -68,7 +68,7 @@ def unknown_token_notice(eng: InfluenceEngine, docs: list[Example], where: str) 
 def load_corpus(model: ModelOptions, data: DataOptions, factors: FactorOptions, runtime: RuntimeOptions,
                 report: Reporter) -> Corpus:
     """Read every training document, build the engine, tokenise, and the factor settings for this data."""
-    df = read_rows(data.train, "train", fields=fields_of(data), split=data.split)
+    df = sources.read_rows(data.train, "train", fields=fields_of(data), split=data.split)
     model_dir = resolve_model(model.model)
     opts = SimpleNamespace(**(model.model_dump() | factors.model_dump() | runtime.model_dump()))
     eng = engine_spec(opts, model_dir).engine()
@@ -186,7 +186,7 @@ def score(model: ModelOptions, data: DataOptions, factors: FactorOptions, runtim
                         "build` and query it with `index query`, or use `audit --use-index`")
     k_prefilter = parse_prefilter(search.prefilter)
     check_out_file(out_path, ".parquet")
-    query_df = read_rows(queries.queries, "queries")
+    query_df = sources.read_rows(queries.queries, "queries")
     corpus = load_corpus(model, data, factors, runtime, report)
     eng, docs = corpus.engine, corpus.docs
     qs = encode_frame(eng, query_df, "queries")
@@ -271,7 +271,8 @@ def index_build(model: ModelOptions, data: DataOptions, factors: FactorOptions, 
         built = ix.build(corpus.engine, corpus.docs, corpus.settings, out_dir, options=options,
                          factors_dir=factors_dir, cache_budget_bytes=cache.gradient_cache_gb * 2**30,
                          part_size=part_size, sources=[str(Path(p).resolve()) for p in data.train],
-                         model_dir=corpus.model_dir, progress=bar, notice=report.notice)
+                         model_dir=corpus.model_dir, data=data.model_dump(exclude={"train"}), progress=bar,
+                         notice=report.notice)
     size = ix.index_size(built)
     return IndexBuildRun(int(size["documents"]), size["bytes_per_document"], built.meta["sketch"],
                          built.meta["dtype"], time.perf_counter() - t0, out_dir)
@@ -298,7 +299,7 @@ def index_query(index_dir: Path, queries: QueryOptions, index: IndexOptions, run
     if queries.top_k < 1:
         raise UserError(f"--top-k {queries.top_k}: must be >= 1 for an index query")
     check_out_file(out_path, ".parquet")
-    qdf = read_rows(queries.queries, "queries")
+    qdf = sources.read_rows(queries.queries, "queries")
     t0 = time.perf_counter()
     times = ix.QueryTimes()
     result = ix.query(index_dir, qdf, top_k=queries.top_k, refine=index.refine,

@@ -22,7 +22,7 @@ from influence_engine import Example, FactorMismatchError, Factors, FactorSettin
 from influence_engine.index import GradientIndex, check_strategy, parse_sketch, store_dtype
 from tasks.engine import EngineSpec
 from tasks.influence.compute import Fitted, fit
-from tasks.inputs.rows import encode_frame
+from tasks.inputs.rows import Fields, encode_frame
 from tasks.inputs.shards import Shard, shard_docs
 
 Progress = Callable[[int, int], None]
@@ -67,10 +67,12 @@ def open_index(directory: str | Path, eng: InfluenceEngine, factors: Factors, op
 def build(eng: InfluenceEngine, docs: Sequence[Example], settings: FactorSettings, out_dir: str | Path, *,
           options: IndexOptions, factors_dir: str | Path | None = None, cache_budget_bytes: float = 0,
           part_size: int = 10000, sources: Sequence[str] = (), model_dir: str = "",
-          progress: Progress | None = None, notice: Notice | None = None) -> GradientIndex:
+          data: dict[str, str] | None = None, progress: Progress | None = None,
+          notice: Notice | None = None) -> GradientIndex:
     """Fit (or reuse) factors, then write every document's index vector. With every document's gradients
     within ``cache_budget_bytes`` the factors' one pass keeps them and the index is written from them (no
-    further pass); otherwise one pass, ``part_size`` documents per part."""
+    further pass); otherwise one pass, ``part_size`` documents per part. ``data``: how the sources were read
+    (``split``, ``id_field``, ``text_field``), recorded so ``--refine`` reads them the same way."""
     check_strategy(settings.strategy)
     options.check()
     out = Path(out_dir)
@@ -78,7 +80,8 @@ def build(eng: InfluenceEngine, docs: Sequence[Example], settings: FactorSetting
     fitted: Fitted = fit(eng, docs, settings, out_dir=fdir, cache_budget_bytes=cache_budget_bytes,
                          progress=progress, notice=notice)
     index = open_index(out, eng, fitted.factors, options, {
-        "model_dir": model_dir, "train": list(sources), "factors_dir": str(fdir.resolve()), "n_docs": len(docs)})
+        "model_dir": model_dir, "train": list(sources), "data": dict(data or {}), "factors_dir": str(fdir.resolve()),
+        "n_docs": len(docs)})
     if fitted.cache is not None:
         index.build_part("part-00000", eng, docs, fitted.factors, progress, cache=fitted.cache)
     else:
@@ -217,7 +220,9 @@ def query(index_path: str | Path, queries: pl.DataFrame, *, top_k: int = 50, ref
         if not sources:
             raise UserError(f"{index.directory}: the index records no training files to refine from",
                             hint="query without --refine, or rebuild with `influence-audit index build`")
-        train = read_rows(sources, "train")
+        how = index.meta.get("data") or {}
+        train = read_rows(sources, "train", fields=Fields(how.get("id_field", "id"), how.get("text_field", "text")),
+                          split=how.get("split", "train"))
         if data_fingerprint(train) != index.meta["settings"]["data_fingerprint"]:
             raise FactorMismatchError(f"{', '.join(sources)[:200]}: the training data changed since the index "
                                       f"was built", hint="rebuild the index (`influence-audit index build`)")

@@ -100,12 +100,10 @@ def test_audit_refuses_bad_input_in_seconds_once_before_prefect_starts(world, tm
 
 def test_demo_and_audit_record_absolute_paths(world, tmp_path):
     """Relative paths on the command line become absolute in the parameters (and so in the manifest)."""
-    from influence_audit import cli
-    from tasks.options import AuditParams
+    from influence_audit.cli_influence import audit_params
 
-    rel = os.path.relpath(world["train"])
-    params = cli._params(AuditParams, model=cli._absolute(os.path.relpath(world["model"])), train=[cli._absolute(rel)],
-                         queries=cli._absolute(os.path.relpath(world["queries"])))
+    params = audit_params({"model": os.path.relpath(world["model"]), "train": [os.path.relpath(world["train"])],
+                           "queries": os.path.relpath(world["queries"])})
     assert params.train == [str(world["train"])] and Path(params.model).is_absolute()
 
 

@@ -92,3 +92,27 @@ def test_sync_records_a_quality_audit_in_another_store(quality_run):
     assert run.data.tags["audit.status"] == "succeeded" and run.data.metrics["flagged_near_duplicate"] == 2
     assert {"quality_report.json", "candidates.json", "report.html"} <= {a.path for a in
                                                                            client.list_artifacts(outcome.run_id)}
+
+
+def test_quality_mode_streams_a_datasets_directory_with_mapped_fields(quality_run, tmp_path):
+    """The quality audit reads its data as the influence audit does: a datasets DatasetDict directory, a split,
+    mapped id and text columns, shards as row ranges (never copies), and the same report as from the JSONL file."""
+    import datasets
+
+    home, rows, params, result = quality_run
+    frame = pl.DataFrame({"doc": [r["id"] for r in rows], "body": [r["text"] for r in rows]})
+    datasets.DatasetDict({"train": datasets.Dataset.from_polars(frame)}).save_to_disk(str(tmp_path / "hf"))
+    mapped = influence_audit(params.model_copy(update={
+        "train": [str(tmp_path / "hf")], "split": "train", "id_field": "doc", "text_field": "body",
+        "output_dir": str(tmp_path / "home"), "tracking_uri": f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"}))
+    adir = Path(mapped["audit_dir"])
+    assert not list(adir.glob("inputs/train-*")), "no copies of the training data"
+    manifest = json.loads((adir / "shards.json").read_text())
+    assert [s["n_docs"] for s in manifest["shards"]] == [20, 20, 2]
+    assert {s["rows"]["form"] for s in manifest["shards"]} == {"arrow"}
+    want = pl.read_parquet(result["report"]).sort("id")
+    got = pl.read_parquet(mapped["report"]).sort("id")
+    assert got["id"].to_list() == want["id"].to_list()
+    for col in ("self_influence", "loss"):
+        assert (got[col] - want[col]).abs().max() <= 1e-4 * max(want[col].abs().max(), 1e-12), col
+    assert got.filter(pl.col("near_duplicate"))["id"].to_list() == want.filter(pl.col("near_duplicate"))["id"].to_list()
