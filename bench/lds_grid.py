@@ -345,6 +345,36 @@ def combine(args: argparse.Namespace) -> None:
     _log(f"wrote {args.out}; choice {out['choice']['best']}")
 
 
+def ensemble(args: argparse.Namespace) -> None:
+    """TRAK-style ensembles: scores averaged over the audited model and independently trained models (other
+    initialisation seeds, same data and recipe: ``bench/lds_prose.py model --train-seed N --work DIR``), with
+    the final checkpoints' rows as reference; paired differences against kronfluence's per-query LDS saved by a
+    ``grid`` run (``--per-query``)."""
+    from influence_engine.evaluation import lds, paired_difference
+
+    torch.set_num_threads(1)
+    bench = load_bench(args.bench)
+    M, Y = bench["masks"], bench["outputs"]
+    kron_pq = np.load(args.per_query)["kronfluence_ekfac_mlp_(damping_0.1_x_mean)"]
+    fits = Fits(bench)
+    models = [bench["model_dir"], *map(Path, args.models)]
+    mats, cpu, rows = [], 0.0, []
+    for d in models:
+        S, fit_s, sc_s = fits.scores(model_dir=d, fisher=args.fisher, damping=args.damping)
+        mats.append(S)
+        cpu += fit_s + sc_s
+        res = lds(sum(mats) / len(mats), M, Y)
+        diff = paired_difference(res.per_query, kron_pq)
+        rows.append({"models": len(mats), "lds": res.mean, "lds_ci": [res.ci_low, res.ci_high],
+                     "minus_kronfluence": list(diff), "cpu_total": cpu, "model": str(d.relative_to(ROOT))})
+        _log(f"{args.bench} ensemble of {len(mats)} model(s), fisher {args.fisher}, damping {args.damping}: LDS "
+             f"{res.mean:.3f} [{res.ci_low:.3f}, {res.ci_high:.3f}], minus kronfluence {diff[0]:+.3f} "
+             f"[{diff[1]:+.3f}, {diff[2]:+.3f}], cpu {cpu:.1f} s")
+    out = {"bench": "lds_grid ensemble", **provenance(), "benchmark": args.bench, "fisher": args.fisher,
+           "damping": args.damping, "rows": rows}
+    Path(args.out).write_text(json.dumps(out, indent=1, default=float) + "\n")
+
+
 # ------------------------------------------------------------------------------------------------ table
 def print_table(args: argparse.Namespace) -> None:
     d = json.loads(Path(args.json).read_text())
@@ -389,13 +419,20 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--normalise", action="store_true", help="scale each checkpoint's scores to mean |score| 1")
     g.add_argument("--work-dir", default=str(ROOT / ".lds-prose"))
     g.add_argument("--machine", default="2-core shared CPU")
+    e = sub.add_parser("ensemble", help="scores averaged over independently trained models")
+    e.add_argument("--bench", default="prose")
+    e.add_argument("--models", nargs="+", required=True, help="other models' directories")
+    e.add_argument("--fisher", default="empirical")
+    e.add_argument("--damping", default="auto:0.0001")
+    e.add_argument("--per-query", required=True, help="a grid run's per-query LDS file (.npz)")
+    e.add_argument("--out", required=True)
     c = sub.add_parser("combine", help="benchmarks of several grid results side by side; the choice across all")
     c.add_argument("parts", nargs="+")
     c.add_argument("--out", required=True)
     t = sub.add_parser("table", help="print a grid result as a markdown table")
     t.add_argument("json")
     args = ap.parse_args(argv)
-    {"demo-checkpoints": demo_checkpoints, "grid": run_grid, "combine": combine,
+    {"demo-checkpoints": demo_checkpoints, "grid": run_grid, "combine": combine, "ensemble": ensemble,
      "table": print_table}[args.phase](args)
 
 
