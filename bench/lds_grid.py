@@ -366,7 +366,7 @@ def ensemble(args: argparse.Namespace) -> None:
         res = lds(sum(mats) / len(mats), M, Y)
         diff = paired_difference(res.per_query, kron_pq)
         rows.append({"models": len(mats), "lds": res.mean, "lds_ci": [res.ci_low, res.ci_high],
-                     "minus_kronfluence": list(diff), "cpu_total": cpu, "model": str(d.relative_to(ROOT))})
+                     "minus_kronfluence": list(diff), "cpu_total": cpu, "model": str(d.resolve().relative_to(ROOT))})
         _log(f"{args.bench} ensemble of {len(mats)} model(s), fisher {args.fisher}, damping {args.damping}: LDS "
              f"{res.mean:.3f} [{res.ci_low:.3f}, {res.ci_high:.3f}], minus kronfluence {diff[0]:+.3f} "
              f"[{diff[1]:+.3f}, {diff[2]:+.3f}], cpu {cpu:.1f} s")
