@@ -27,7 +27,6 @@ import hashlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,19 +37,10 @@ from . import __version__
 from .cache import CachingCovarianceAccumulator, GradientCache, cache_bytes
 from .data import Example, encode, examples_fingerprint
 from .errors import FactorMismatchError, ModelError, UserError
-from .experts import track_experts
-from .factors import (
-    CovarianceAccumulator,
-    CovariancePartial,
-    Eigenbasis,
-    Factors,
-    LambdaAccumulator,
-    LambdaPartial,
-    eigendecompose,
-    finalize,
-)
+from .factors import CovarianceAccumulator, Factors, LambdaAccumulator, eigendecompose, finalize
 from .fusion import fuse_activations
-from .layers import LayerSpec, layer_spec
+from .layers import LayerSpec, layer_spec, track_experts
+from .models import load_pretrained
 from .passes import PassConfig, PassContext, Progress, Runner
 from .plan import Plan, groups_within, layer_memory, make_plan, model_shape
 from .presets import resolve_layers
@@ -58,6 +48,7 @@ from .quality import DocumentSignalAccumulator, DocumentSignals
 from .queries import PreparedQueries, QueryAccumulator
 from .scoring import ScoreAccumulator, SelfInfluenceAccumulator, TopK, check_scores
 from .settings import PRECISIONS, FactorSettings
+from .statistics import CovariancePartial, Eigenbasis, LambdaPartial
 from .strategies import get_strategy
 
 GPU_FACTOR_SHARE = 0.8  # of a GPU's free memory (after the model is loaded) that factors may take
@@ -85,49 +76,6 @@ def model_fingerprint(model: nn.Module) -> str:
         h.update(f"{name}:{tuple(t.shape)}".encode())
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def check_model_dir(path: str | os.PathLike[str]) -> Path:
-    """``path`` as a directory holding a saved model (``config.json``) or a PEFT adapter; a one-line ModelError
-    otherwise. Reads no weights: the audit's preflight calls it before anything starts."""
-    from .lora import is_adapter_dir
-
-    p = Path(path)
-    if not p.is_dir():
-        raise ModelError(f"--model {p}: no such directory", hint="give a local Hugging Face model directory")
-    if not (p / "config.json").exists() and not is_adapter_dir(p):
-        raise ModelError(f"--model {p}: no config.json", hint="save the model with save_pretrained()")
-    return p
-
-
-def load_pretrained(path: str | os.PathLike[str], *, trust_remote_code: bool = False, tokenizer_only: bool = False):
-    """Load a local Hugging Face causal LM and its tokenizer, never touching the network. A PEFT LoRA adapter
-    directory loads its (local) base model with the adapter's layers injected (see lora.py)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .lora import is_adapter_dir, load_adapter
-
-    p = Path(path)
-    if not p.is_dir():
-        raise ModelError(f"--model {p}: no such directory", hint="give a local Hugging Face model directory")
-    if is_adapter_dir(p) and not tokenizer_only:
-        return load_adapter(p, trust_remote_code=trust_remote_code)
-    if not tokenizer_only:
-        check_model_dir(p)
-    def load(what: str, loader, hint: str):
-        try:
-            return loader.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"--model {p}: the {what} could not be loaded: {first[:300]}", hint=hint) from None
-
-    model = None if tokenizer_only else load("model", AutoModelForCausalLM,
-                                             "check that the weights are complete (re-save the model)")
-    tokenizer = load("tokenizer", AutoTokenizer, "save the tokenizer into the model directory")
-    if len(tokenizer) < 2:  # transformers builds an empty tokenizer when the directory has no tokenizer files
-        raise ModelError(f"--model {p}: no usable tokenizer ({len(tokenizer)} tokens)",
-                         hint="save the tokenizer into the model directory (tokenizer.save_pretrained)")
-    return model, tokenizer
 
 
 @dataclass

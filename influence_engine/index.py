@@ -40,10 +40,11 @@ from .atomic import atomic_path, write_json_atomic
 from .cache import GradientCache
 from .data import Example
 from .errors import FactorMismatchError, UserError
-from .factors import Factors, _load_tensors, _save_tensors, per_document_gradient
+from .factors import Factors, per_document_gradient
 from .layers import LayerSpec
 from .passes import BaseAccumulator, PassContext, Progress, augment
 from .scoring import TopK
+from .statistics import load_tensors, save_tensors
 from .strategies import Strategy
 
 FORMAT_VERSION = 1
@@ -276,7 +277,7 @@ class GradientIndex:
         d.mkdir(parents=True, exist_ok=True)
         tensors = {f"{side}/{n}": t for side, store in (("out", sk.out), ("in", sk.inp))
                    for n, t in store.items() if t is not None}
-        _save_tensors(d / "sketch.safetensors", tensors, {"seed": sketch_seed})
+        save_tensors(d / "sketch.safetensors", tensors, {"seed": sketch_seed})
         write_json_atomic(d / "index.json", meta)
         return cls(d, meta)
 
@@ -309,7 +310,7 @@ class GradientIndex:
         if names != list(specs):
             raise FactorMismatchError(f"{self.directory}: the index tracks other layers than this engine",
                                       hint="query with the index's own --layers")
-        t, _ = _load_tensors(self.directory / "sketch.safetensors")
+        t, _ = load_tensors(self.directory / "sketch.safetensors")
         size = parse_sketch(self.meta["sketch"])
         return Sketch(size, int(self.meta["sketch_seed"]), {n: t.get(f"out/{n}") for n in names},
                       {n: t.get(f"in/{n}") for n in names})

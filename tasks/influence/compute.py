@@ -43,7 +43,7 @@ from influence_engine import (
     merge,
 )
 from influence_engine.atomic import write_json_atomic
-from influence_engine.factors import load_basis, save_basis
+from influence_engine.statistics import load_basis, save_basis
 from tasks.engine import EngineSpec
 from tasks.files import write_parquet_atomic
 from tasks.inputs.rows import encode_frame

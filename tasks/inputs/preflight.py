@@ -21,7 +21,7 @@ def resolve_model(model: str) -> str:
         from tasks.ops.model_uri import resolve_model_uri
 
         return resolve_model_uri(model)
-    from influence_engine.engine import check_model_dir
+    from influence_engine.models import check_model_dir
 
     return str(check_model_dir(Path(model).expanduser()).resolve())
 

@@ -15,8 +15,8 @@ from helpers import random_examples, tiny_gpt2
 from reliability_support import build_model, corpus, queries, write_jsonl
 
 from influence_engine import InfluenceEngine, ModelError, UserError
-from influence_engine.engine import load_pretrained
 from influence_engine.layers import layer_spec, select_layers
+from influence_engine.models import load_pretrained
 from influence_engine.plan import make_plan, meta_model, model_shape
 
 GIB = 2**30
