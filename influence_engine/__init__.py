@@ -20,7 +20,7 @@ _EXPORTS = {
     "DataError": "errors", "FactorMismatchError": "errors", "ModelError": "errors", "NumericalError": "errors",
     "UserError": "errors",
     "CovariancePartial": "factors", "Eigenbasis": "factors", "Factors": "factors", "LambdaPartial": "factors",
-    "eigendecompose": "factors", "finalize": "factors", "merge": "factors",
+    "eigendecompose": "factors", "finalize": "factors", "merge": "factors", "merge_groups": "factors",
     "PreparedQueries": "queries",
     "DocumentSignals": "quality",
     "FactorSettings": "settings", "stable_key": "settings",
@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .data import Example, encode  # noqa: F401
     from .engine import Explanation, InfluenceEngine, ScoreResult, load_pretrained, model_fingerprint  # noqa: F401
     from .errors import DataError, FactorMismatchError, ModelError, NumericalError, UserError  # noqa: F401
-    from .factors import CovariancePartial, Eigenbasis, Factors, LambdaPartial, eigendecompose, finalize, merge  # noqa: F401
+    from .factors import CovariancePartial, Eigenbasis, Factors, LambdaPartial, eigendecompose, finalize, merge, merge_groups  # noqa: F401
     from .quality import DocumentSignals  # noqa: F401
     from .queries import PreparedQueries  # noqa: F401
     from .settings import FactorSettings, stable_key  # noqa: F401
