@@ -20,6 +20,8 @@ Score frames (``query_id``, ``train_id``, ``score``, ``rank``) and their merge i
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -151,11 +153,17 @@ def _partial_path(factor_dir: str, kind: str, shard: Shard, layers: LayerGroup) 
     return Path(factor_dir) / "partials" / f"{kind}-{shard.key}{group}.safetensors"
 
 
+def _made(shard: Shard, started: float) -> dict[str, Any]:
+    """A partial's metadata: its shard, and which process made it when (to see where mapped passes ran)."""
+    return {"shard": shard.key, "pid": os.getpid(), "host": socket.gethostname(), "started": started,
+            "finished": time.time()}
+
+
 def covariance_partial(spec: EngineSpec, shard: Shard, factor_dir: str, layers: LayerGroup = None) -> str:
     path = _partial_path(factor_dir, "cov", shard, layers)
     if not path.exists():
-        eng = spec.engine()
-        eng.fit_covariance(shard_docs(eng, shard), layers=layers).save(path, {"shard": shard.key})
+        eng, started = spec.engine(), time.time()
+        eng.fit_covariance(shard_docs(eng, shard), layers=layers).save(path, _made(shard, started))
     return str(path)
 
 
@@ -177,9 +185,9 @@ def lambda_partial(spec: EngineSpec, shard: Shard, factor_dir: str, basis_path: 
                    layers: LayerGroup = None) -> str:
     path = _partial_path(factor_dir, "lambda", shard, layers)
     if not path.exists():
-        eng = spec.engine()
+        eng, started = spec.engine(), time.time()
         basis = load_basis(basis_path, layers) if basis_path else None  # one group's: its layers' alone
-        eng.fit_lambda(shard_docs(eng, shard), basis, layers=layers).save(path, {"shard": shard.key})
+        eng.fit_lambda(shard_docs(eng, shard), basis, layers=layers).save(path, _made(shard, started))
     return str(path)
 
 
