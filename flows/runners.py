@@ -4,9 +4,9 @@
 processes: 2 when not given, or one per visible CUDA device), or the address of an existing scheduler
 (``tcp://host:8786``). With CUDA devices visible, local worker ``i`` is pinned to device ``i`` (its own
 ``CUDA_VISIBLE_DEVICES``, so it sees that GPU alone as ``cuda:0`` and the audit's ``device=auto`` picks it): through
-dask-cuda's ``LocalCUDACluster`` when dask-cuda is installed, else :class:`flows.dask_cluster.PinnedLocalCluster`. On a cluster of
-machines, start workers with ``dask cuda worker`` (or one ``dask worker`` per GPU with its own
-``CUDA_VISIBLE_DEVICES``) and pass the scheduler's address.
+dask-cuda's ``LocalCUDACluster`` when dask-cuda is installed, else
+:class:`flows.dask_cluster.PinnedLocalCluster`. On a cluster of machines, start workers with ``dask cuda worker``
+(or one ``dask worker`` per GPU with its own ``CUDA_VISIBLE_DEVICES``) and pass the scheduler's address.
 """
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from prefect import flow
+
 from influence_engine.errors import UserError
+from tasks.options import AuditParams
 
 
 def visible_devices(environ: Mapping[str, str] | None = None, count: int | None = None) -> list[str]:
@@ -48,7 +51,8 @@ def local_cluster(n: int | None, devices: Sequence[str], *, cuda_cluster_class: 
                   ) -> tuple[str | None, dict[str, Any]]:
     """The cluster class and keyword arguments of ``--dask local[:N]``: ``N`` single-threaded worker processes (2
     without devices when not given; one per visible device with them), worker ``i`` pinned to device ``i``
-    (dask-cuda's ``LocalCUDACluster`` when ``cuda_cluster_class`` names it, else :class:`flows.dask_cluster.PinnedLocalCluster`)."""
+    (dask-cuda's ``LocalCUDACluster`` when ``cuda_cluster_class`` names it, else
+    :class:`flows.dask_cluster.PinnedLocalCluster`)."""
     n = n if n is not None else (len(devices) or 2)
     kwargs: dict[str, Any] = {"n_workers": n, "threads_per_worker": 1, "dashboard_address": None}
     if not devices:
@@ -98,3 +102,12 @@ def run_audit(params: Any, *, dask: str | None = None, cluster_class: str | None
     runner = task_runner_for(dask, cluster_class=cluster_class)
     flow = influence_audit if runner is None else influence_audit.with_options(task_runner=runner)
     return flow(params)
+
+
+@flow(name="influence_audit_on_dask", log_prints=True)
+def influence_audit_on_dask(params: AuditParams, dask: str = "local") -> dict[str, Any]:
+    """The influence audit with its mapped stages on Dask (a subflow run of ``influence_audit``): the GPU work pool's
+    entry point (``deploy/prefect-gpu.yaml``). ``local``: one worker per GPU the flow run's process sees
+    (``CUDA_VISIBLE_DEVICES`` from the work pool's job variables), worker ``i`` pinned to device ``i``; or a
+    scheduler's address."""
+    return run_audit(params, dask=dask)

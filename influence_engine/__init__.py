@@ -34,7 +34,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from .data import Example, encode  # noqa: F401
     from .engine import Explanation, InfluenceEngine, ScoreResult, load_pretrained, model_fingerprint  # noqa: F401
     from .errors import DataError, FactorMismatchError, ModelError, NumericalError, UserError  # noqa: F401
-    from .factors import CovariancePartial, Eigenbasis, Factors, LambdaPartial, eigendecompose, finalize, merge, merge_groups  # noqa: F401
+    from .factors import (  # noqa: F401
+        CovariancePartial,
+        Eigenbasis,
+        Factors,
+        LambdaPartial,
+        eigendecompose,
+        finalize,
+        merge,
+        merge_groups,
+    )
     from .quality import DocumentSignals  # noqa: F401
     from .queries import PreparedQueries  # noqa: F401
     from .settings import FactorSettings, stable_key  # noqa: F401
