@@ -1,7 +1,8 @@
 """Throughput of the audit's mapped stages with 1 and 2 Dask workers (prefect-dask), against the default runner.
 
 Usage: python bench/dask_workers.py [--copies 8] [--shard-size 390] [--runners default,local:1,local:2]
-                                    [--device-memory-gb GB] [--repeat 1] [--out results.json]
+                                    [--device-memory-gb GB] [--repeat 1] [--model-cache DIR]
+                                    [--out results.json]
 The demo corpus is replicated (new ids) to make enough shards; each configuration audits it into its own
 directory, so nothing is cached between them. Reports per-stage seconds and tokens/s of the two mapped stages.
 ``--device-memory-gb`` (e.g. 0.0035: two groups of the demo model's four MLP layers in fp32) makes the fit run
@@ -30,6 +31,7 @@ if __name__ == "__main__":
     ap.add_argument("--runners", default="default,local:1,local:2")
     ap.add_argument("--device-memory-gb", type=float, default=None)
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--model-cache", default=None, help="a trained demo model's cache directory (default: train one)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -43,7 +45,7 @@ if __name__ == "__main__":
     from tasks.options import AuditParams
 
     work = Path(tempfile.mkdtemp(prefix="dask-bench-"))
-    model = ensure_demo_model(work / "model", log=None)
+    model = ensure_demo_model(Path(args.model_cache) if args.model_cache else work / "model", log=None)
     rows = [json.loads(line) for line in DEFAULT_CORPUS.read_text().splitlines() if line.strip()]
     corpus = work / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"id": f"{r['id']}-c{c}", "text": r["text"]}) + "\n"
