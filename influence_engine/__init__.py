@@ -21,7 +21,7 @@ _EXPORTS = {
     "UserError": "errors",
     "Factors": "factors", "eigendecompose": "factors", "finalize": "factors",
     "CovariancePartial": "statistics", "Eigenbasis": "statistics", "LambdaPartial": "statistics",
-    "merge": "statistics",
+    "merge": "statistics", "merge_groups": "statistics",
     "PreparedQueries": "queries",
     "DocumentSignals": "quality",
     "FactorSettings": "settings", "stable_key": "settings",
@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .quality import DocumentSignals  # noqa: F401
     from .queries import PreparedQueries  # noqa: F401
     from .settings import FactorSettings, stable_key  # noqa: F401
-    from .statistics import CovariancePartial, Eigenbasis, LambdaPartial, merge  # noqa: F401
+    from .statistics import CovariancePartial, Eigenbasis, LambdaPartial, merge, merge_groups  # noqa: F401
     from .strategies import STRATEGIES, Strategy, get_strategy  # noqa: F401
 
 

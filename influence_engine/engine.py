@@ -224,25 +224,39 @@ class InfluenceEngine:
                          queries=queries, query_rank=query_rank, fisher=self.fisher, docs=docs, tokens=tokens,
                          device_budget=self.device_memory_budget)
 
-    def _group_runners(self) -> list[tuple[Runner, dict[str, LayerSpec]]]:
-        groups = self.layer_groups()
-        if len(groups) == 1:
+    def _group_runners(self, layers: Sequence[str] | None = None) -> list[tuple[Runner, dict[str, LayerSpec]]]:
+        """One runner per group of layers (:meth:`layer_groups`), or one over exactly ``layers`` when given. Every
+        group's runner shares the engine's lock: hooks live on the one model, so passes over it never overlap."""
+        if layers is not None:
+            unknown = [n for n in layers if n not in self.specs]
+            if unknown or not layers:
+                raise UserError(f"layer group {list(layers)[:3]}: not tracked by this engine ({unknown[:3]})")
+            groups = [{n: self.specs[n] for n in layers}]
+        else:
+            groups = self.layer_groups()
+        if len(groups) == 1 and list(groups[0]) == list(self.specs):
             return [(self.runner, self.specs)]
-        return [(Runner(self.model, {n: self.tracked[n] for n in g}, g, self.device), g) for g in groups]
+        out = []
+        for g in groups:
+            runner = Runner(self.model, {n: self.tracked[n] for n in g}, g, self.device)
+            runner._lock = self.runner._lock
+            out.append((runner, g))
+        return out
 
-    def fit_covariance(self, examples: Sequence[Example], progress: Progress | None = None) -> CovariancePartial:
+    def fit_covariance(self, examples: Sequence[Example], progress: Progress | None = None, *,
+                       layers: Sequence[str] | None = None) -> CovariancePartial:
         """Partial sums of ``a a^T`` and ``g g^T`` over these examples (add partials with ``+``); one pass per
-        group of layers when they do not fit the device together (:meth:`layer_groups`)."""
+        group of layers when they do not fit the device together (:meth:`layer_groups`). With ``layers`` (one
+        group, e.g. mapped to a worker of its own) one pass over those layers alone, and the partial holds only
+        them (:meth:`CovariancePartial.join` puts groups back together)."""
         parts = []
-        for runner, specs in self._group_runners():
+        for runner, specs in self._group_runners(layers):
             acc = CovarianceAccumulator(specs, self.device, self.dtype)
             runner.run(examples, acc, self._cfg(self._fit_labels), progress)
             parts.append(self._covariance_partial(acc))
         if len(parts) == 1:
             return parts[0]
-        return CovariancePartial(dict(self.specs), {n: p.A[n] for p in parts for n in p.A},
-                                 {n: p.S[n] for p in parts for n in p.S}, parts[0].n_tokens, parts[0].n_docs,
-                                 {n: c for p in parts for n, c in p.tokens.items()})
+        return CovariancePartial.join(parts)
 
     @staticmethod
     def _covariance_partial(acc: CovarianceAccumulator) -> CovariancePartial:
@@ -270,22 +284,28 @@ class InfluenceEngine:
         return self._covariance_partial(acc), acc.cache()
 
     def fit_lambda(self, examples: Sequence[Example], basis: Eigenbasis | None,
-                   progress: Progress | None = None, *, cache: GradientCache | None = None) -> LambdaPartial:
+                   progress: Progress | None = None, *, cache: GradientCache | None = None,
+                   layers: Sequence[str] | None = None) -> LambdaPartial:
         """Partial eigenvalue corrections in ``basis`` (``None``: the diagonal of the Fisher); from the
-        cached gradients of these examples, without a pass, when ``cache`` is given."""
+        cached gradients of these examples, without a pass, when ``cache`` is given. With ``layers``, one pass over
+        those layers alone (``basis`` needs only them), as :meth:`fit_covariance`."""
         if cache is not None:
+            if layers is not None:
+                raise UserError("a replay from the gradient cache covers every layer at once")
             acc = LambdaAccumulator(self.specs, basis, self.device, self.dtype, self.runner.gemm_dtype(self.precision))
             self._replay(examples, cache, cache.fisher_gradients(), acc, progress)
             total = acc.total
             return LambdaPartial(total.specs, {n: t.cpu() for n, t in total.sums.items()}, total.n_docs,
                                  total.rotated)
-        sums, n_docs = {}, 0
-        for runner, specs in self._group_runners():  # one pass per group of layers that fit the device together
+        sums, n_docs, mine = {}, 0, {}
+        for runner, specs in self._group_runners(layers):  # one pass per group of layers that fit the device
             acc = LambdaAccumulator(specs, basis, self.device, self.dtype, self.runner.gemm_dtype(self.precision))
             runner.run(examples, acc, self._cfg(self._fit_labels), progress)
             sums |= {n: t.cpu() for n, t in acc.total.sums.items()}
             n_docs = acc.total.n_docs
-        return LambdaPartial(dict(self.specs), {n: sums[n] for n in self.specs}, n_docs, basis is not None)
+            mine |= specs
+        order = self.specs if layers is None else mine
+        return LambdaPartial(dict(order), {n: sums[n] for n in order}, n_docs, basis is not None)
 
     def _replay(self, examples: Sequence[Example], cache: GradientCache, grads: dict[str, torch.Tensor], acc,
                 progress: Progress | None) -> None:

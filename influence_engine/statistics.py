@@ -6,7 +6,7 @@ factors.py, the strategies that read them in strategies.py."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,20 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
                         hint="delete it and fit the factors again") from None
 
 
+def load_tensors_meta(path: Path) -> dict[str, Any]:
+    """The metadata of a tensor file alone (no tensors read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return json.loads((fh.metadata() or {}).get("meta", "{}"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found") from None
+    except Exception as exc:
+        raise UserError(f"{path}: not a readable factor file ({exc})", hint="delete it and fit the factors again") \
+            from None
+
+
 # ----------------------------------------------------------------------------------------------- partials
 @dataclass
 class CovariancePartial:
@@ -77,6 +91,15 @@ class CovariancePartial:
                                  {n: self.S[n] + other.S[n].to(self.S[n]) for n in self.S},
                                  self.n_tokens + other.n_tokens, self.n_docs + other.n_docs, tokens)
 
+    @classmethod
+    def join(cls, parts: Sequence[CovariancePartial]) -> CovariancePartial:
+        """Partials of disjoint groups of layers over the same documents, as one partial (layers in the parts'
+        order)."""
+        _check_same_documents(parts, [(p.n_tokens, p.n_docs) for p in parts])
+        specs = {n: s for p in parts for n, s in p.specs.items()}
+        return cls(specs, {n: p.A[n] for p in parts for n in p.A}, {n: p.S[n] for p in parts for n in p.S},
+                   parts[0].n_tokens, parts[0].n_docs, {n: c for p in parts for n, c in p.tokens.items()})
+
     def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> None:
         tensors = {f"A/{n}": t for n, t in self.A.items()} | {f"S/{n}": t for n, t in self.S.items()}
         save_tensors(Path(path), tensors, {"kind": "covariance", "n_tokens": self.n_tokens, "n_docs": self.n_docs,
@@ -100,6 +123,28 @@ def merge(partials: Iterable[Any]) -> Any:
     return total
 
 
+def _check_same_documents(parts: Sequence[Any], counts: Sequence[Any]) -> None:
+    if not parts:
+        raise ValueError("no partials to join")
+    names = [n for p in parts for n in p.specs]
+    if len(set(names)) != len(names):
+        raise FactorMismatchError("layer groups overlap; their partials cannot be joined")
+    if len(set(counts)) != 1:
+        raise FactorMismatchError(f"layer groups' partials cover different documents ({sorted(set(counts))}); "
+                                  "they cannot be joined")
+
+
+def merge_groups(partials: Iterable[Any]) -> Any:
+    """Partials from shards and groups of layers (each holding one group's layers, any order of shards and
+    groups): summed per group in the order given (shard order, as :func:`merge`), then joined, groups in the order
+    they first appear. Partials that all track the same layers are simply merged."""
+    by_group: dict[tuple[str, ...], list[Any]] = {}
+    for p in partials:
+        by_group.setdefault(tuple(p.specs), []).append(p)
+    merged = [merge(ps) for ps in by_group.values()]
+    return merged[0] if len(merged) == 1 else type(merged[0]).join(merged)
+
+
 @dataclass
 class Eigenbasis:
     """``Q_A, λ_A, Q_S, λ_S`` per layer, from a merged :class:`CovariancePartial` (float64)."""
@@ -119,8 +164,19 @@ def save_basis(basis: Eigenbasis, path: str | Path) -> None:
     save_tensors(Path(path), tensors, {"kind": "eigenbasis", "layers": [s.to_json() for s in basis.specs.values()]})
 
 
-def load_basis(path: str | Path) -> Eigenbasis:
-    t, meta = load_tensors(Path(path))
+def load_basis(path: str | Path, layers: Sequence[str] | None = None) -> Eigenbasis:
+    """The basis stored at ``path``; with ``layers``, those layers' alone (a worker fitting one group of layers
+    reads only its group's tensors)."""
+    if layers is None:
+        t, meta = load_tensors(Path(path))
+    else:
+        from safetensors import safe_open
+
+        meta = load_tensors_meta(Path(path))
+        want = set(layers)
+        with safe_open(str(path), framework="pt") as fh:
+            t = {k: fh.get_tensor(k) for k in fh.keys() if k.split("/", 1)[1] in want}
+        meta = {**meta, "layers": [d for d in meta["layers"] if d["name"] in want]}
     specs = {d["name"]: LayerSpec(**d) for d in meta["layers"]}
     return Eigenbasis(specs, *({n: t[f"{key}/{n}"] for n in specs} for key in ("Q_A", "lambda_A", "Q_S", "lambda_S")))
 
@@ -139,6 +195,13 @@ class LambdaPartial:
             raise FactorMismatchError("eigenvalue-correction partials differ in layers or basis; cannot merge")
         return LambdaPartial(self.specs, {n: self.sums[n] + other.sums[n].to(self.sums[n]) for n in self.sums},
                              self.n_docs + other.n_docs, self.rotated)
+
+    @classmethod
+    def join(cls, parts: Sequence[LambdaPartial]) -> LambdaPartial:
+        """Partials of disjoint groups of layers over the same documents, as one partial."""
+        _check_same_documents(parts, [(p.n_docs, p.rotated) for p in parts])
+        return cls({n: s for p in parts for n, s in p.specs.items()}, {n: p.sums[n] for p in parts for n in p.sums},
+                   parts[0].n_docs, parts[0].rotated)
 
     def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> None:
         save_tensors(Path(path), {f"L/{n}": t for n, t in self.sums.items()},

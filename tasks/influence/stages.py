@@ -14,9 +14,15 @@ from tasks.inputs.shards import Inputs, Shard
 from tasks.options import AuditParams
 
 
+@task(name="plan-layer-groups")
+def plan_layer_groups(spec: EngineSpec) -> list[tuple[str, ...]]:
+    return compute.layer_groups(spec)
+
+
 @task(name="fit-covariance-partial")
-def fit_covariance_partial(spec: EngineSpec, shard: Shard, factor_dir: str) -> str:
-    return compute.covariance_partial(spec, shard, factor_dir)
+def fit_covariance_partial(spec: EngineSpec, shard: Shard, factor_dir: str,
+                           layers: tuple[str, ...] | None = None) -> str:
+    return compute.covariance_partial(spec, shard, factor_dir, layers)
 
 
 @task(name="merge-and-eigendecompose")
@@ -25,8 +31,9 @@ def merge_and_eigendecompose(paths: list[str], factor_dir: str) -> str:
 
 
 @task(name="fit-eigenvalue-correction-partial")
-def fit_lambda_partial(spec: EngineSpec, shard: Shard, factor_dir: str, basis_path: str | None) -> str:
-    return compute.lambda_partial(spec, shard, factor_dir, basis_path)
+def fit_lambda_partial(spec: EngineSpec, shard: Shard, factor_dir: str, basis_path: str | None,
+                       layers: tuple[str, ...] | None = None) -> str:
+    return compute.lambda_partial(spec, shard, factor_dir, basis_path, layers)
 
 
 @task(name="finalize-factors")
