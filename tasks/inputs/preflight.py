@@ -16,14 +16,29 @@ from tasks.paths import resolve_home
 
 
 def resolve_model(model: str) -> str:
-    """A local directory for the model (``models:/`` and ``runs:/`` URIs are fetched from MLflow)."""
+    """A local directory for the model (``models:/`` and ``runs:/`` URIs are fetched from MLflow, ``.gguf`` files
+    converted once)."""
     if model.startswith(("models:/", "runs:/")):
         from tasks.ops.model_uri import resolve_model_uri
 
         return resolve_model_uri(model)
     from influence_engine.engine import check_model_dir
+    from influence_engine.gguf import is_gguf
 
+    if is_gguf(model) and not Path(model).expanduser().is_dir():
+        return str(resolve_gguf(model))
     return str(check_model_dir(Path(model).expanduser()).resolve())
+
+
+def resolve_gguf(path: str) -> Path:
+    """The Hugging Face directory for a ``.gguf`` file: converted once (dequantised to float32) into
+    ``$INFLUENCE_AUDIT_HOME/model-cache/gguf-<name>-<sha256>/`` (as MLflow models are), reused after."""
+    import sys
+
+    from influence_engine.gguf import convert_gguf
+    from tasks.ops.model_uri import model_cache_dir
+
+    return convert_gguf(path, model_cache_dir(), log=lambda m: print(m, file=sys.stderr, flush=True))
 
 
 def check_writable(directory: Path, what: str) -> None:
