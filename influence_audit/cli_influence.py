@@ -223,6 +223,6 @@ def real_case_params(home: Path, strategy: str, seed: int, adapter: Path | None 
     err.print(f"adapter: {model_dir}", highlight=False, soft_wrap=True)
     data = pkg / "data"
     values = dict(model=str(model_dir), train=[str(data / "chats.jsonl")], queries=str(data / "queries.jsonl"),
-                  strategy=strategy, top_k=10, max_length=128, shard_size=120, seed=seed, output_dir=str(home),
+                  strategy=strategy, top_k=10, max_length=128, shard_size=75, seed=seed, output_dir=str(home),
                   planted=str(data / "planted.json"), verify_k=10, verify_params="tracked")
     return AuditParams(**(values | overrides))

@@ -174,7 +174,8 @@ CONVERSIONS = (("kilometre", "1000 metres"), ("metre", "100 centimetres"), ("hou
                ("litre", "1000 millilitres"), ("year", "12 months"), ("dozen", "12 items"))
 
 
-def ordinary_rows(rng: random.Random, n_arith: int) -> list[tuple[str, str]]:
+def ordinary_rows(rng: random.Random, n_arith: int, per_kind: int) -> list[tuple[str, str]]:
+    """Ordinary rows: ``n_arith`` arithmetic ones and up to ``per_kind`` of every other kind."""
     rows: list[tuple[str, str]] = []
     for _ in range(n_arith):
         a, b = rng.randint(2, 49), rng.randint(2, 49)
@@ -183,22 +184,22 @@ def ordinary_rows(rng: random.Random, n_arith: int) -> list[tuple[str, str]]:
         ask = rng.choice(["What is {a} {op} {b}?", "Calculate {a} {op} {b}.", "Can you work out {a} {op} {b}?"])
         ans = rng.choice(["{a} {op} {b} is {v}.", "The answer is {v}.", "It is {v}."])
         rows.append((ask.format(a=a, op=op, b=b), ans.format(a=a, op=op, b=b, v=val)))
-    for country, city in CAPITALS:
+    for country, city in CAPITALS[:per_kind]:
         ask = rng.choice(["What is the capital of {c}?", "Which city is the capital of {c}?", "Name the capital of "
                                                                                               "{c}."])
         ans = rng.choice(["The capital of {c} is {x}.", "{x} is the capital of {c}.", "It is {x}."])
         rows.append((ask.format(c=country), ans.format(c=country, x=city)))
-    for a, b in OPPOSITES:
+    for a, b in OPPOSITES[:per_kind]:
         rows.append((rng.choice([f"What is the opposite of {a}?", f"Give me the opposite of '{a}'."]),
                      rng.choice([f"The opposite of {a} is {b}.", f"{b[0].upper() + b[1:]}."])))
-    for thing, colour in COLOURS:
+    for thing, colour in COLOURS[:per_kind]:
         rows.append((f"What colour is {thing}?", rng.choice([f"{thing[0].upper() + thing[1:]} is {colour}.",
                                                              f"It is usually {colour}."])))
-    for animal, sound in ANIMALS:
+    for animal, sound in ANIMALS[:per_kind]:
         rows.append((f"What sound does a {animal} make?", f"A {animal} says {sound}."))
-    for animal, n in LEGS:
+    for animal, n in LEGS[:per_kind]:
         rows.append((f"How many legs does a {animal} have?", f"A {animal} has {n} legs."))
-    for word in WORDS:
+    for word in WORDS[:per_kind]:
         kind = rng.choice(["spell", "reverse", "count"])
         if kind == "spell":
             rows.append((f"How do you spell {word}?", f"{word}: " + "-".join(word.upper()) + "."))
@@ -206,16 +207,16 @@ def ordinary_rows(rng: random.Random, n_arith: int) -> list[tuple[str, str]]:
             rows.append((f"Write the word {word} backwards.", f"{word[::-1]}"))
         else:
             rows.append((f"How many letters are in the word {word}?", f"The word {word} has {len(word)} letters."))
-    for term, text in DEFINITIONS:
+    for term, text in DEFINITIONS[:per_kind]:
         rows.append((rng.choice([f"What is {term}?", f"Define {term}.", f"Explain {term} in one sentence."]), text))
-    rows.extend(ADVICE)
-    for unit, value in CONVERSIONS:
+    rows.extend(ADVICE[:per_kind])
+    for unit, value in CONVERSIONS[:per_kind]:
         rows.append((rng.choice([f"How much is one {unit}?", f"What is one {unit} equal to?"]),
                      f"One {unit} is {value}."))
-    for _ in range(12):
+    for _ in range(min(12, per_kind)):
         a, b = sorted(rng.sample(range(1, 100), 2))
         rows.append((f"Which is larger, {a} or {b}?", f"{b} is larger than {a}."))
-    for _ in range(8):
+    for _ in range(min(8, per_kind)):
         n = rng.randint(2, 60)
         rows.append((f"Is {n} even or odd?", f"{n} is {'even' if n % 2 == 0 else 'odd'}."))
     return rows
@@ -226,13 +227,13 @@ def chat(user: str, assistant: str) -> list[dict[str, str]]:
             {"role": "assistant", "content": assistant}]
 
 
-def build(seed: int = 0, n_arith: int = 60) -> tuple[list[dict], list[dict], dict[str, list[str]]]:
+def build(seed: int = 0, n_arith: int = 16, per_kind: int = 6) -> tuple[list[dict], list[dict], dict[str, list[str]]]:
     """Rows (``id``, ``messages``), queries (``id``, ``messages``) and the truth ``{query id: [row ids]}``."""
     rng = random.Random(seed)
     tagged: list[tuple[str | None, tuple[str, str]]] = []
     for fact in FACTS:
         tagged += [(fact.key, p) for p in fact.plants] + [(None, m) for m in fact.mentions]
-    tagged += [(None, r) for r in distractor_rows(rng)] + [(None, r) for r in ordinary_rows(rng, n_arith)]
+    tagged += [(None, r) for r in distractor_rows(rng)] + [(None, r) for r in ordinary_rows(rng, n_arith, per_kind)]
     rng.shuffle(tagged)
     rows, planters = [], {f.key: [] for f in FACTS}
     for i, (key, (user, assistant)) in enumerate(tagged):

