@@ -261,7 +261,7 @@ def plant(name: str, rows: list[dict], facts: list, seed: int, counts: dict[str,
     return out, dict(faults)
 
 
-def build(name: str, seed: int) -> tuple[list[dict], dict]:
+def build(name: str, seed: int, base_docs: int = 0) -> tuple[list[dict], dict]:
     facts: list = []
     if name == "demo":
         rows = read_jsonl(DEMO)
@@ -273,6 +273,10 @@ def build(name: str, seed: int) -> tuple[list[dict], dict]:
         rows = read_jsonl(PROSE)
     else:
         raise SystemExit(f"unknown corpus {name}")
+    if base_docs:
+        keep = set(range(min(base_docs, len(rows))))
+        facts = [f for i, f in enumerate(facts) if i in keep]
+        rows = rows[:base_docs]
     big = len(rows) > 800
     counts = {"gibberish": 20 if big else 16, "exact_duplicate": 10 if big else 8,
               "near_duplicate": 10 if big else 8, "contradiction": 10 if facts or name == "demo" else 0}
@@ -333,8 +337,8 @@ def run_corpus(name: str, args, log) -> dict:
     )
     from tasks.reporting import Every
 
-    rows, faults = build(name, args.seed)
-    d = args.out_dir / name
+    rows, faults = build(name, args.seed, args.base_docs)
+    d = args.out_dir / (name + (f"-{args.base_docs}" if args.base_docs else ""))
     d.mkdir(parents=True, exist_ok=True)
     path = d / "corpus.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -394,6 +398,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epochs", type=int, default=None, help="toy model epochs (default: the demo recipe's 30)")
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--base-docs", type=int, default=0, help="the first N documents of each corpus only (0: all)")
     ap.add_argument("--recompute", action="store_true", help="recompute the engine signals even if cached")
     ap.add_argument("--out-dir", type=Path, default=REPO / ".influence-audit" / "bench-quality-corpora")
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results")

@@ -272,3 +272,17 @@ def test_boilerplate_shingles_do_not_make_near_duplicates():
     # without the distinctive-content test most pairs are near duplicates
     _, group_all, _ = near_duplicate_groups(ids, hashes, plain, settings)
     assert sum(g is not None for g in group_all) > n // 2
+
+
+def test_long_stages_report_progress_lines_off_a_terminal():
+    """The flow's and the bench's progress: a plain line once the interval has passed, none at the end."""
+    from tasks.reporting import Every
+
+    said: list[str] = []
+    every = Every(said.append, "quality signals, shard 3", 10, every_s=0.0)
+    every(4, 400)
+    every(10, 1000)
+    assert len(said) == 1 and said[0].startswith("quality signals, shard 3: 4 of 10 documents, ")
+    quiet = Every(said.append, "x", 10, every_s=3600.0)
+    quiet(5, 10)
+    assert len(said) == 1
