@@ -10,6 +10,11 @@ gradient, scale, rotate back). Compare whole processes with farm-bench, e.g.::
 
 Prints the pass's seconds, tokens per second and the peak resident memory (ru_maxrss) of the process, with
 progress lines on stderr every 30 s off a terminal.
+
+``--widths OUTxIN`` (e.g. ``1536x576``, SmolLM2-135M's MLP up/gate projections) times the accumulator's work per
+layer alone at those widths, without a model: random orthogonal eigenbases and eigenvalues, ``--batch-size``
+documents of ``--tokens`` tokens, ``--repeat`` batches; it prints the seconds per batch of each path and checks that
+both give the same per-token self-influence.
 """
 
 from __future__ import annotations
@@ -37,7 +42,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    ap.add_argument("--widths", default=None, help="OUTxIN: time one layer's accumulator work, no model")
+    ap.add_argument("--tokens", type=int, default=60, help="with --widths: tokens per document")
+    ap.add_argument("--repeat", type=int, default=5, help="with --widths: batches timed per path")
+    if argv is None and "--widths" in sys.argv:
+        ap.set_defaults(model="-", corpus=Path("-"), factors=Path("-"))
+        for a in ap._actions:
+            a.required = False
     args = ap.parse_args(argv)
+    if args.widths:
+        return synthetic(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
@@ -70,6 +84,47 @@ def main(argv: list[str] | None = None) -> dict:
            "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
            "self_influence_sum": sum(s.self_influence for s in signals)}
+    print(json.dumps(out))
+    return out
+
+
+def synthetic(args) -> dict:
+    """One layer at real widths: the accumulator's backward on random vectors, both paths, same numbers."""
+    import torch
+
+    from influence_engine.factors import Factors
+    from influence_engine.layers import LayerSpec
+    from influence_engine.passes import PassContext
+    from influence_engine.quality import DocumentSignalAccumulator
+
+    torch.set_num_threads(args.threads)
+    n_out, n_in = (int(x) for x in args.widths.lower().split("x"))
+    gen = torch.Generator().manual_seed(0)
+    spec = LayerSpec("layer", "linear", n_in, n_out, False)
+    Q_A, _ = torch.linalg.qr(torch.randn(n_in, n_in, generator=gen, dtype=torch.float64))
+    Q_S, _ = torch.linalg.qr(torch.randn(n_out, n_out, generator=gen, dtype=torch.float64))
+    eigen = torch.rand(n_out, n_in, generator=gen, dtype=torch.float64) + 0.1
+    factors = Factors("ekfac", {"layer": spec}, {"layer": {"Q_A": Q_A, "Q_S": Q_S, "eigen": eigen}}, {"layer": 0.01})
+    B, T = args.batch_size, args.tokens
+    a = torch.randn(B, T, n_in, generator=gen)
+    g = torch.randn(B, T, n_out, generator=gen)
+    ctx = PassContext(batch=None, mask=torch.ones(B, T, dtype=torch.bool), dtype=torch.float32, padded=False)
+    out = {"widths": args.widths, "batch": B, "tokens": T, "repeat": args.repeat, "threads": args.threads}
+    per_token = {}
+    for path, flag in (("tokens", True), ("whole", False)):
+        DocumentSignalAccumulator.token_rotation = flag
+        acc = DocumentSignalAccumulator(factors, [])
+        acc.begin_batch(ctx)
+        acc.backward(spec, a, g, ctx)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(args.repeat):
+            acc._token_pending = []
+            acc.backward(spec, a, g, ctx)
+        out[f"{path}_s_per_batch"] = round((time.perf_counter() - t0) / args.repeat, 4)
+        per_token[path] = acc._token_pending[-1].double()
+    out["speedup"] = round(out["whole_s_per_batch"] / out["tokens_s_per_batch"], 2)
+    out["max_rel_diff"] = float((per_token["tokens"] - per_token["whole"]).abs().max()
+                                / per_token["whole"].abs().max())
     print(json.dumps(out))
     return out
 
