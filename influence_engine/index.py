@@ -155,9 +155,10 @@ class Sketch:
         for name, s in specs.items():
             for j, (side, dim, store) in enumerate((("out", s.out_features, out), ("in", s.a_dim, inp))):
                 k = size[j] if size else 0
-                if not size or k >= dim:
+                if not size or (k >= dim and kind == "random"):
                     store[name] = None
                     continue
+                k = min(k, dim)  # a data-aware side at full rank is a rotation: kept (the exactness tests use it)
                 if kind == "random":
                     g = torch.Generator().manual_seed(_layer_seed(seed, name, side))
                     store[name] = torch.randn(k, dim, generator=g, dtype=torch.float64) / k ** 0.5
@@ -527,11 +528,10 @@ class GradientIndex:
             mm.flush()
             del mm
         base = rows_path.with_suffix("")
-        with atomic_path(base.with_suffix(".norms.npy")) as tmp:
-            np.save(tmp, stats["norms"])
-        if probes is not None:
-            with atomic_path(base.with_suffix(".probe.npy")) as tmp:
-                np.save(tmp, stats["probe"])
+        for suffix, key in ((".norms.npy", "norms"), (".probe.npy", "probe")):
+            if key in stats:
+                with atomic_path(base.with_suffix(suffix)) as tmp, open(tmp, "wb") as f:
+                    np.save(f, stats[key])  # a file object: np.save would add .npy to the temporary name
         write_json_atomic(ids_path, [e.id for e in examples])  # the ids mark the part done
         return Part(name, len(examples))
 
