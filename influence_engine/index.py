@@ -74,19 +74,24 @@ def store_dtype(precision: str, choice: str = "auto") -> str:
 
 
 # ------------------------------------------------------------------------------------------------- sketch
-SKETCH_KINDS = ("random", "eigen", "pca")
+SKETCH_KINDS = ("random", "eigen", "pca", "top")
 
 
 def parse_sketch_spec(text: str | None) -> tuple[str, tuple[int, int]] | None:
     """``"16x16"`` -> ("random", (16, 16)); ``"eigen:32x32"`` / ``"eigen:32"`` -> ("eigen", (32, 32));
-    ``"pca:24x24"`` likewise; ``off``/``none``/empty -> None (no sketch: exact scores)."""
+    ``"pca:24x24"`` likewise; ``"top:4096"`` -> ("top", (4096, 0)) (coordinates kept over all layers);
+    ``off``/``none``/empty -> None (no sketch: exact scores)."""
     if text is None or str(text).strip().lower() in ("", "off", "none", "0"):
         return None
+    m = re.fullmatch(r"\s*top\s*:\s*(\d+)\s*", str(text), re.IGNORECASE)
+    if m and int(m.group(1)) >= 1:
+        return "top", (int(m.group(1)), 0)
     m = re.fullmatch(r"\s*(?:(random|eigen|pca)\s*:\s*)?(\d+)\s*(?:[xX]\s*(\d+))?\s*", str(text), re.IGNORECASE)
     if not m or (m.group(1) is None and m.group(3) is None) or int(m.group(2)) < 1 or (
             m.group(3) is not None and int(m.group(3)) < 1):
-        raise UserError(f"--sketch {text!r}: give OUTxIN such as 16x16 (a random Kronecker sketch), eigen:OUTxIN or "
-                        f"pca:OUTxIN (data-aware: leading directions per layer side), or off")
+        raise UserError(f"--sketch {text!r}: give top:M (the M eigen-coordinates of largest expected score energy), "
+                        f"OUTxIN such as 16x16 (a random Kronecker sketch), eigen:OUTxIN or pca:OUTxIN (leading "
+                        f"directions per layer side), or off")
     k_out = int(m.group(2))
     return (m.group(1) or "random").lower(), (k_out, int(m.group(3) or k_out))
 
@@ -100,6 +105,8 @@ def parse_sketch(text: str | None) -> tuple[int, int] | None:
 def sketch_name(kind: str, size: tuple[int, int] | None) -> str:
     if size is None:
         return "off"
+    if kind == "top":
+        return f"top:{size[0]}"
     return f"{size[0]}x{size[1]}" if kind == "random" else f"{kind}:{size[0]}x{size[1]}"
 
 
@@ -132,11 +139,12 @@ class Sketch:
     out: dict[str, torch.Tensor | None]
     inp: dict[str, torch.Tensor | None]
     kind: str = "random"
+    keep: dict[str, torch.Tensor] | None = None  # top: per layer, the flat eigen-coordinates kept (sorted)
 
     @property
     def orthonormal(self) -> bool:
-        """Whether the projection is orthogonal (no sketch, eigen, pca): the residual bound holds."""
-        return self.size is None or self.kind in ("eigen", "pca")
+        """Whether the projection is orthogonal (no sketch, eigen, pca, top): the residual bound holds."""
+        return self.size is None or self.kind in ("eigen", "pca", "top")
 
     @property
     def name(self) -> str:
@@ -144,12 +152,25 @@ class Sketch:
 
     @classmethod
     def make(cls, specs: dict[str, LayerSpec], size: tuple[int, int] | None, seed: int = 0, *, kind: str = "random",
-             factors: Factors | None = None, covariances: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-             ) -> Sketch:
+             factors: Factors | None = None, covariances: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+             energy: dict[str, torch.Tensor] | None = None) -> Sketch:
         """``random`` needs only the seed; ``eigen`` the factors (their eigenvalues); ``pca`` the whitened
-        gradients' side covariances (:func:`whitened_covariances`)."""
+        gradients' side covariances (:func:`whitened_covariances`); ``top`` each coordinate's expected score
+        energy (:func:`score_energy`)."""
         if kind not in SKETCH_KINDS:
             raise UserError(f"sketch kind {kind!r}: choose {', '.join(SKETCH_KINDS)}")
+        if kind == "top" and size is not None:
+            if energy is None:
+                raise ValueError("a top sketch needs the coordinates' score energy")
+            names = list(specs)
+            flat = torch.cat([energy[n].double().flatten() for n in names])
+            chosen = torch.argsort(-flat, stable=True)[:size[0]].sort().values
+            keep, at = {}, 0
+            for n in names:
+                w = specs[n].out_features * specs[n].a_dim
+                keep[n] = chosen[(chosen >= at) & (chosen < at + w)] - at
+                at += w
+            return cls(size, seed, dict.fromkeys(names), dict.fromkeys(names), kind, keep)
         out: dict[str, torch.Tensor | None] = {}
         inp: dict[str, torch.Tensor | None] = {}
         for name, s in specs.items():
@@ -180,6 +201,8 @@ class Sketch:
 
     def shape(self, spec: LayerSpec) -> tuple[int, int]:
         """The stored block's shape for this layer."""
+        if self.keep is not None:
+            return 1, len(self.keep[spec.name])
         o, i = self.out[spec.name], self.inp[spec.name]
         return (spec.out_features if o is None else o.shape[0], spec.a_dim if i is None else i.shape[0])
 
@@ -214,6 +237,7 @@ class IndexAccumulator(BaseAccumulator):
                 op["whiten"] = (t[self.kind.eigen_key] + factors.damping[n]).rsqrt().to(dtype)
             op["S_out"] = None if sketch.out[n] is None else sketch.out[n].to(device, dtype)
             op["S_in"] = None if sketch.inp[n] is None else sketch.inp[n].to(device, dtype)
+            op["keep"] = None if sketch.keep is None else sketch.keep[n].to(device)
             self.ops[n] = op
         self._pending: dict[str, torch.Tensor] = {}
 
@@ -257,11 +281,13 @@ class IndexAccumulator(BaseAccumulator):
         if self.probes is not None:
             p = torch.einsum("bij,pij->bp", W, self.probes[spec.name]).double()
             self._probe = p if self._probe is None else self._probe + p
+        if op["keep"] is not None:
+            W = W.flatten(1)[:, op["keep"]]
         if op["S_out"] is not None:
             W = op["S_out"] @ W
         if op["S_in"] is not None:
             W = W @ op["S_in"].T
-        norms = torch.stack([full, W.double().square().sum(dim=(1, 2))], dim=1)
+        norms = torch.stack([full, W.double().square().flatten(1).sum(dim=1)], dim=1)
         self._norms = norms if self._norms is None else self._norms + norms
         return W.flatten(1)
 
@@ -310,6 +336,67 @@ def whitened_covariances(eng: Any, examples: Sequence[Example], factors: Factors
     acc = CovarianceAccumulator(eng.specs, factors, eng.device, eng.dtype, eng.runner.gemm_dtype(eng.precision))
     eng.runner.run(list(examples), acc, eng._cfg("true"), progress)
     return {n: (a.cpu(), b.cpu()) for n, (a, b) in acc.cov.items()}
+
+
+class EnergyAccumulator(CovarianceAccumulator):
+    """Per layer, ``Σ_d W_d ⊙ W_d`` (out × a_dim): each eigen-coordinate's whitened energy."""
+
+    def __init__(self, specs: dict[str, LayerSpec], factors: Factors, device: torch.device, dtype: torch.dtype,
+                 gemm_dtype: torch.dtype | None = None):
+        IndexAccumulator.__init__(self, specs, factors, Sketch.make(specs, None), device, dtype, lambda *_: None,
+                                  gemm_dtype)
+        self.energy = {n: torch.zeros(s.out_features, s.a_dim, dtype=torch.float64, device=device)
+                       for n, s in specs.items()}
+        self.n = 0
+
+    def _finish(self, spec: LayerSpec, R: torch.Tensor) -> torch.Tensor:
+        op = self.ops[spec.name]
+        W = R.to(self.dtype)
+        if op["whiten"] is not None:
+            W = W * op["whiten"]
+        self.energy[spec.name] += W.double().square().sum(0)
+        return W.new_zeros(W.shape[0], 0)
+
+
+def pseudo_queries(docs: Sequence[Example], completion: int = 2) -> list[Example]:
+    """Query-like examples from training documents: a prefix as the prompt and the next ``completion`` tokens as
+    the target, at a position drawn (seeded by the id) from the document's second half. Queries are short
+    completions, whose gradients spread over other directions than whole documents' do."""
+    out = []
+    for e in docs:
+        n = len(e.input_ids)
+        if n < completion + 2:
+            continue
+        lo = max(1, n // 2)
+        t = lo + zlib.crc32(e.id.encode()) % max(1, n - completion - lo + 1)
+        out.append(Example(f"pseudo:{e.id}", e.input_ids[:t + completion], t, t + completion))
+    return out
+
+
+def score_energy(eng: Any, docs: Sequence[Example], factors: Factors,
+                 progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """Per layer, each eigen-coordinate's expected contribution to scores (out × a_dim):
+    ``E_q[W_q²] · E_d[W_d²]``, the first measured on :func:`pseudo_queries` of ``docs`` (one pass), the second
+    the documents' whitened energy ``Λ / (Λ + λ)`` (EK-FAC's eigenvalues are ``E_d[(Q_S^T G_d Q_A)²]``;
+    without eigenvalues, measured on ``docs`` too)."""
+    eng.check_factors(factors)
+    kind = check_strategy(factors.strategy)
+    gemm = eng.runner.gemm_dtype(eng.precision)
+
+    def measure(examples: list[Example]) -> dict[str, torch.Tensor]:
+        acc = EnergyAccumulator(eng.specs, factors, eng.device, eng.dtype, gemm)
+        eng.runner.run(examples, acc, eng._cfg("true"), progress)
+        return {n: e.cpu() / max(1, len(examples)) for n, e in acc.energy.items()}
+
+    q = measure(pseudo_queries(docs))
+    if kind.eigen_key is not None:
+        d = {}
+        for n in eng.specs:
+            ev = factors.tensors[n][kind.eigen_key].double().clamp_min(0)
+            d[n] = ev / (ev + factors.damping[n])
+    else:
+        d = measure(list(docs))
+    return {n: q[n] * d[n] for n in eng.specs}
 
 
 def index_vectors(eng: Any, examples: Sequence[Example], factors: Factors, sketch: Sketch,
@@ -417,12 +504,16 @@ class GradientIndex:
                 raise FactorMismatchError(f"{d}: an index with other sketch is stored here "
                                           f"({str(old.meta.get('sketch'))[:60]!r})",
                                           hint="use another --out directory, or delete this one")
-        covariances = None
-        if kind == "pca" and size is not None:
+        covariances = energy = None
+        if kind in ("pca", "top") and size is not None:
             if not sample:
-                raise UserError("--sketch pca: needs documents to fit the projection on")
-            covariances = whitened_covariances(eng, sample, factors)
-        sk = Sketch.make(eng.specs, size, sketch_seed, kind=kind, factors=factors, covariances=covariances)
+                raise UserError(f"--sketch {kind}: needs documents to fit the projection on")
+            if kind == "pca":
+                covariances = whitened_covariances(eng, sample, factors)
+            else:
+                energy = score_energy(eng, sample, factors)
+        sk = Sketch.make(eng.specs, size, sketch_seed, kind=kind, factors=factors, covariances=covariances,
+                         energy=energy)
         layers = []
         offset = 0
         for s in eng.specs.values():
@@ -443,7 +534,7 @@ class GradientIndex:
                                               hint="use another --out directory, or delete this one")
             return old
         d.mkdir(parents=True, exist_ok=True)
-        tensors = {f"{side}/{n}": t for side, store in (("out", sk.out), ("in", sk.inp))
+        tensors = {f"{side}/{n}": t for side, store in (("out", sk.out), ("in", sk.inp), ("keep", sk.keep or {}))
                    for n, t in store.items() if t is not None}
         _save_tensors(d / "sketch.safetensors", tensors, {"seed": sketch_seed})
         if probes:
@@ -486,8 +577,9 @@ class GradientIndex:
         t, _ = _load_tensors(self.directory / "sketch.safetensors")
         spec = parse_sketch_spec(self.meta["sketch"])
         kind, size = ("random", None) if spec is None else spec
+        keep = {n: t[f"keep/{n}"].long() for n in names} if kind == "top" and size is not None else None
         return Sketch(size, int(self.meta["sketch_seed"]), {n: t.get(f"out/{n}") for n in names},
-                      {n: t.get(f"in/{n}") for n in names}, kind)
+                      {n: t.get(f"in/{n}") for n in names}, kind, keep)
 
     @property
     def orthonormal(self) -> bool:

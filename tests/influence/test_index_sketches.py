@@ -44,9 +44,35 @@ def test_sketch_specs():
     assert parse_sketch_spec("eigen:32") == ("eigen", (32, 32))
     assert parse_sketch_spec("PCA:4x6") == ("pca", (4, 6))
     assert parse_sketch_spec("off") is None
-    for bad in ("16", "eigen:", "pca:0x3", "svd:4x4"):
+    assert parse_sketch_spec("top:4096") == ("top", (4096, 0))
+    for bad in ("16", "eigen:", "pca:0x3", "svd:4x4", "top:0", "top:4x4"):
         with pytest.raises(UserError, match="--sketch"):
             parse_sketch_spec(bad)
+
+
+def test_full_rank_top_sketch_gives_the_exact_scores(setup, tmp_path):
+    """Every coordinate kept (in the order of the eigen-grid): the index score is the exact one; fewer kept, the
+    width is what was asked for."""
+    eng, docs, queries, factors, ref = setup
+    total = sum(s.out_features * s.a_dim for s in eng.specs.values())
+    index = _index(tmp_path / "ix", eng, docs, factors, f"top:{10 * total}")
+    assert index.width == total
+    np.testing.assert_allclose(_scores(index, eng, queries, factors), ref, rtol=1e-10, atol=1e-10 * np.abs(ref).max())
+    assert _index(tmp_path / "small", eng, docs, factors, "top:37").width == 37
+
+
+def test_top_sketch_keeps_the_coordinates_of_largest_score_energy(setup):
+    from influence_engine.index import pseudo_queries, score_energy
+
+    eng, docs, _, factors, _ = setup
+    pq = pseudo_queries(docs)
+    assert pq and all(len(e.input_ids) - e.target_start == 2 and e.target_start >= 1 for e in pq)
+    energy = score_energy(eng, docs, factors)
+    sk = Sketch.make(eng.specs, (50, 0), kind="top", energy=energy)
+    kept = torch.cat([energy[n].flatten()[sk.keep[n]] for n in eng.specs])
+    dropped = torch.cat([energy[n].flatten()[np.setdiff1d(np.arange(energy[n].numel()), sk.keep[n].numpy())]
+                         for n in eng.specs])
+    assert len(kept) == 50 and kept.min() >= dropped.max()
 
 
 @pytest.mark.parametrize("kind", ["eigen", "pca"])
@@ -77,7 +103,7 @@ def test_pca_keeps_the_leading_eigenvectors_of_the_whitened_covariances(setup):
 
 
 @pytest.mark.parametrize(("sketch", "dtype"), [("eigen:3x4", "fp64"), ("pca:3x4", "fp64"), ("eigen:3x4", "fp16"),
-                                               ("pca:20x8", "fp16")])
+                                               ("pca:20x8", "fp16"), ("top:40", "fp64"), ("top:300", "fp16")])
 def test_residual_bound_holds_for_every_pair(setup, sketch, dtype, tmp_path):
     eng, docs, queries, factors, ref = setup
     index = _index(tmp_path / "ix", eng, docs, factors, sketch, dtype)
@@ -103,7 +129,7 @@ def test_random_sketch_has_no_bound(setup, tmp_path):
     assert kept == [row[:10] for row in ids] and certified == 0
 
 
-@pytest.mark.parametrize("sketch", ["eigen:2x3", "pca:6x6", "pca:30x20", "eigen:28x30"])
+@pytest.mark.parametrize("sketch", ["eigen:2x3", "pca:6x6", "pca:30x20", "eigen:28x30", "top:30", "top:1000"])
 @pytest.mark.parametrize("dtype", ["fp64", "fp16"])
 def test_pruned_refinement_never_drops_a_true_top_k_document(setup, sketch, dtype, tmp_path):
     """Pruned and unpruned refinement return the same documents; with every document a candidate that is the
@@ -127,7 +153,7 @@ def test_pruned_refinement_never_drops_a_true_top_k_document(setup, sketch, dtyp
         if refine == len(docs):
             top = [[docs[j].id for j in np.argsort(-ref[q], kind="stable")[:3]] for q in range(len(queries))]
             assert on["train_id"].to_list() == [d for row in top for d in row]
-    if sketch in ("pca:30x20", "eigen:28x30"):  # near full rank: small residuals
+    if sketch in ("pca:30x20", "eigen:28x30", "top:1000"):  # near full rank: small residuals
         assert t_on.refined_docs < t_on.candidates
         assert t_on.certified > 0
 
