@@ -172,6 +172,10 @@ def measure_sketch(args, eng, docs, queries, factors, sketch, root, exact, resca
             info |= {"query_gradients_s": times.queries, "search_s": times.search, "candidates": times.candidates,
                      "certified_queries": times.certified, "refine": args.refine}
     info["pruned_equals_unpruned"] = out[True] == out[False]
+    if args.search_docs:
+        info["search_scale"] = search_scale(index, qv, args.search_docs, args.repeat, root)
+        info["model_160k"] = extrapolate(info, getattr(args, "rescan_score_s", rescan_s), n, len(queries),
+                                         args.refine, 160_000)
     wall, _, _ = median_time(lambda: search_and_refine(eng, index, factors, queries, top_k=10, refine=0), args.repeat)
     info["query_no_refine_s"] = wall
     info["speedup_vs_rescan"] = rescan_s / info["query_s"]
@@ -192,6 +196,42 @@ def measure_sketch(args, eng, docs, queries, factors, sketch, root, exact, resca
           + json.dumps(info["agreement"] | info.get("planted_recall_at_10", {})), flush=True)
     shutil.rmtree(index.directory, ignore_errors=True)
     return info
+
+
+def search_scale(index: GradientIndex, qv: torch.Tensor, n: int, repeat: int, root: Path) -> dict[str, float]:
+    """The exact search's time over ``n`` rows of this index's width (random fp16 values: the search's cost does
+    not depend on them), memory-mapped like a built index: its per-document cost at a size beyond the corpus."""
+    d = root / "scale"
+    shutil.rmtree(d, ignore_errors=True)
+    (d / "parts").mkdir(parents=True)
+    (d / "index.json").write_text((index.directory / "index.json").read_text())
+    mm = np.lib.format.open_memmap(d / "parts" / "x.npy", mode="w+", dtype=np.float16, shape=(n, index.width))
+    g = np.random.default_rng(0)
+    for s in range(0, n, 4096):
+        mm[s:s + 4096] = g.standard_normal((min(4096, n - s), index.width), dtype=np.float32)
+    mm.flush()
+    del mm
+    (d / "parts" / "x.ids.json").write_text(json.dumps([f"x{i}" for i in range(n)]))
+    big = GradientIndex.open(d)
+    wall, cpu, _ = median_time(lambda: big.search(qv, 101), repeat)
+    shutil.rmtree(d, ignore_errors=True)
+    return {"documents": n, "search_s": wall, "search_cpu_s": cpu, "search_per_document_s": wall / n}
+
+
+def extrapolate(info: dict[str, Any], rescan_s: float, n: int, n_queries: int, refine: int,
+                target: int) -> dict[str, Any]:
+    """New-query time at ``target`` documents from measured per-document costs: rescanning is linear in N
+    (``rescan_s / n`` per document); the index query is the queries' gradients (fixed), the search (per document,
+    measured at ``search_scale``'s size) and the refinement (per refined document, times the most it can
+    re-score: every query's ``refine`` candidates distinct)."""
+    per_rescan = rescan_s / n  # the scoring pass alone: the queries' preparation (fixed) is left out
+    per_search = info["search_scale"]["search_per_document_s"]
+    per_refined = info["refine_s_no_prune"] / max(1, info["refined_documents_no_prune"])
+    refined = min(target, n_queries * refine)
+    index_s = info["query_gradients_s"] + target * per_search + refined * per_refined
+    return {"documents": target, "rescan_per_document_s": per_rescan, "search_per_document_s": per_search,
+            "refine_per_document_s": per_refined, "refined_documents": refined, "rescan_s": target * per_rescan,
+            "index_query_s": index_s, "speedup": target * per_rescan / index_s}
 
 
 def corpus_engine(args) -> tuple[InfluenceEngine, list[Example], list[Example], dict[str, list[str]]]:
@@ -225,11 +265,14 @@ def run_corpus(args: argparse.Namespace, result: dict[str, Any], root: Path, sav
     t0 = time.perf_counter()
     factors = eng.fit_factors(docs, settings)
     row["fit_factors_s"] = time.perf_counter() - t0
-    prepared = eng.prepare_queries(queries, factors, rank=0)
+    row["prepare_queries_s"], _, prepared = median_time(lambda: eng.prepare_queries(queries, factors, rank=0),
+                                                         args.repeat)
+    row["rescan_score_s"], _, res = median_time(lambda: eng.score(docs, prepared, top_k=100, return_all=True),
+                                                args.repeat)
     row["rescan_s"], row["rescan_cpu_s"], res = median_time(
         lambda: eng.score(docs, eng.prepare_queries(queries, factors, rank=0), top_k=100, return_all=True),
         args.repeat)
-    del prepared
+    args.rescan_score_s = row["rescan_score_s"]
     exact = res.all_scores
     print(f"[{args.corpus} {n}] factors {row['fit_factors_s']:.1f} s, rescan {row['rescan_s']:.2f} s", flush=True)
     row["sketches"] = {}
@@ -308,6 +351,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeat", type=int, default=1, help="time each query (and the rescan) N times, keep the median")
     p.add_argument("--probes", type=int, default=8, help="training documents scored exactly at build (probe recall)")
     p.add_argument("--sample-docs", type=int, default=1000, help="documents a pca sketch is fitted on")
+    p.add_argument("--search-docs", type=int, default=0,
+                   help="also time the exact search over this many random rows of each sketch's width, and model the "
+                        "new-query time at 160k documents from the per-document costs (0: off)")
     p.add_argument("--planted", type=int, default=0, help="documents per query holding its tokens (0: none)")
     p.add_argument("--queries", type=int, default=32)
     p.add_argument("--factor-docs", type=int, default=0,
