@@ -320,14 +320,13 @@ def measure(report, faults: dict) -> dict:
 
 
 def run_corpus(name: str, args, log) -> dict:
+    import numpy as np
     import polars as pl
 
     from influence_audit.demo.model import ensure_demo_model
-    from tasks.engine import EngineSpec
-    import numpy as np
-
     from influence_engine import DocumentSignals
     from influence_engine.data import encode
+    from tasks.engine import EngineSpec
     from tasks.quality.signals import (
         CorpusCounts,
         QualitySettings,
@@ -406,7 +405,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-
     from provenance import provenance
 
     torch.set_num_threads(1)

@@ -59,6 +59,17 @@ def prefilter_candidates(p: AuditParams, ins: Inputs, queries_path: str) -> str:
     return prefilter.audit_candidates(p, ins, queries_path)
 
 
+@task(name="create-index")
+def create_index(spec: EngineSpec, settings: FactorSettings, shards: list[Shard], directory: str, factor_dir: str,
+                 options: index.IndexOptions) -> str:
+    return index.create_for_shards(spec, settings, shards, directory, factor_dir, options)
+
+
+@task(name="finish-index")
+def finish_index(directory: str) -> dict | None:
+    return index.finish_shards(directory)
+
+
 @task(name="build-index-part")
 def build_index_part(spec: EngineSpec, settings: FactorSettings, shard: Shard, directory: str, factor_dir: str,
                      options: index.IndexOptions) -> str:
