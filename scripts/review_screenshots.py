@@ -43,14 +43,16 @@ def main() -> None:
 
     from playwright.sync_api import sync_playwright
 
+    from tasks.record.traces import document_texts, span_name
     from tasks.record.ui import audit_ui
     from tasks.review.decisions import load_candidates
 
     info = audit_ui(a.home, a.audit, port=a.port, per_query=True)
     query = a.query or sorted(info["urls"]["trace"])[0]
     cands = load_candidates(a.home, info["audit_id"])
-    top = cands.filter((cands["query_id"] == query) & (cands["rank"] == 1))["train_id"][0]
-    span = f"#1 {top}"
+    top = cands.filter((cands["query_id"] == query) & (cands["rank"] == 1)).row(0, named=True)
+    span = span_name(1, top["score"], document_texts(Path(a.home) / "audits" / info["audit_id"],
+                                                     [top["train_id"]]).get(top["train_id"]) or top["snippet"])
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:

@@ -490,6 +490,19 @@ class Tracker:
     def delete_trace_tag(self, trace_id: str, key: str) -> None:
         _call("untag trace", mlflow.delete_trace_tag, trace_id, key)
 
+    def log_feedback(self, *, trace_id: str, name: str, value: Any, source_id: str, span_id: str | None = None,
+                     rationale: str | None = None, metadata: Mapping[str, str] | None = None,
+                     human: bool = False) -> Any:
+        """A feedback assessment (source type CODE, or HUMAN with ``human``) on a trace or one of its spans."""
+        from mlflow.entities import AssessmentSource
+
+        source = AssessmentSource(source_type="HUMAN" if human else "CODE", source_id=source_id)
+        return _call("log feedback", mlflow.log_feedback, trace_id=trace_id, name=name, value=value,
+                     source=source, span_id=span_id, rationale=rationale, metadata=dict(metadata or {}) or None)
+
+    def delete_assessment(self, trace_id: str, assessment_id: str) -> None:
+        _call("delete assessment", mlflow.delete_assessment, trace_id=trace_id, assessment_id=assessment_id)
+
     # the model registry
     def model_version_by_alias(self, name: str, alias: str) -> str:
         return str(_call("read alias", self.client.get_model_version_by_alias, name, alias).version)

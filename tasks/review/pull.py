@@ -27,7 +27,7 @@ from prefect import task
 
 from influence_engine.atomic import write_json_atomic
 from tasks.paths import resolve_home
-from tasks.record.traces import CulpritMark, read_culprit_assessments, show_refusals
+from tasks.record.traces import CulpritMark, read_culprit_assessments, refusal, show_refusals
 from tasks.review.decisions import (
     FLAGGED_FILE,
     FLAGGED_SCHEMA,
@@ -132,14 +132,12 @@ def pull_review(home: str | os.PathLike[str] | None, audit_id: str, *,
     experiment_id = tracker().experiment_of(run_id)
     read = read_culprit_assessments(experiment_id, audit_id)
     known = set(zip(cands["query_id"].to_list(), cands["train_id"].to_list(), strict=True))
-    marks, refused = [], {k: list(v) for k, v in read.refused.items()}
+    marks, refusals = [], list(read.refusals)
     for m in read.marks:
         if (m.query_id, m.train_id) in known:
             marks.append(m)
         else:
-            refused.setdefault(m.trace_id, []).append(
-                f"culprit assessment {m.assessment_id} by {m.reviewer} not recorded: {m.query_id}:{m.train_id} "
-                f"is not a candidate of audit {audit_id}")
+            refusals.append(refusal(m.trace_id, m.assessment_id, m.span_id or None, m.reviewer, f"{m.query_id}:{m.train_id} is not a candidate of audit {audit_id}"))
     now = _effective(marks)
     state_path = _marks_path(h, audit_id)
     flagged = h / FLAGGED_FILE
@@ -155,8 +153,8 @@ def pull_review(home: str | os.PathLike[str] | None, audit_id: str, *,
         state = _review_state(cands, decisions)
         if rows:
             _record(run_id, decisions, state)
-    show_refusals(read.traces, refused)
-    messages = [msg for msgs in refused.values() for msg in msgs]
+    show_refusals(read.traces, refusals)
+    messages = [r.message for r in refusals]
     return {"audit_id": audit_id, "run_id": run_id, "traces": len(read.traces), "marks": len(marks),
             "recorded": len(rows), "retracted": sum(r["verdict"] == RETRACTED for r in rows), "refused": messages,
             "flagged_path": str(flagged), **state}
