@@ -49,6 +49,7 @@ __all__ = [
     "CANDIDATES_TABLE",
     "TABLE_COLUMNS",
     "Tracker",
+    "TrackingRefused",
     "TrackingUnavailable",
     "configure_tracking",
     "find_audit_run",
@@ -99,12 +100,35 @@ def _is_transient(exc: BaseException) -> bool:
     return False
 
 
+class TrackingRefused(UserError):
+    """The MLflow server (with authentication) refused this account: not logged in, or no permission."""
+
+
+_REFUSED_CODES = {"PERMISSION_DENIED": 403, "UNAUTHENTICATED": 401, "CUSTOMER_UNAUTHORIZED": 401}
+
+
+def _refused(what: str, exc: BaseException) -> TrackingRefused | None:
+    if not isinstance(exc, MlflowException) or exc.error_code not in _REFUSED_CODES:
+        return None
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if _REFUSED_CODES[exc.error_code] == 401:
+        return TrackingRefused(f"MLflow at {mlflow.get_tracking_uri()} refused the login "
+                               f"{'of ' + repr(user) if user else '(no user name set)'} ({what})",
+                               hint="set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to your MLflow account")
+    return TrackingRefused(f"MLflow at {mlflow.get_tracking_uri()}: user {user!r} has no permission to {what}",
+                           hint="ask an MLflow admin for a permission on the audit's experiment "
+                                "(docs/operations.md, 'Reviewers and permissions')")
+
+
 def _call(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run ``fn`` and retry connection errors with exponential backoff, then raise TrackingUnavailable."""
+    """Run ``fn`` and retry connection errors with exponential backoff, then raise TrackingUnavailable; a refusal
+    by an authenticating server (401, 403) is :class:`TrackingRefused` at once."""
     for attempt in range(len(_BACKOFF_S) + 1):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
+            if (refused := _refused(what, exc)) is not None:
+                raise refused from None
             if not _is_transient(exc):
                 raise
             if attempt == len(_BACKOFF_S):
