@@ -83,12 +83,18 @@ def review_audit(audit_id: str, home: str | None = None, timeout_s: int = 7 * 24
 @flow(name="review_pull", log_prints=True)
 def review_pull(home: str | None = None, audit_id: str | None = None,
                 tracking_uri: str | None = None) -> list[dict[str, Any]]:
-    """Record the ``culprit`` assessments made in MLflow since the last pull, for one audit or all of them.
-    Audits that could not be pulled are listed with their error (and the flow run fails, so it shows)."""
+    """Record the ``culprit`` assessments made in MLflow since the last pull, for one audit or all of them; an
+    audit whose marks did not change (one cheap search, tasks/review/pull.py) is skipped. Audits that could not
+    be pulled are listed with their error (and the flow run fails, so it shows)."""
     log = get_run_logger()
-    results = pull_reviews_task(str(resolve_home(home)), audit_id, tracking_uri)
+    results = pull_reviews_task(str(resolve_home(home)), audit_id, tracking_uri, if_changed=True)
     failed = [r for r in results if "error" in r]
+    unchanged = sum(bool(r.get("unchanged")) for r in results)
+    if unchanged:
+        log.info(f"{unchanged} of {len(results)} audit(s) unchanged since the last pull")
     for r in results:
+        if r.get("unchanged"):
+            continue
         if "error" in r:
             log.error(f"audit {r['audit_id']}: {r['error']}")
         else:

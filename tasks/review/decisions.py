@@ -31,7 +31,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from influence_engine.atomic import atomic_path
 from influence_engine.errors import UserError
-from tasks.inputs.rows import content_hash
 from tasks.paths import resolve_home
 
 __all__ = [
@@ -289,6 +288,8 @@ def _append(path: Path, rows: pl.DataFrame) -> pl.DataFrame:
 
 
 def _content_hashes(audit_dir: Path, train_ids: Iterable[str]) -> dict[str, str]:
+    from tasks.inputs.rows import content_hash  # loads the engine (torch): only for audits with copied shards
+
     wanted = set(train_ids)
     out: dict[str, str] = {}
     for ids in sorted((audit_dir / "inputs").glob("ids-*.parquet")):  # the shard manifest's ids and hashes

@@ -190,14 +190,14 @@ def test_a_killed_worker_loses_no_decision(servers: Servers, tmp_path: Path) -> 
                          "INFLUENCE_AUDIT_QUERIES": "unused"}
     prefect = str(BIN / "prefect")
     pools = {p["name"] for p in _api(servers, "POST", "/work_pools/filter", json={})}
-    if "influence-cpu" not in pools:
-        subprocess.run([prefect, "work-pool", "create", "influence-cpu", "--type", "process"], env=env, check=True,
+    if "influence-review" not in pools:
+        subprocess.run([prefect, "work-pool", "create", "influence-review", "--type", "process"], env=env, check=True,
                        capture_output=True, timeout=120)
     subprocess.run([prefect, "--no-prompt", "deploy", "-n", "review"], env=env, cwd=REPO, check=True,
                    capture_output=True, timeout=300)
 
-    worker = start("review-worker-1", [prefect, "worker", "start", "--pool", "influence-cpu", "--limit", "1"], env,
-                   servers.logs)
+    worker = start("review-worker-1", [prefect, "worker", "start", "--pool", "influence-review", "--limit", "1"],
+                   env, servers.logs)
     try:
         with temporary_settings(updates={PREFECT_API_URL: servers.prefect_api}):
             said = open_review_form(audit_id, str(home))  # what every audit calls at its end
@@ -218,7 +218,7 @@ def test_a_killed_worker_loses_no_decision(servers: Servers, tmp_path: Path) -> 
             resume_flow_run(run.id, run_input={"reviewer": "flo", "decisions": [
                 valid, {"query_id": "q1", "train_id": "doc-zzz", "verdict": "culprit"}]})
             assert _state(servers, rid)["type"] in ("SCHEDULED", "PENDING")  # accepted, waiting for a worker
-            worker2 = start("review-worker-2", [prefect, "worker", "start", "--pool", "influence-cpu", "--limit",
+            worker2 = start("review-worker-2", [prefect, "worker", "start", "--pool", "influence-review", "--limit",
                                                 "1"], env, servers.logs)
             try:
                 again = _wait_state(servers, rid, {"Suspended"}, worker2, not_id=first["id"])

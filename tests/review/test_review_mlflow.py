@@ -298,3 +298,39 @@ def test_ui_prints_whole_addresses_of_the_run_and_its_traces(home: Path, audit) 
     for qid, tid in traces.items():
         assert f"  query {qid}: http://127.0.0.1:5123/#/experiments/{exp}/traces?selectedEvaluationId={tid}" in lines
     assert lines[-1] == f"Then record the marks: influence-audit review pull {audit_id}"
+
+
+def test_a_pull_when_nothing_changed_stops_at_the_watermark(home: Path, audit) -> None:
+    audit_id, run_id, _ = audit
+    first = pull_review(home, audit_id, if_changed=True)  # no watermark yet: a whole pull
+    assert "unchanged" not in first and first["recorded"] == 0
+    cands = home / "audits" / audit_id / "candidates.parquet"
+    hidden = cands.with_name("hidden.parquet")
+    cands.rename(hidden)  # the cheap path reads no candidates (nor spans, nor decisions)
+    try:
+        assert pull_review(home, audit_id, if_changed=True) == {
+            "audit_id": audit_id, "run_id": run_id, "unchanged": True, "recorded": 0, "retracted": 0, "refused": []}
+    finally:
+        hidden.rename(cands)
+    a = mark(run_id, audit_id, "q1", "doc-a", True, "ann")  # a new mark moves the watermark
+    assert pull_review(home, audit_id, if_changed=True)["recorded"] == 1
+    assert pull_review(home, audit_id, if_changed=True)["unchanged"] is True
+    mlflow.override_feedback(trace_id=a.trace_id, assessment_id=a.assessment_id, value=False,  # an edit
+                             source=AssessmentSource(source_type="HUMAN", source_id="ann"))
+    assert pull_review(home, audit_id, if_changed=True)["recorded"] == 1
+    for x in [x for t in audit_traces(_exp(run_id), audit_id) for x in t.info.assessments if x.name == "culprit"]:
+        mlflow.delete_assessment(trace_id=x.trace_id, assessment_id=x.assessment_id)  # deletions
+    r = pull_review(home, audit_id, if_changed=True)
+    assert (r["recorded"], r["retracted"]) == (1, 1)
+    assert pull_review(home, audit_id, if_changed=True)["unchanged"] is True
+
+
+def test_the_pull_flow_module_loads_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, flows.review; print(sorted(m for m in ('torch', 'transformers', 'mlflow') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
