@@ -28,6 +28,7 @@ from prefect.states import Failed
 
 from tasks.paths import resolve_home
 from tasks.review.decisions import (
+    FORM_TOP,
     ReviewDecision,
     ReviewInput,
     check_review_input,
@@ -45,12 +46,17 @@ def _deployed() -> bool:
 
 @flow(name="review_audit", log_prints=True)
 def review_audit(audit_id: str, home: str | None = None, timeout_s: int = 7 * 24 * 3600,
-                 poll_interval_s: int = 10) -> dict[str, Any]:
+                 poll_interval_s: int = 10, form_top: int = FORM_TOP) -> dict[str, Any]:
     """Wait (up to ``timeout_s`` per wait) for one reviewer's decisions on audit ``audit_id``; returns the
-    review state after recording them (status, counts, reviewers, MLflow run id). ``poll_interval_s`` only
-    applies when run without a deployment (paused, not suspended)."""
+    review state after recording them (status, counts, reviewers, MLflow run id). The form shows the top
+    ``form_top`` candidates of each query with their current verdicts (marks made in MLflow are pulled first;
+    later pulls and submissions refresh it while it waits). ``poll_interval_s`` only applies when run without a
+    deployment (paused, not suspended)."""
     log = get_run_logger()
     h = str(resolve_home(home))
+    pulled = pull_reviews_task(h, audit_id, None, if_changed=True, return_state=True)
+    if pulled.is_failed():  # MLflow unreachable or the audit has no run: the form shows the decisions on disk
+        log.warning(f"marks in MLflow not pulled before the form: {pulled.message}")
     deployed = _deployed()
     if not deployed:
         log.warning("not run from a deployment: pausing (this process must stay alive until a reviewer "
@@ -58,7 +64,7 @@ def review_audit(audit_id: str, home: str | None = None, timeout_s: int = 7 * 24
     message, reviewer = "", ""
     kept: list[ReviewDecision] = []
     while True:
-        form = publish_review_form(h, audit_id, message)
+        form = publish_review_form(h, audit_id, message, form_top)
         wanted = ReviewInput.with_initial_data(description=form, reviewer=reviewer, decisions=kept) if message \
             else ReviewInput.with_initial_data(description=form)
         try:

@@ -58,6 +58,7 @@ from tasks.review.decisions import (
     _tracking_uri,
     load_candidates,
     load_decisions,
+    refresh_forms,
 )
 
 __all__ = ["MARKS_FILE", "marks_watermark", "pull_review", "pull_reviews", "pull_reviews_task"]
@@ -189,6 +190,8 @@ def pull_review(home: str | os.PathLike[str] | None, audit_id: str, *,
         if rows:
             _record(run_id, decisions, state)
     show_refusals(read.traces, refusals)
+    if rows:
+        refresh_forms(h, audit_id)
     messages = [r.message for r in refusals]
     return {"audit_id": audit_id, "run_id": run_id, "traces": len(read.traces), "marks": len(marks),
             "recorded": len(rows), "retracted": sum(r["verdict"] == RETRACTED for r in rows), "refused": messages,
