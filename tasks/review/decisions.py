@@ -43,6 +43,7 @@ __all__ = [
     "ReviewInputError",
     "FORM_TOP",
     "audit_summary",
+    "candidates_to_show",
     "form_text",
     "check_review",
     "latest_verdicts",
@@ -206,6 +207,25 @@ def audit_summary(home: str | os.PathLike[str] | None, audit_id: str) -> dict[st
     decisions = load_decisions(h, audit_id)
     return {"audit_id": audit_id, "manifest": _manifest(h, audit_id), "candidates": cands,
             "decisions": decisions, **_review_state(cands, decisions)}
+
+
+def candidates_to_show(summary: dict[str, Any], queries: Sequence[str] = (), rows: int = 10) -> pl.DataFrame:
+    """The candidates ``review show`` prints: of ``queries`` (all when empty), the top ``rows`` per query (all when
+    0), each with its latest ``verdict``, ``reviewer`` and ``comment`` (empty when undecided). UserError names an
+    unknown query id and the known ones."""
+    cands: pl.DataFrame = summary["candidates"]
+    known = cands["query_id"].unique().sort().to_list()
+    unknown = [q for q in queries if q not in known]
+    if unknown:
+        shown = ", ".join(known[:10]) + (f" (+{len(known) - 10} more)" if len(known) > 10 else "")
+        raise UserError(f"audit {summary['audit_id']} has no query {unknown[0]!r} (its queries: {shown})")
+    if queries:
+        cands = cands.filter(pl.col("query_id").is_in(list(queries)))
+    if rows > 0:
+        cands = cands.filter(pl.col("rank") <= rows)
+    latest = latest_verdicts(summary["decisions"]).select("query_id", "train_id", "verdict", "reviewer", "comment")
+    return cands.join(latest, on=["query_id", "train_id"], how="left").with_columns(
+        pl.col("verdict", "reviewer", "comment").fill_null("")).sort(["query_id", "rank"])
 
 
 # ------------------------------------------------------------------------------------------ input

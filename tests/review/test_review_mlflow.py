@@ -334,3 +334,27 @@ def test_the_pull_flow_module_loads_without_torch() -> None:
                          cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_review_show_reads_at_80_columns(home: Path, audit) -> None:
+    from typer.testing import CliRunner
+
+    from influence_audit.cli import app
+
+    audit_id, run_id, _ = audit
+    submit_review(home, audit_id, "ann", [{"query_id": "q1", "train_id": "doc-b", "verdict": "culprit",
+                                           "comment": "states the fact"}])
+    res = CliRunner().invoke(app, ["review", "show", audit_id, "--home", str(home), "--query", "q1", "--rows", "2"],
+                             terminal_width=80)
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert max(len(line) for line in lines) <= 80, lines
+    assert lines[:4] == [f"audit {audit_id}: review in-progress (1 decided, 5 open; reviewers: ann)",
+                         f"MLflow run {run_id}", "", "q1  (2 of 3 candidates)"]
+    assert lines[5:] == ["#1   doc-a         0.9", "     text of doc-a",
+                         "#2   doc-b         0.4  culprit (ann)", "     <script>alert(1)</script> harmless text",
+                         "     comment: states the fact"]
+    assert "q2" not in res.output
+    res = CliRunner().invoke(app, ["review", "show", audit_id, "--home", str(home), "--query", "q9"])
+    assert res.exit_code != 0 and isinstance(res.exception, UserError)
+    assert str(res.exception).endswith("has no query 'q9' (its queries: q1, q2)")
