@@ -172,7 +172,8 @@ def pull_review(home: str | os.PathLike[str] | None, audit_id: str, *,
         if (m.query_id, m.train_id) in known:
             marks.append(m)
         else:
-            refusals.append(refusal(m.trace_id, m.assessment_id, m.span_id or None, m.reviewer, f"{m.query_id}:{m.train_id} is not a candidate of audit {audit_id}"))
+            refusals.append(refusal(m.trace_id, m.assessment_id, m.span_id or None, m.reviewer,
+                                    f"{m.query_id}:{m.train_id} is not a candidate of audit {audit_id}"))
     now = _effective(marks)
     flagged = h / FLAGGED_FILE
     with _locked(_decisions_path(h, audit_id)):

@@ -52,12 +52,6 @@ def refresh_review_forms(audit_id: str, home: str) -> int:
         return 0
     from prefect.artifacts import create_markdown_artifact
     from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-    from prefect.input.actions import create_flow_run_input, delete_flow_run_input
-    from prefect.input.run_input import keyset_from_paused_state
-
-    from tasks.review.decisions import FORM_TOP, artifact_key, audit_summary, form_text, review_markdown
-
     from prefect.client.schemas.filters import (
         FlowFilter,
         FlowFilterName,
@@ -66,6 +60,11 @@ def refresh_review_forms(audit_id: str, home: str) -> int:
         FlowRunFilterStateType,
     )
     from prefect.client.schemas.objects import StateType
+    from prefect.exceptions import ObjectNotFound
+    from prefect.input.actions import create_flow_run_input, delete_flow_run_input
+    from prefect.input.run_input import keyset_from_paused_state
+
+    from tasks.review.decisions import FORM_TOP, artifact_key, audit_summary, form_text, review_markdown
 
     with get_client(sync_client=True) as client:  # suspended (deployed) and paused (direct) runs alike
         runs = client.read_flow_runs(
