@@ -223,11 +223,20 @@ def record_quality(p: AuditParams, inputs: Inputs, run_id: str, paths: dict[str,
 
 
 def open_quality_review(p: AuditParams, inputs: Inputs, run_id: str, candidates_path: str) -> str:
-    """Hand the flagged documents to people: a Prefect markdown artifact per audit, by issue type."""
+    """Hand the flagged documents to people: the Prefect-form review run (as every audit starts one, where a
+    Prefect server has the ``review`` deployment) and a Prefect markdown artifact per audit, by issue type."""
+    from pathlib import Path
+
     from prefect.artifacts import create_markdown_artifact
 
+    from tasks.review.runs import open_review_form
+
+    try:
+        form = open_review_form(inputs.audit_id, str(Path(inputs.audit_dir).parent.parent))
+    except Exception as exc:  # noqa: BLE001 (the terminal review stands without the form)
+        form = f"Prefect-form review not started: {exc}"
     items = pl.read_parquet(candidates_path)
-    lines = [f"# Quality audit `{inputs.audit_id}`: review open", "",
+    lines = [f"# Quality audit `{inputs.audit_id}`: review open", "", f"Prefect form: {form}.", "",
              f"MLflow run `{run_id}` (experiment `{p.experiment}`): `quality_report.json`, `candidates.json` (the "
              "flagged documents by issue type) and `report.html` are in its artifacts. Flags are a screen, not a "
              "verdict.", "", f"Review in a terminal: `influence-audit review show {inputs.audit_id}`; decide with "

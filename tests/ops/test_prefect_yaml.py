@@ -140,7 +140,9 @@ def test_pull_step_sets_the_working_directory() -> None:
 
 
 def test_review_deployments(deployments: dict[str, dict[str, Any]]) -> None:
-    """`review` (the Prefect-form review each audit starts, by this name) and `review-pull` (every few minutes)."""
+    """`review` (the Prefect-form review each audit starts, by this name) and `review-pull` (every minute), in a
+    pool of their own (never queued behind an audit), the pull one run at a time (a due run while one is going is
+    cancelled, not queued)."""
     import importlib
     import inspect
 
@@ -152,13 +154,21 @@ def test_review_deployments(deployments: dict[str, dict[str, Any]]) -> None:
     for d in (review, pull):
         path, name = d["entrypoint"].split(":")
         fl = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
-        assert d["work_pool"]["name"] == "influence-cpu"
+        assert d["work_pool"]["name"] == "influence-review"
         if d is review:
             assert REVIEW_DEPLOYMENT == f"{fl.name}/review"
             assert "audit_id" in inspect.signature(fl.fn).parameters
     assert "schedules" not in review
     (spec,) = pull["schedules"]
-    assert IntervalSchedule(interval=spec["interval"]).interval.total_seconds() <= 600
+    assert IntervalSchedule(interval=spec["interval"]).interval.total_seconds() == 60
+    audit_pools = {d["work_pool"]["name"] for n, d in deployments.items() if n not in ("review", "review-pull")}
+    assert audit_pools == {"influence-cpu"}  # no audit shares the review pool
+    from prefect.cli.deploy._models import DeploymentConfig
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    limit = ConcurrencyLimitConfig.model_validate(pull["concurrency_limit"])
+    assert (limit.limit, limit.collision_strategy) == (1, ConcurrencyLimitStrategy.CANCEL_NEW)
+    DeploymentConfig.model_validate({k: v for k, v in pull.items()})  # as `prefect deploy` reads it
 
 
 def test_gpu_pool_example_renders_one_pinned_worker_per_requested_gpu(monkeypatch: pytest.MonkeyPatch,
