@@ -268,7 +268,7 @@ def _enospc_polars(self, path, *args, **kwargs):
 
 def test_disk_full_parquet_json_safetensors(tmp_path, monkeypatch):
     """ENOSPC as polars, safetensors and Python raise it: a UserError saying 'disk full', and no file at all."""
-    from influence_engine import factors as factors_mod
+    from influence_engine import statistics as statistics_mod
     from influence_engine.atomic import write_json_atomic
     from tasks.files import write_parquet_atomic
 
@@ -288,9 +288,9 @@ def test_disk_full_parquet_json_safetensors(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"half")
         raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(factors_mod, "save_file", enospc_safetensors)
+    monkeypatch.setattr(statistics_mod, "save_file", enospc_safetensors)
     with pytest.raises(UserError, match="disk full"):
-        factors_mod.save_tensors(tmp_path / "f.safetensors", {"x": torch.zeros(3)}, {})
+        statistics_mod.save_tensors(tmp_path / "f.safetensors", {"x": torch.zeros(3)}, {})
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     COUNTS["faults injected"] += 3
 
