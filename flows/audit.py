@@ -20,6 +20,8 @@ from influence_engine import Factors
 from tasks.influence.index import IndexOptions, index_dir
 from tasks.influence.stages import (
     build_index_part,
+    create_index,
+    finish_index,
     merge_candidates,
     prefilter_candidates,
     prepare_query_gradients,
@@ -82,7 +84,9 @@ def influence_audit(params: AuditParams) -> dict[str, Any]:
             idir = str(index_dir(book.home, settings, IndexOptions(p.sketch)))
             book.manifest["index"] = idir
             with book.stage("build_index"):
+                create_index(spec, settings, ins.shards, idir, fdir, IndexOptions(p.sketch))
                 parts = build_index_part.map(spec, settings, ins.shards, idir, fdir, IndexOptions(p.sketch)).result()
+                book.manifest["index_probe_recall"] = finish_index(idir)
             with book.stage("search_index"):
                 shard_scores = [search_index(spec, settings, ins, queries, idir, fdir, parts, p.top_k, p.refine)]
         else:

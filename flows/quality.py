@@ -49,7 +49,7 @@ def quality_audit(p: AuditParams) -> dict[str, Any]:
             if not cached:
                 fit_factor_stages(spec, settings, ins.shards, fdir)
         with book.stage("token_counts"):
-            counts = shard_token_counts_task.map(spec, ins.shards, ins.audit_dir).result()
+            counts = shard_token_counts_task.map(spec, ins.shards, ins.audit_dir, quality).result()
             merge_token_counts_task(spec, ins.audit_dir, counts)
         with book.stage("quality_signals"):
             signal_paths = quality_shard.map(spec, settings, ins.shards, fdir, ins.audit_dir, quality).result()

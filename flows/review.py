@@ -28,6 +28,7 @@ from prefect.states import Failed
 
 from tasks.paths import resolve_home
 from tasks.review.decisions import (
+    FORM_TOP,
     ReviewDecision,
     ReviewInput,
     check_review_input,
@@ -45,12 +46,17 @@ def _deployed() -> bool:
 
 @flow(name="review_audit", log_prints=True)
 def review_audit(audit_id: str, home: str | None = None, timeout_s: int = 7 * 24 * 3600,
-                 poll_interval_s: int = 10) -> dict[str, Any]:
+                 poll_interval_s: int = 10, form_top: int = FORM_TOP) -> dict[str, Any]:
     """Wait (up to ``timeout_s`` per wait) for one reviewer's decisions on audit ``audit_id``; returns the
-    review state after recording them (status, counts, reviewers, MLflow run id). ``poll_interval_s`` only
-    applies when run without a deployment (paused, not suspended)."""
+    review state after recording them (status, counts, reviewers, MLflow run id). The form shows the top
+    ``form_top`` candidates of each query with their current verdicts (marks made in MLflow are pulled first;
+    later pulls and submissions refresh it while it waits). ``poll_interval_s`` only applies when run without a
+    deployment (paused, not suspended)."""
     log = get_run_logger()
     h = str(resolve_home(home))
+    pulled = pull_reviews_task(h, audit_id, None, if_changed=True, return_state=True)
+    if pulled.is_failed():  # MLflow unreachable or the audit has no run: the form shows the decisions on disk
+        log.warning(f"marks in MLflow not pulled before the form: {pulled.message}")
     deployed = _deployed()
     if not deployed:
         log.warning("not run from a deployment: pausing (this process must stay alive until a reviewer "
@@ -58,7 +64,7 @@ def review_audit(audit_id: str, home: str | None = None, timeout_s: int = 7 * 24
     message, reviewer = "", ""
     kept: list[ReviewDecision] = []
     while True:
-        form = publish_review_form(h, audit_id, message)
+        form = publish_review_form(h, audit_id, message, form_top)
         wanted = ReviewInput.with_initial_data(description=form, reviewer=reviewer, decisions=kept) if message \
             else ReviewInput.with_initial_data(description=form)
         try:
@@ -83,12 +89,18 @@ def review_audit(audit_id: str, home: str | None = None, timeout_s: int = 7 * 24
 @flow(name="review_pull", log_prints=True)
 def review_pull(home: str | None = None, audit_id: str | None = None,
                 tracking_uri: str | None = None) -> list[dict[str, Any]]:
-    """Record the ``culprit`` assessments made in MLflow since the last pull, for one audit or all of them.
-    Audits that could not be pulled are listed with their error (and the flow run fails, so it shows)."""
+    """Record the ``culprit`` assessments made in MLflow since the last pull, for one audit or all of them; an
+    audit whose marks did not change (one cheap search, tasks/review/pull.py) is skipped. Audits that could not
+    be pulled are listed with their error (and the flow run fails, so it shows)."""
     log = get_run_logger()
-    results = pull_reviews_task(str(resolve_home(home)), audit_id, tracking_uri)
+    results = pull_reviews_task(str(resolve_home(home)), audit_id, tracking_uri, if_changed=True)
     failed = [r for r in results if "error" in r]
+    unchanged = sum(bool(r.get("unchanged")) for r in results)
+    if unchanged:
+        log.info(f"{unchanged} of {len(results)} audit(s) unchanged since the last pull")
     for r in results:
+        if r.get("unchanged"):
+            continue
         if "error" in r:
             log.error(f"audit {r['audit_id']}: {r['error']}")
         else:

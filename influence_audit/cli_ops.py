@@ -36,8 +36,8 @@ def notify_retrained(
             raise UserError(f"--extra {item!r}: expected KEY=VALUE")
         payload[key] = value
     event_id = emit_retrained(model, payload=payload)
-    typer.echo(event_id)
-    err.print(f"model.retrained sent for {model} (event {event_id})")
+    typer.echo(event_id)  # stdout: the id alone, for scripts
+    err.print(f"model.retrained sent for {model}", highlight=False, soft_wrap=True)  # one line, the path whole
 
 
 @webhook_app.command("serve")

@@ -46,32 +46,48 @@ def list_cmd(opts: Opts = None) -> None:
 @review_app.command("show")
 @takes("audit_ref", fields=WHERE)
 def show_cmd(audit_id: AuditArg = None,
-             snippet_chars: Annotated[int, typer.Option(help="Characters of each snippet")] = 80,
+             query: Annotated[list[str] | None, typer.Option(
+                 "--query", help="Only this query id (repeatable; default: every query)")] = None,
+             rows: Annotated[int, typer.Option(help="Candidates per query, from rank 1 (0: all)")] = 10,
+             snippet_chars: Annotated[int | None, typer.Option(
+                 help="Characters of each snippet (default: what fits the terminal's width on one line)")] = None,
              opts: Opts = None) -> None:
-    """Candidates per query (rank, document, score, snippet) with the decisions so far."""
+    """Candidates per query (rank, document, score, verdict so far; the snippet below) with the decisions so far.
+    Ids are printed whole; lines fit the terminal (80 columns too)."""
     audit_id, home = audit_id_of(audit_id, opts), opts.output.output_dir
-    from tasks.review.decisions import audit_summary, latest_verdicts
+    from rich.markup import escape
+
+    from tasks.review.decisions import audit_summary, candidates_to_show
 
     s = audit_summary(home, audit_id)
-    latest = {(r["query_id"], r["train_id"]): r for r in latest_verdicts(s["decisions"]).iter_rows(named=True)}
-    out.print(f"[bold]audit {audit_id}[/]  MLflow run {s['manifest'].get('mlflow_run_id')}  review "
-              f"[bold]{s['status']}[/] ({s['decided']} decided, {s['undecided']} open; "
-              f"reviewers: {', '.join(s['reviewers']) or '-'})")
-    for (qid,), group in s["candidates"].sort(["query_id", "rank"]).group_by(["query_id"], maintain_order=True):
+    shown = candidates_to_show(s, query or (), rows)
+    width = max(out.width, 40)
+    say = lambda text: out.print(text, highlight=False, soft_wrap=True)  # noqa: E731 (one place for the style)
+    say(f"[bold]audit {audit_id}[/]: review [bold]{s['status']}[/] ({s['decided']} decided, {s['undecided']} "
+        f"open; reviewers: {escape(', '.join(s['reviewers']) or '-')})")
+    say(f"MLflow run {s['manifest'].get('mlflow_run_id')}")
+    total = s["candidates"].group_by("query_id").len()
+    per_query = dict(zip(total["query_id"].to_list(), total["len"].to_list(), strict=True))
+    id_width = max([len(t) for t in shown["train_id"].to_list()] or [8])
+    for (qid,), group in shown.group_by(["query_id"], maintain_order=True):
         first = group.row(0, named=True)
-        checked = "verified" in group.columns
-        table = Table("rank", "train_id", "score", *(["check (Δ up / down)"] if checked else []), "snippet",
-                      "verdict", "reviewer", "comment",
-                      title=f"{qid}: {first['query_prompt']!r} -> {first['query_completion']!r}", title_justify="left")
+        say("")
+        say(f"[bold]{escape(qid)}[/]  ({group.height} of {per_query[qid]} candidates)")
+        say(escape(_cut(f"{first['query_prompt']!r} -> {first['query_completion']!r}", width)))
         for r in group.iter_rows(named=True):
-            d = latest.get((qid, r["train_id"])) or {}
-            snippet = " ".join(str(r["snippet"]).split())
-            check = [] if not checked else ["" if r["verified"] is None else
-                                            f"{'verified' if r['verified'] else 'not verified'} "
-                                            f"{r['counterfactual_delta']:+.3g} / {r['counterfactual_delta_down']:+.3g}"]
-            table.add_row(str(r["rank"]), r["train_id"], f"{r['score']:.4g}", *check, snippet[:snippet_chars],
-                          d.get("verdict", ""), d.get("reviewer", ""), d.get("comment", ""))
-        out.print(table)
+            check = "" if "verified" not in group.columns or r["verified"] is None else (
+                f"  {'verified' if r['verified'] else 'not verified'} {r['counterfactual_delta']:+.3g}/"
+                f"{r['counterfactual_delta_down']:+.3g}")
+            verdict = f"  {r['verdict']} ({r['reviewer']})" if r["verdict"] else ""
+            say(escape(f"#{r['rank']:<3} {r['train_id']:<{id_width}}  {r['score']:>10.4g}{check}{verdict}"))
+            limit = width - 5 if snippet_chars is None else snippet_chars
+            say(escape("     " + _cut(" ".join(str(r["snippet"]).split()), limit)))
+            if r["comment"]:
+                say(escape("     comment: " + _cut(r["comment"], width - 14)))
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 1, 1)] + "…"
 
 
 @review_app.command("submit")

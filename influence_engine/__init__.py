@@ -15,12 +15,13 @@ _EXPORTS = {
     "GradientCache": "cache", "TokenCache": "cache",
     "CheckpointScores": "checkpoints", "checkpoint_weights": "checkpoints",
     "Example": "data", "encode": "data",
-    "Explanation": "engine", "InfluenceEngine": "engine", "ScoreResult": "engine", "load_pretrained": "engine",
+    "Explanation": "engine", "InfluenceEngine": "engine", "ScoreResult": "engine", "load_pretrained": "models",
     "model_fingerprint": "engine",
     "DataError": "errors", "FactorMismatchError": "errors", "ModelError": "errors", "NumericalError": "errors",
     "UserError": "errors",
-    "CovariancePartial": "factors", "Eigenbasis": "factors", "Factors": "factors", "LambdaPartial": "factors",
-    "eigendecompose": "factors", "finalize": "factors", "merge": "factors",
+    "Factors": "factors", "eigendecompose": "factors", "finalize": "factors",
+    "CovariancePartial": "statistics", "Eigenbasis": "statistics", "LambdaPartial": "statistics",
+    "merge": "statistics", "merge_groups": "statistics",
     "PreparedQueries": "queries",
     "DocumentSignals": "quality",
     "FactorSettings": "settings", "stable_key": "settings",
@@ -32,12 +33,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from .cache import GradientCache, TokenCache  # noqa: F401
     from .checkpoints import CheckpointScores, checkpoint_weights  # noqa: F401
     from .data import Example, encode  # noqa: F401
-    from .engine import Explanation, InfluenceEngine, ScoreResult, load_pretrained, model_fingerprint  # noqa: F401
+    from .engine import Explanation, InfluenceEngine, ScoreResult, model_fingerprint  # noqa: F401
     from .errors import DataError, FactorMismatchError, ModelError, NumericalError, UserError  # noqa: F401
-    from .factors import CovariancePartial, Eigenbasis, Factors, LambdaPartial, eigendecompose, finalize, merge  # noqa: F401
+    from .factors import Factors, eigendecompose, finalize  # noqa: F401
+    from .models import load_pretrained  # noqa: F401
     from .quality import DocumentSignals  # noqa: F401
     from .queries import PreparedQueries  # noqa: F401
     from .settings import FactorSettings, stable_key  # noqa: F401
+    from .statistics import CovariancePartial, Eigenbasis, LambdaPartial, merge, merge_groups  # noqa: F401
     from .strategies import STRATEGIES, Strategy, get_strategy  # noqa: F401
 
 

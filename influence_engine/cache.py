@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .factors import CovarianceAccumulator, _load_tensors, _save_tensors
+from .factors import CovarianceAccumulator
 from .layers import LayerSpec
 from .passes import PassContext
+from .statistics import load_tensors, save_tensors
 
 
 def cache_bytes(specs: dict[str, LayerSpec], n_docs: int, itemsize: int, sets: int = 2) -> int:
@@ -90,13 +91,13 @@ class GradientCache:
         tensors = {f"true/{n}": t for n, t in self.true.items()}
         if self.sampled is not None:
             tensors |= {f"sampled/{n}": t for n, t in self.sampled.items()}
-        _save_tensors(Path(path), tensors, {"kind": "gradient-cache", "ids": self.ids,
+        save_tensors(Path(path), tensors, {"kind": "gradient-cache", "ids": self.ids,
                                             "sampled": self.sampled is not None,
                                             "layers": [s.to_json() for s in self.specs.values()]})
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> GradientCache:
-        t, meta = _load_tensors(Path(path))
+        t, meta = load_tensors(Path(path))
         specs = {d["name"]: LayerSpec(**d) for d in meta["layers"]}
         true = {n: t[f"true/{n}"].to(device) for n in specs}
         sampled = {n: t[f"sampled/{n}"].to(device) for n in specs} if meta["sampled"] else None

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .errors import DataError
+from .errors import DataError, first_line
 
 __all__ = ["chat_tokens"]
 
@@ -23,8 +23,7 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: b
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as exc:  # the template's own refusal (roles out of order, ...)
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{at}: the chat template refuses these messages ({first})",
+        raise DataError(f"{at}: the chat template refuses these messages ({first_line(exc, 160)})",
                         hint="fix the conversation's roles or order for this model's template") from None
     if not isinstance(text, str):
         raise DataError(f"{at}: the chat template did not render text", hint="check the tokenizer's chat_template")

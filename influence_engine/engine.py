@@ -27,7 +27,6 @@ import hashlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,19 +45,10 @@ from .cache import (
 )
 from .data import Example, encode, examples_fingerprint
 from .errors import FactorMismatchError, ModelError, UserError
-from .experts import track_experts
-from .factors import (
-    CovarianceAccumulator,
-    CovariancePartial,
-    Eigenbasis,
-    Factors,
-    LambdaAccumulator,
-    LambdaPartial,
-    eigendecompose,
-    finalize,
-)
+from .factors import CovarianceAccumulator, Factors, LambdaAccumulator, eigendecompose, finalize
 from .fusion import fuse_activations
-from .layers import LayerSpec, layer_spec
+from .layers import LayerSpec, layer_spec, track_experts
+from .models import load_pretrained
 from .passes import PassConfig, PassContext, Progress, Runner
 from .plan import Plan, groups_within, layer_memory, make_plan, model_shape
 from .presets import resolve_layers
@@ -66,6 +56,7 @@ from .quality import DocumentSignalAccumulator, DocumentSignals
 from .queries import PreparedQueries, QueryAccumulator
 from .scoring import ScoreAccumulator, SelfInfluenceAccumulator, TopK, check_scores
 from .settings import PRECISIONS, FactorSettings
+from .statistics import CovariancePartial, Eigenbasis, LambdaPartial
 from .strategies import get_strategy
 
 GPU_FACTOR_SHARE = 0.8  # of a GPU's free memory (after the model is loaded) that factors may take
@@ -93,49 +84,6 @@ def model_fingerprint(model: nn.Module) -> str:
         h.update(f"{name}:{tuple(t.shape)}".encode())
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def check_model_dir(path: str | os.PathLike[str]) -> Path:
-    """``path`` as a directory holding a saved model (``config.json``) or a PEFT adapter; a one-line ModelError
-    otherwise. Reads no weights: the audit's preflight calls it before anything starts."""
-    from .lora import is_adapter_dir
-
-    p = Path(path)
-    if not p.is_dir():
-        raise ModelError(f"--model {p}: no such directory", hint="give a local Hugging Face model directory")
-    if not (p / "config.json").exists() and not is_adapter_dir(p):
-        raise ModelError(f"--model {p}: no config.json", hint="save the model with save_pretrained()")
-    return p
-
-
-def load_pretrained(path: str | os.PathLike[str], *, trust_remote_code: bool = False, tokenizer_only: bool = False):
-    """Load a local Hugging Face causal LM and its tokenizer, never touching the network. A PEFT LoRA adapter
-    directory loads its (local) base model with the adapter's layers injected (see lora.py)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .lora import is_adapter_dir, load_adapter
-
-    p = Path(path)
-    if not p.is_dir():
-        raise ModelError(f"--model {p}: no such directory", hint="give a local Hugging Face model directory")
-    if is_adapter_dir(p) and not tokenizer_only:
-        return load_adapter(p, trust_remote_code=trust_remote_code)
-    if not tokenizer_only:
-        check_model_dir(p)
-    def load(what: str, loader, hint: str):
-        try:
-            return loader.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"--model {p}: the {what} could not be loaded: {first[:300]}", hint=hint) from None
-
-    model = None if tokenizer_only else load("model", AutoModelForCausalLM,
-                                             "check that the weights are complete (re-save the model)")
-    tokenizer = load("tokenizer", AutoTokenizer, "save the tokenizer into the model directory")
-    if len(tokenizer) < 2:  # transformers builds an empty tokenizer when the directory has no tokenizer files
-        raise ModelError(f"--model {p}: no usable tokenizer ({len(tokenizer)} tokens)",
-                         hint="save the tokenizer into the model directory (tokenizer.save_pretrained)")
-    return model, tokenizer
 
 
 @dataclass
@@ -284,25 +232,39 @@ class InfluenceEngine:
                          queries=queries, query_rank=query_rank, fisher=self.fisher, docs=docs, tokens=tokens,
                          device_budget=self.device_memory_budget)
 
-    def _group_runners(self) -> list[tuple[Runner, dict[str, LayerSpec]]]:
-        groups = self.layer_groups()
-        if len(groups) == 1:
+    def _group_runners(self, layers: Sequence[str] | None = None) -> list[tuple[Runner, dict[str, LayerSpec]]]:
+        """One runner per group of layers (:meth:`layer_groups`), or one over exactly ``layers`` when given. Every
+        group's runner shares the engine's lock: hooks live on the one model, so passes over it never overlap."""
+        if layers is not None:
+            unknown = [n for n in layers if n not in self.specs]
+            if unknown or not layers:
+                raise UserError(f"layer group {list(layers)[:3]}: not tracked by this engine ({unknown[:3]})")
+            groups = [{n: self.specs[n] for n in layers}]
+        else:
+            groups = self.layer_groups()
+        if len(groups) == 1 and list(groups[0]) == list(self.specs):
             return [(self.runner, self.specs)]
-        return [(Runner(self.model, {n: self.tracked[n] for n in g}, g, self.device), g) for g in groups]
+        out = []
+        for g in groups:
+            runner = Runner(self.model, {n: self.tracked[n] for n in g}, g, self.device)
+            runner._lock = self.runner._lock
+            out.append((runner, g))
+        return out
 
-    def fit_covariance(self, examples: Sequence[Example], progress: Progress | None = None) -> CovariancePartial:
+    def fit_covariance(self, examples: Sequence[Example], progress: Progress | None = None, *,
+                       layers: Sequence[str] | None = None) -> CovariancePartial:
         """Partial sums of ``a a^T`` and ``g g^T`` over these examples (add partials with ``+``); one pass per
-        group of layers when they do not fit the device together (:meth:`layer_groups`)."""
+        group of layers when they do not fit the device together (:meth:`layer_groups`). With ``layers`` (one
+        group, e.g. mapped to a worker of its own) one pass over those layers alone, and the partial holds only
+        them (:meth:`CovariancePartial.join` puts groups back together)."""
         parts = []
-        for runner, specs in self._group_runners():
+        for runner, specs in self._group_runners(layers):
             acc = CovarianceAccumulator(specs, self.device, self.dtype)
             runner.run(examples, acc, self._cfg(self._fit_labels), progress)
             parts.append(self._covariance_partial(acc))
         if len(parts) == 1:
             return parts[0]
-        return CovariancePartial(dict(self.specs), {n: p.A[n] for p in parts for n in p.A},
-                                 {n: p.S[n] for p in parts for n in p.S}, parts[0].n_tokens, parts[0].n_docs,
-                                 {n: c for p in parts for n, c in p.tokens.items()})
+        return CovariancePartial.join(parts)
 
     @staticmethod
     def _covariance_partial(acc: CovarianceAccumulator) -> CovariancePartial:
@@ -351,22 +313,28 @@ class InfluenceEngine:
         return self._covariance_partial(acc), acc.cache()
 
     def fit_lambda(self, examples: Sequence[Example], basis: Eigenbasis | None, progress: Progress | None = None, *,
-                   cache: GradientCache | TokenCache | None = None) -> LambdaPartial:
+                   cache: GradientCache | TokenCache | None = None,
+                   layers: Sequence[str] | None = None) -> LambdaPartial:
         """Partial eigenvalue corrections in ``basis`` (``None``: the diagonal of the Fisher); from the
-        cached gradients of these examples, without a pass, when ``cache`` is given."""
+        cached gradients of these examples, without a pass, when ``cache`` is given. With ``layers``, one pass over
+        those layers alone (``basis`` needs only them), as :meth:`fit_covariance`."""
         if cache is not None:
+            if layers is not None:
+                raise UserError("a replay from the gradient cache covers every layer at once")
             acc = LambdaAccumulator(self.specs, basis, self.device, self.dtype, self.runner.gemm_dtype(self.precision))
             self._replay(examples, cache, "fisher", acc, progress)
             total = acc.total
             return LambdaPartial(total.specs, {n: t.cpu() for n, t in total.sums.items()}, total.n_docs,
                                  total.rotated)
-        sums, n_docs = {}, 0
-        for runner, specs in self._group_runners():  # one pass per group of layers that fit the device together
+        sums, n_docs, mine = {}, 0, {}
+        for runner, specs in self._group_runners(layers):  # one pass per group of layers that fit the device
             acc = LambdaAccumulator(specs, basis, self.device, self.dtype, self.runner.gemm_dtype(self.precision))
             runner.run(examples, acc, self._cfg(self._fit_labels), progress)
             sums |= {n: t.cpu() for n, t in acc.total.sums.items()}
             n_docs = acc.total.n_docs
-        return LambdaPartial(dict(self.specs), {n: sums[n] for n in self.specs}, n_docs, basis is not None)
+            mine |= specs
+        order = self.specs if layers is None else mine
+        return LambdaPartial(dict(order), {n: sums[n] for n in order}, n_docs, basis is not None)
 
     def _replay(self, examples: Sequence[Example], cache: GradientCache | TokenCache, objective: str, acc,
                 progress: Progress | None) -> None:

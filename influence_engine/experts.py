@@ -201,28 +201,6 @@ def expert_modules(model: nn.Module) -> Iterator[tuple[str, ExpertLinear]]:
             yield name, m
 
 
-# ------------------------------------------------------------------------------------------ the engine's use
-def track_experts(model: nn.Module, layers: str, precision: str) -> dict[str, nn.Module]:
-    """Select the tracked layers, expanding fused experts first so each expert can be chosen; fused modules none
-    of whose experts are tracked keep transformers' own forward (eager in fp64, which ``grouped_mm`` refuses)."""
-    from .errors import ModelError
-    from .layers import select_layers
-
-    expand_experts(model)
-    tracked = select_layers(model, layers)
-    ids = {id(m) for m in tracked.values()}
-    for module in model.modules():
-        if "expert_layers" in module.__dict__ and not any(id(m) in ids for m in module.modules()):
-            module.__dict__.pop("forward", None)
-    if precision == "fp64":
-        try:
-            use_eager_experts(model)
-        except Exception as exc:  # pragma: no cover - a transformers without the eager switch
-            raise ModelError(f"--precision fp64: this model's experts cannot run in float64 ({exc})",
-                             hint="use --precision fp32") from None
-    return tracked
-
-
 # ----------------------------------------------------------------------------- older per-expert Linear layouts
 class GatheredRows(torch.overrides.TorchFunctionMode):
     """Where the rows of a per-expert ``nn.Linear`` came from, in older MoE layouts (transformers 4 Mixtral,

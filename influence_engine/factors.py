@@ -24,128 +24,23 @@ and merged exactly: ``CovariancePartial`` then ``LambdaPartial``.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_path, write_json_atomic
+from .atomic import write_json_atomic
 from .errors import FactorMismatchError, NumericalError, UserError
 from .layers import LayerSpec
 from .passes import BaseAccumulator, PassContext, aligned, augment
 from .settings import FactorSettings, damping_rule
+from .statistics import CovariancePartial, Eigenbasis, LambdaPartial, check_finite, load_tensors, save_tensors
 from .strategies import Strategy, get_strategy
 
 FORMAT_VERSION = 2  # 2: meta["settings"] holds the FactorSettings
 
-
-def _check_finite(name: str, what: str, t: torch.Tensor) -> None:
-    if not torch.isfinite(t).all():
-        raise NumericalError(f"layer {name}: {what} contains NaN or Inf",
-                             hint="check the model for overflow (try --precision fp32) or bad weights")
-
-
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  metadata={"meta": json.dumps(meta, sort_keys=True)})
-
-
-def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = json.loads((fh.metadata() or {}).get("meta", "{}"))
-        return load_file(str(path)), meta
-    except FileNotFoundError:
-        raise UserError(f"{path}: not found") from None
-    except Exception as exc:
-        raise UserError(f"{path}: not a readable factor file ({exc})",
-                        hint="delete it and fit the factors again") from None
-
-
-# ----------------------------------------------------------------------------------------------- partials
-@dataclass
-class CovariancePartial:
-    """Sums of ``a a^T`` and ``g g^T`` over tokens, with counts. Partials add up exactly."""
-
-    specs: dict[str, LayerSpec]
-    A: dict[str, torch.Tensor]
-    S: dict[str, torch.Tensor]
-    n_tokens: int = 0
-    n_docs: int = 0
-    tokens: dict[str, int] = field(default_factory=dict)  # per layer, where it differs from n_tokens (experts)
-
-    def layer_tokens(self, name: str) -> int:
-        """Tokens layer ``name`` saw: the normaliser of its ``A``."""
-        return self.tokens.get(name, self.n_tokens)
-
-    @classmethod
-    def zeros(cls, specs: dict[str, LayerSpec], device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float64) -> CovariancePartial:
-        return cls(dict(specs),
-                   {n: torch.zeros(s.a_dim, s.a_dim, dtype=dtype, device=device) for n, s in specs.items()},
-                   {n: torch.zeros(s.out_features, s.out_features, dtype=dtype, device=device)
-                    for n, s in specs.items()})
-
-    def __add__(self, other: CovariancePartial) -> CovariancePartial:
-        if list(self.specs) != list(other.specs):
-            raise FactorMismatchError("covariance partials track different layers; they cannot be merged")
-        tokens = {n: self.layer_tokens(n) + other.layer_tokens(n) for n in set(self.tokens) | set(other.tokens)}
-        return CovariancePartial(self.specs, {n: self.A[n] + other.A[n].to(self.A[n]) for n in self.A},
-                                 {n: self.S[n] + other.S[n].to(self.S[n]) for n in self.S},
-                                 self.n_tokens + other.n_tokens, self.n_docs + other.n_docs, tokens)
-
-    def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> None:
-        tensors = {f"A/{n}": t for n, t in self.A.items()} | {f"S/{n}": t for n, t in self.S.items()}
-        _save_tensors(Path(path), tensors, {"kind": "covariance", "n_tokens": self.n_tokens, "n_docs": self.n_docs,
-                                            "tokens": self.tokens,
-                                            "layers": [s.to_json() for s in self.specs.values()], **(meta or {})})
-
-    @classmethod
-    def load(cls, path: str | Path) -> CovariancePartial:
-        t, meta = _load_tensors(Path(path))
-        specs = {d["name"]: LayerSpec(**d) for d in meta["layers"]}
-        return cls(specs, {n: t[f"A/{n}"] for n in specs}, {n: t[f"S/{n}"] for n in specs},
-                   int(meta["n_tokens"]), int(meta["n_docs"]), {k: int(v) for k, v in meta.get("tokens", {}).items()})
-
-
-def merge(partials: Iterable[Any]) -> Any:
-    """Sum partials (covariance or lambda) from shards or workers."""
-    it = iter(partials)
-    total = next(it)
-    for p in it:
-        total = total + p
-    return total
-
-
-@dataclass
-class Eigenbasis:
-    """``Q_A, λ_A, Q_S, λ_S`` per layer, from a merged :class:`CovariancePartial` (float64)."""
-
-    specs: dict[str, LayerSpec]
-    Q_A: dict[str, torch.Tensor]
-    lambda_A: dict[str, torch.Tensor]
-    Q_S: dict[str, torch.Tensor]
-    lambda_S: dict[str, torch.Tensor]
-
-
-def save_basis(basis: Eigenbasis, path: str | Path) -> None:
-    tensors = {}
-    for n in basis.specs:
-        tensors |= {f"Q_A/{n}": basis.Q_A[n], f"lambda_A/{n}": basis.lambda_A[n], f"Q_S/{n}": basis.Q_S[n],
-                    f"lambda_S/{n}": basis.lambda_S[n]}
-    _save_tensors(Path(path), tensors, {"kind": "eigenbasis", "layers": [s.to_json() for s in basis.specs.values()]})
-
-
-def load_basis(path: str | Path) -> Eigenbasis:
-    t, meta = _load_tensors(Path(path))
-    specs = {d["name"]: LayerSpec(**d) for d in meta["layers"]}
-    return Eigenbasis(specs, *({n: t[f"{key}/{n}"] for n in specs} for key in ("Q_A", "lambda_A", "Q_S", "lambda_S")))
 
 
 def eigendecompose(cov: CovariancePartial, device: torch.device | str | None = None,
@@ -165,38 +60,11 @@ def eigendecompose(cov: CovariancePartial, device: torch.device | str | None = N
         for key, mat, count, qs, ls in (("A", cov.A[n], max(1, cov.layer_tokens(n)), out.Q_A, out.lambda_A),
                                         ("S", cov.S[n], cov.n_docs, out.Q_S, out.lambda_S)):
             m = mat.to("cpu" if big else device, torch.float64) / count
-            _check_finite(n, f"covariance {key}", m)
+            check_finite(n, f"covariance {key}", m)
             m = 0.5 * (m + m.T)
             vals, vecs = torch.linalg.eigh(m)
             ls[n], qs[n] = vals.clamp_min(0.0).cpu(), vecs.cpu()
     return out
-
-
-@dataclass
-class LambdaPartial:
-    """Sums over documents of squared (rotated) per-document gradients, with the document count."""
-
-    specs: dict[str, LayerSpec]
-    sums: dict[str, torch.Tensor]  # (out, a_dim)
-    n_docs: int = 0
-    rotated: bool = True
-
-    def __add__(self, other: LambdaPartial) -> LambdaPartial:
-        if list(self.specs) != list(other.specs) or self.rotated != other.rotated:
-            raise FactorMismatchError("eigenvalue-correction partials differ in layers or basis; cannot merge")
-        return LambdaPartial(self.specs, {n: self.sums[n] + other.sums[n].to(self.sums[n]) for n in self.sums},
-                             self.n_docs + other.n_docs, self.rotated)
-
-    def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> None:
-        _save_tensors(Path(path), {f"L/{n}": t for n, t in self.sums.items()},
-                      {"kind": "lambda", "n_docs": self.n_docs, "rotated": self.rotated,
-                       "layers": [s.to_json() for s in self.specs.values()], **(meta or {})})
-
-    @classmethod
-    def load(cls, path: str | Path) -> LambdaPartial:
-        t, meta = _load_tensors(Path(path))
-        specs = {d["name"]: LayerSpec(**d) for d in meta["layers"]}
-        return cls(specs, {n: t[f"L/{n}"] for n in specs}, int(meta["n_docs"]), bool(meta["rotated"]))
 
 
 # ------------------------------------------------------------------------------------------- accumulators
@@ -419,7 +287,7 @@ class Factors:
         flat = {f"{layer}/{key}": v for layer, ts in self.tensors.items() for key, v in ts.items()}
         meta = {**self.meta, "format_version": FORMAT_VERSION, "strategy": self.strategy,
                 "layers": [s.to_json() for s in self.specs.values()], "damping": self.damping}
-        _save_tensors(d / "factors.safetensors", flat, {"strategy": self.strategy})
+        save_tensors(d / "factors.safetensors", flat, {"strategy": self.strategy})
         write_json_atomic(d / "factors.json", meta)
         return d
 
@@ -452,7 +320,7 @@ class Factors:
                 f"{d}: factors track other layers ({len(names)}, e.g. {names[0]}) than the {len(list(layers))} "
                 f"asked for" + (f" (missing e.g. {missing[0]})" if missing else ""),
                 hint="use the same --layers or refit")
-        flat, _ = _load_tensors(d / "factors.safetensors")
+        flat, _ = load_tensors(d / "factors.safetensors")
         specs = {s["name"]: LayerSpec(**s) for s in meta["layers"]}
         tensors: dict[str, dict[str, torch.Tensor]] = {n: {} for n in specs}
         for key, v in flat.items():
@@ -488,7 +356,7 @@ def finalize(strategy: str, specs: dict[str, LayerSpec], *, basis: Eigenbasis | 
         if eigen is None:
             damp[n] = 0.0
             continue
-        _check_finite(n, "eigenvalues", eigen)
+        check_finite(n, "eigenvalues", eigen)
         tensors[n][kind.eigen_key] = eigen
         damp[n] = layer_damping(damping, eigen)
     return Factors(strategy, dict(specs), tensors, damp, dict(meta or {}))

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from .errors import UserError
-from .experts import ExpertLinear
+from .errors import ModelError, UserError
+from .experts import ExpertLinear, expand_experts, use_eager_experts
 from .presets import PRESETS, preset_layers
 
 try:  # transformers is optional for the maths, required for HF models
@@ -78,3 +78,22 @@ def select_layers(model: nn.Module, layers: str = "mlp") -> dict[str, nn.Module]
         raise UserError(f"--layers {layers!r} matches no Linear/Conv1D layer of this model",
                         hint=f"layer names look like: {sample}")
     return chosen
+
+
+# ------------------------------------------------------------------------------------------ the engine's use
+def track_experts(model: nn.Module, layers: str, precision: str) -> dict[str, nn.Module]:
+    """Select the tracked layers, expanding fused experts first so each expert can be chosen; fused modules none
+    of whose experts are tracked keep transformers' own forward (eager in fp64, which ``grouped_mm`` refuses)."""
+    expand_experts(model)
+    tracked = select_layers(model, layers)
+    ids = {id(m) for m in tracked.values()}
+    for module in model.modules():
+        if "expert_layers" in module.__dict__ and not any(id(m) in ids for m in module.modules()):
+            module.__dict__.pop("forward", None)
+    if precision == "fp64":
+        try:
+            use_eager_experts(model)
+        except Exception as exc:  # pragma: no cover - a transformers without the eager switch
+            raise ModelError(f"--precision fp64: this model's experts cannot run in float64 ({exc})",
+                             hint="use --precision fp32") from None
+    return tracked

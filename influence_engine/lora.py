@@ -11,7 +11,7 @@ dropout, the identity in evaluation mode), and the scaling ``s`` is in their out
 
 The base model comes from ``adapter_config.json``'s ``base_model_name_or_path``: a local directory (absolute, or
 relative to the adapter directory or the working directory), never a download. ``peft`` is an optional extra,
-imported only here.
+imported only when an adapter is loaded (models.py, which loads models; this module only reads adapter configs).
 """
 
 from __future__ import annotations
@@ -52,30 +52,6 @@ def base_model_dir(adapter: Path) -> Path:
             return candidate
     raise ModelError(f"{cfg_path}: base model {base!r} is not a local model directory (nothing is downloaded)",
                      hint="save the base model locally and set base_model_name_or_path to its directory")
-
-
-def load_adapter(path: str | os.PathLike[str], *, trust_remote_code: bool = False):
-    """The base model with the adapter's LoRA layers injected (not merged), and the tokenizer (the adapter's own
-    when it ships one, else the base model's)."""
-    from .engine import load_pretrained
-
-    adapter = Path(path)
-    base = base_model_dir(adapter)
-    try:
-        from peft import PeftModel
-    except ImportError:
-        raise ModelError(f"--model {adapter} is a LoRA adapter, which needs the optional package peft",
-                         hint="pip install 'influence-audit[lora]'") from None
-    model, tokenizer = load_pretrained(base, trust_remote_code=trust_remote_code)
-    if (adapter / "tokenizer_config.json").is_file():
-        _, tokenizer = load_pretrained(adapter, trust_remote_code=trust_remote_code, tokenizer_only=True)
-    try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"--model {adapter}: the adapter could not be applied to {base}: {first[:300]}",
-                         hint="check that the adapter was trained on this base model") from None
-    return unwrap(peft_model), tokenizer
 
 
 def unwrap(peft_model: nn.Module) -> nn.Module:

@@ -21,9 +21,10 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .factors import Factors, _check_finite, _load_tensors, _save_tensors, per_document_gradient
+from .factors import Factors, per_document_gradient
 from .layers import LayerSpec
 from .passes import BaseAccumulator, PassContext, augment
+from .statistics import check_finite, load_tensors, save_tensors
 from .strategies import Strategy
 
 
@@ -61,12 +62,12 @@ class PreparedQueries:
             for key in ("full", "U", "V"):
                 if getattr(lq, key) is not None:
                     tensors[f"{n}/{key}"] = getattr(lq, key)
-        _save_tensors(Path(path), tensors, {"ids": self.ids, "layers": [s.to_json() for s in self.specs.values()],
+        save_tensors(Path(path), tensors, {"ids": self.ids, "layers": [s.to_json() for s in self.specs.values()],
                                             **self.meta})
 
     @classmethod
     def load(cls, path: str | Path) -> PreparedQueries:
-        t, meta = _load_tensors(Path(path))
+        t, meta = load_tensors(Path(path))
         specs = {d["name"]: LayerSpec(**d) for d in meta.pop("layers")}
         ids = meta.pop("ids")
         layers = {n: LayerQueries(t.get(f"{n}/full"), t.get(f"{n}/U"), t.get(f"{n}/V")) for n in specs}
@@ -195,7 +196,7 @@ class QueryAccumulator(BaseAccumulator):
         else:
             R = self.kind.rotate(t, per_document_gradient(a, g))
         R = self.kind.scale(t, self.factors.damping[spec.name], R)
-        _check_finite(spec.name, "preconditioned query gradient", R)
+        check_finite(spec.name, "preconditioned query gradient", R)
         self._pending[spec.name] = _compressed(R, self.rank, self.kind, t)
 
     def end_batch(self, ctx: PassContext) -> None:

@@ -30,7 +30,7 @@ import torch
 from .errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .factors import Eigenbasis, LambdaPartial
+    from .statistics import Eigenbasis, LambdaPartial
 
 Tensors = Mapping[str, torch.Tensor]  # one layer's factor tensors: Q_A, Q_S, and the eigenvalues
 

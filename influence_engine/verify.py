@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -208,10 +208,14 @@ class Verifier:
         return completion_logprobs(self.model, queries, self.device, self.settings.batch_size, self.pad_id)
 
     def run(self, docs: Sequence[Example], queries: Sequence[Example], *, train_sample: Sequence[Example] = (),
-            n_train: int | None = None, progress: Progress | None = None) -> Deltas:
+            n_train: int | None = None, progress: Progress | None = None,
+            pairs: Mapping[str, Collection[str]] | None = None) -> Deltas:
         """Deltas of every query for every document, up- and down-weighted. ``train_sample``: training
         documents for the Adam statistics, the learning-rate calibration and the PBRF Bregman term (default:
-        ``docs``); ``n_train``: the training set's size (PBRF's default ``ε = 1/n_train``)."""
+        ``docs``); ``n_train``: the training set's size (PBRF's default ``ε = 1/n_train``). ``pairs`` (tail-patch):
+        per document id, the query ids worth measuring; the other cells are NaN and their forward passes are
+        skipped (a candidate is checked against its own queries only: on a real model the queries' forward
+        passes dominate the check)."""
         if not docs or not queries:
             raise UserError("nothing to verify: no documents or no queries")
         was_training = self.model.training
@@ -219,18 +223,18 @@ class Verifier:
         sample = _sample(list(train_sample) or list(docs), self.settings.sample_size, self.settings.seed)
         try:
             if self.settings.check == "tail-patch":
-                return self._tail_patch(docs, queries, sample, progress)
+                return self._tail_patch(docs, queries, sample, progress, pairs)
             return self._pbrf(docs, queries, sample, n_train or len(train_sample) or len(docs), progress)
         finally:
             self.model.train(was_training)
 
     # -------------------------------------------------------------------------------------------- tail-patch
-    def _tail_patch(self, docs, queries, sample, progress) -> Deltas:
+    def _tail_patch(self, docs, queries, sample, progress, pairs=None) -> Deltas:
         s = self.settings
         params = self._params()
         base = self.logprobs(queries)
-        up = np.zeros((len(docs), len(queries)))
-        down = np.zeros_like(up)
+        up = np.full((len(docs), len(queries)), np.nan) if pairs is not None else np.zeros((len(docs), len(queries)))
+        down = up.copy()
         with _grad_enabled(params), restored(params):
             v = None
             if s.optimizer == "adam":
@@ -252,15 +256,24 @@ class Verifier:
                          for e in sample]
                 lr = s.relative_step * _norm([p.detach() for p in params]) / max(float(np.median(sizes)), 1e-30)
             for j, doc in enumerate(docs):
+                cols = list(range(len(queries)))
+                if pairs is not None:
+                    wanted = set(pairs.get(doc.id, ()))
+                    cols = [i for i, q in enumerate(queries) if q.id in wanted]
+                if not cols:  # nothing asked of this document
+                    if progress is not None:
+                        progress(j + 1, len(docs))
+                    continue
+                sub = [queries[i] for i in cols]
                 d = step(_zero_none(_grads(self.model, params, doc, self.device, self.pad_id), params))
                 with torch.no_grad():
                     saved = [p.detach().clone() for p in params]
                     for p, di in zip(params, d, strict=True):
                         p.sub_(lr * di)
-                    up[j] = (self.logprobs(queries) - base).cpu().numpy()
+                    up[j, cols] = (self.logprobs(sub) - base[cols]).cpu().numpy()
                     for p, sv, di in zip(params, saved, d, strict=True):
                         p.copy_(sv).add_(lr * di)
-                    down[j] = (self.logprobs(queries) - base).cpu().numpy()
+                    down[j, cols] = (self.logprobs(sub) - base[cols]).cpu().numpy()
                     for p, sv in zip(params, saved, strict=True):
                         p.copy_(sv)
                 if progress is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from influence_engine import (
@@ -57,7 +58,10 @@ def _tokenizer(model_dir: str, trust_remote_code: bool):  # noqa: ANN202
     from transformers import AutoTokenizer
 
     from influence_engine.errors import ModelError, first_line
+    from influence_engine.lora import base_model_dir, is_adapter_dir
 
+    if is_adapter_dir(model_dir) and not (Path(model_dir) / "tokenizer_config.json").is_file():
+        model_dir = str(base_model_dir(Path(model_dir)))  # an adapter without its own tokenizer uses its base's
     try:
         return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as exc:

@@ -50,6 +50,8 @@ def flag_of(model: type[BaseModel], name: str) -> str:
 
 DEFAULT_DAMPING = "auto:0.0001"  # chosen by the paired LDS gain over kronfluence on both benchmarks (issue 25)
 DEFAULT_FISHER = "empirical"
+# chosen on the demo and the held-out corpus (docs/performance.md, the index section; issue 23)
+DEFAULT_SKETCH = "top:4096"
 
 
 class _Group(BaseModel):
@@ -152,17 +154,27 @@ class SamplingOptions(_Group):
 
 
 class IndexOptions(_Group):
-    """The gradient index: how documents are sketched, and how many of a query's best are re-scored exactly."""
+    """The gradient index: how documents are sketched, how the index measures its own recall, and how many of a
+    query's best are re-scored exactly."""
 
-    sketch: str = option("16x16", help="The index's per-layer projection OUTxIN, or off (exact)")
+    sketch: str = option(DEFAULT_SKETCH, help="The index's projection: top:M (the M eigen-coordinates over all layers "
+                                              "of largest expected score energy), OUTxIN (random Kronecker sketch per "
+                                              "layer), eigen:OUTxIN | pca:OUTxIN (leading directions per layer side), "
+                                              "or off (exact)")
     refine: int = option(100, ge=0, help="Re-score each query's top N from the index exactly and rerank (0: the "
-                                         "index's scores)")
+                                         "index's scores); candidates the residual bound rules out are skipped")
+    probes: int = option(8, ge=0, help="Training documents (evenly spread) scored exactly at build as probe queries: "
+                                       "the sketch's recall@10 on them is stored and printed by `index query`")
+    probe_queries: str | None = option(None, help="Probe queries (prompt/completion rows) to measure the index's "
+                                                  "recall with, instead of training documents", metavar="FILE")
 
     @field_validator("sketch")
     @classmethod
-    def _sketch(cls, v: str) -> str:
-        if not re.fullmatch(r"\s*(off|none|[1-9]\d*\s*[xX]\s*[1-9]\d*)\s*", v, flags=re.IGNORECASE):
-            raise ValueError("give OUTxIN such as 16x16 (rows kept per layer side), or off")
+    def _sketch(cls, v: str) -> str:  # influence_engine.index.parse_sketch_spec's grammar (without importing torch)
+        if not re.fullmatch(r"\s*(off|none|top\s*:\s*[1-9]\d*|[1-9]\d*\s*[xX]\s*[1-9]\d*|(eigen|pca)\s*:\s*[1-9]\d*"
+                            r"(\s*[xX]\s*[1-9]\d*)?)\s*", v, flags=re.IGNORECASE):
+            raise ValueError("give top:M (coordinates kept, e.g. top:4096), OUTxIN such as 16x16 (a random sketch), "
+                             "eigen:OUTxIN, pca:OUTxIN, or off")
         return v
 
 
@@ -221,6 +233,8 @@ class QualityOptions(_Group):
     cutoff: float = option(3.5, gt=0, help="Robust z-score from which an issue is flagged")
     near_duplicate_threshold: float = option(0.7, gt=0, le=1, help="Similarity (character 5-grams) from which "
                                                                    "documents are near duplicates")
+    max_flagged: float = option(0.1, ge=0, le=1, help="Largest share of the corpus flagged, most severe first "
+                                                      "(1: every document above a cut-off)")
     hot_spots: int = option(10, ge=0, help="Token positions kept per document in the per-token report (0: all)")
 
 

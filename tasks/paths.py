@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from influence_engine import FactorSettings
+if TYPE_CHECKING:  # the settings module loads torch: a review pull or `review list` needs none of it
+    from influence_engine import FactorSettings
 
 HOME_ENV = "INFLUENCE_AUDIT_HOME"
 DEFAULT_HOME = ".influence-audit"

@@ -32,3 +32,22 @@ class Silent:
 
     def notice(self, text: str) -> None:
         pass
+
+
+class Every:
+    """A (documents, tokens) callback that hands ``say`` a plain progress line every ``every_s`` seconds once a stage
+    has run that long (a flow's logger, a bench's stderr): long work shows progress, short work stays quiet."""
+
+    def __init__(self, say: Callable[[str], None], label: str, total: int, every_s: float = 30.0):
+        import time
+
+        self._clock = time.perf_counter
+        self.say, self.label, self.total, self.every_s = say, label, total, every_s
+        self.t0 = self.last = self._clock()
+
+    def __call__(self, docs: int, tokens: int) -> None:
+        now = self._clock()
+        if now - self.last >= self.every_s and docs < self.total:
+            self.last = now
+            rate = tokens / max(now - self.t0, 1e-9)
+            self.say(f"{self.label}: {docs:,} of {self.total:,} documents, {rate:,.0f} tokens/s, {now - self.t0:.0f} s")

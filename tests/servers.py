@@ -140,6 +140,34 @@ def servers(root: Path) -> Iterator[Servers]:
         prefect.stop()
 
 
+AUTH_ADMIN = ("admin", "admin-pass-3f9c1e")
+
+
+def mlflow_auth_server(root: Path, timeout_s: float = START_TIMEOUT_S) -> Iterator[str]:
+    """``mlflow server --app-name basic-auth`` on a free 127.0.0.1 port, configured as docs/operations.md says
+    (no permission by default, our authorization function naming reviewers, admin :data:`AUTH_ADMIN`); yields its
+    URI. The server imports ``tasks`` from this checkout (PYTHONPATH)."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    ini = root / "basic_auth.ini"
+    ini.write_text("[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+                   f"database_uri = sqlite:///{root / 'basic_auth.db'}\nadmin_username = {AUTH_ADMIN[0]}\n"
+                   "authorization_function = tasks.record.reviewer_auth:authenticate\n")
+    repo = Path(__file__).resolve().parents[1]
+    env = base_env(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_PASSWORD=AUTH_ADMIN[1],
+                   MLFLOW_FLASK_SERVER_SECRET_KEY="test-secret-key-0123456789",
+                   PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    proc = start("mlflow-auth-server", [str(BIN / "mlflow"), "server", "--app-name", "basic-auth",
+                                        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                                        "--default-artifact-root", str(root / "art"), "--host", "127.0.0.1",
+                                        "--port", str(port), "--workers", "1"], env, root)
+    try:
+        wait_for(http_ok(f"http://127.0.0.1:{port}/health"), timeout_s, "mlflow basic-auth server", proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.stop()
+
+
 def prefect_server(root: Path, timeout_s: float = START_TIMEOUT_S) -> Iterator[str]:
     """A Prefect server on a free 127.0.0.1 port, state under ``root``; yields its API URL."""
     root.mkdir(parents=True, exist_ok=True)

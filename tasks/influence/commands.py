@@ -245,6 +245,7 @@ class IndexBuildRun:
     dtype: str
     seconds: float
     out_dir: Path
+    probe_recall: dict | None = None
 
 
 def index_build(model: ModelOptions, data: DataOptions, factors: FactorOptions, runtime: RuntimeOptions,
@@ -258,7 +259,7 @@ def index_build(model: ModelOptions, data: DataOptions, factors: FactorOptions, 
 
     report = report or Silent()
     check_strategy(factors.strategy)
-    options = ix.IndexOptions(sketch=index.sketch, dtype=index_dtype)
+    options = ix.IndexOptions(sketch=index.sketch, dtype=index_dtype, probes=index.probes)
     options.check()
     if part_size < 1:
         raise UserError(f"--part-size {part_size}: must be >= 1")
@@ -266,16 +267,21 @@ def index_build(model: ModelOptions, data: DataOptions, factors: FactorOptions, 
         raise UserError(f"--out {out_dir}: is a file, not a directory", hint="name a directory for the index")
     check_writable(out_dir, f"--out {out_dir}")
     corpus = load_corpus(model, data, factors, runtime, report)
+    probes = None
+    if index.probe_queries:
+        from tasks.inputs.rows import encode_frame
+
+        probes = encode_frame(corpus.engine, sources.read_rows(index.probe_queries, "queries"), "probe queries")
     t0 = time.perf_counter()
     with report.stage("fitting factors and indexing", len(corpus.docs)) as bar:
         built = ix.build(corpus.engine, corpus.docs, corpus.settings, out_dir, options=options,
                          factors_dir=factors_dir, cache_budget_bytes=cache.gradient_cache_gb * 2**30,
                          part_size=part_size, sources=[str(Path(p).resolve()) for p in data.train],
                          model_dir=corpus.model_dir, data=data.model_dump(exclude={"train"}), progress=bar,
-                         notice=report.notice)
+                         notice=report.notice, probes=probes)
     size = ix.index_size(built)
     return IndexBuildRun(int(size["documents"]), size["bytes_per_document"], built.meta["sketch"],
-                         built.meta["dtype"], time.perf_counter() - t0, out_dir)
+                         built.meta["dtype"], time.perf_counter() - t0, out_dir, built.meta.get("probe_recall"))
 
 
 @dataclass
@@ -285,6 +291,7 @@ class IndexQueryRun:
     refine: int
     seconds: float
     out_path: Path
+    probe_recall: dict | None = None
 
 
 def index_query(index_dir: Path, queries: QueryOptions, index: IndexOptions, runtime: RuntimeOptions, *,
@@ -307,4 +314,7 @@ def index_query(index_dir: Path, queries: QueryOptions, index: IndexOptions, run
                       batch_size=runtime.batch_size, search=search, trust_remote_code=trust_remote_code,
                       notice=report.notice, times=times)
     write_parquet_atomic(result, out_path)
-    return IndexQueryRun(qdf.height, times, index.refine, time.perf_counter() - t0, out_path)
+    from influence_engine.index import GradientIndex
+
+    return IndexQueryRun(qdf.height, times, index.refine, time.perf_counter() - t0, out_path,
+                         GradientIndex.open(index_dir).meta.get("probe_recall"))

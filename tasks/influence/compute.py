@@ -20,6 +20,8 @@ Score frames (``query_id``, ``train_id``, ``score``, ``rank``) and their merge i
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,10 +42,11 @@ from influence_engine import (
     ScoreResult,
     eigendecompose,
     get_strategy,
-    merge,
+    merge_groups,
+    stable_key,
 )
 from influence_engine.atomic import write_json_atomic
-from influence_engine.factors import load_basis, save_basis
+from influence_engine.statistics import load_basis, save_basis
 from tasks.engine import EngineSpec
 from tasks.files import write_parquet_atomic
 from tasks.inputs.rows import encode_frame
@@ -136,18 +139,42 @@ def score(eng: InfluenceEngine, docs: Sequence[Example], queries: Sequence[Examp
     return eng.score(docs, prepared, top_k=top_k, progress=progress, cache=fitted.cache)
 
 
-def covariance_partial(spec: EngineSpec, shard: Shard, factor_dir: str) -> str:
-    path = Path(factor_dir) / "partials" / f"cov-{shard.key}.safetensors"
+LayerGroup = tuple[str, ...] | None  # the layers of one group (None: every tracked layer, in as many passes as needed)
+
+
+def layer_groups(spec: EngineSpec) -> list[tuple[str, ...]]:
+    """The engine's groups of layers whose factors fit the device together (``--device-memory-gb``; on a GPU 80%
+    of what is free). Decided once, where this runs, and handed to every mapped pass: workers never regroup."""
+    return [tuple(g) for g in spec.engine().layer_groups()]
+
+
+def _partial_path(factor_dir: str, kind: str, shard: Shard, layers: LayerGroup) -> Path:
+    """A partial's file, named by its shard and (for one group of layers) the group's layer names: written
+    atomically once, so a pass redone after a lost worker replaces nothing and is never counted twice."""
+    group = "" if layers is None else "-g" + stable_key({"layers": list(layers)}, length=12)
+    return Path(factor_dir) / "partials" / f"{kind}-{shard.key}{group}.safetensors"
+
+
+def _made(shard: Shard, started: float) -> dict[str, Any]:
+    """A partial's metadata: its shard, and which process made it when (to see where mapped passes ran)."""
+    return {"shard": shard.key, "pid": os.getpid(), "host": socket.gethostname(), "started": started,
+            "finished": time.time()}
+
+
+def covariance_partial(spec: EngineSpec, shard: Shard, factor_dir: str, layers: LayerGroup = None) -> str:
+    path = _partial_path(factor_dir, "cov", shard, layers)
     if not path.exists():
-        eng = spec.engine()
-        eng.fit_covariance(shard_docs(eng, shard)).save(path, {"shard": shard.key})
+        eng, started = spec.engine(), time.time()
+        eng.fit_covariance(shard_docs(eng, shard), layers=layers).save(path, _made(shard, started))
     return str(path)
 
 
 def eigenbasis(partial_paths: Sequence[str], factor_dir: str) -> str:
+    """The basis of the merged covariance partials: per group of layers (when the passes ran per group), summed
+    in the order given (shard order), then the groups joined."""
     path = Path(factor_dir) / "eigenbasis.safetensors"
     if not path.exists():
-        cov = merge(CovariancePartial.load(p) for p in partial_paths)
+        cov = merge_groups(CovariancePartial.load(p) for p in partial_paths)
         basis = eigendecompose(cov)
         # counts first: the basis is what marks this step done, so a kill in between redoes both
         write_json_atomic(Path(factor_dir) / "covariance-counts.json", {"n_tokens": cov.n_tokens,
@@ -156,12 +183,13 @@ def eigenbasis(partial_paths: Sequence[str], factor_dir: str) -> str:
     return str(path)
 
 
-def lambda_partial(spec: EngineSpec, shard: Shard, factor_dir: str, basis_path: str | None) -> str:
-    path = Path(factor_dir) / "partials" / f"lambda-{shard.key}.safetensors"
+def lambda_partial(spec: EngineSpec, shard: Shard, factor_dir: str, basis_path: str | None,
+                   layers: LayerGroup = None) -> str:
+    path = _partial_path(factor_dir, "lambda", shard, layers)
     if not path.exists():
-        eng = spec.engine()
-        basis = load_basis(basis_path) if basis_path else None
-        eng.fit_lambda(shard_docs(eng, shard), basis).save(path, {"shard": shard.key})
+        eng, started = spec.engine(), time.time()
+        basis = load_basis(basis_path, layers) if basis_path else None  # one group's: its layers' alone
+        eng.fit_lambda(shard_docs(eng, shard), basis, layers=layers).save(path, _made(shard, started))
     return str(path)
 
 
@@ -170,7 +198,7 @@ def finalize_factors(spec: EngineSpec, settings: FactorSettings, factor_dir: str
     d = Path(factor_dir)
     eng = spec.engine()
     basis = load_basis(basis_path) if basis_path else None
-    lambdas = merge(LambdaPartial.load(x) for x in lambda_paths) if lambda_paths else None
+    lambdas = merge_groups(LambdaPartial.load(x) for x in lambda_paths) if lambda_paths else None
     meta = {}
     if (d / "covariance-counts.json").exists():
         meta = {f"covariance_{k}": v for k, v in json.loads((d / "covariance-counts.json").read_text()).items()}

@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 
 from influence_engine import Example, FactorMismatchError, Factors, FactorSettings, InfluenceEngine, UserError
-from influence_engine.index import GradientIndex, check_strategy, parse_sketch, store_dtype
+from influence_engine.index import GradientIndex, check_strategy, parse_sketch_spec, sketch_name, store_dtype
 from tasks.engine import EngineSpec
 from tasks.influence.compute import Fitted, fit
 from tasks.inputs.rows import Fields, encode_frame
@@ -42,9 +42,13 @@ class IndexOptions:
     sketch: str = "16x16"
     dtype: str = "auto"
     search: str = "exact"
+    probes: int = 8
+    sample_docs: int = 1000
 
     def check(self) -> None:
-        parse_sketch(self.sketch)
+        parse_sketch_spec(self.sketch)
+        if self.probes < 0 or self.sample_docs < 1:
+            raise UserError("--probes must be >= 0 and the pca sample >= 1 document")
         store_dtype("fp32", self.dtype)
         if self.search not in SEARCHES:
             raise UserError(f"--search {self.search!r}: choose exact or faiss")
@@ -52,15 +56,29 @@ class IndexOptions:
 
 def index_dir(home: Path, settings: FactorSettings, options: IndexOptions) -> Path:
     """Where the flow keeps the index of these factor settings (model and data fingerprints included)."""
-    sketch = parse_sketch(options.sketch)
-    name = "off" if sketch is None else f"{sketch[0]}x{sketch[1]}"
+    spec = parse_sketch_spec(options.sketch)
+    name = "off" if spec is None else sketch_name(*spec).replace(":", "-")
     return home / "index" / f"{settings.key()}-{name}-{store_dtype(settings.precision, options.dtype)}"
 
 
+def spread(docs: Sequence[Example], n: int) -> list[Example]:
+    """``n`` documents evenly spread over ``docs`` (all of them when fewer): a deterministic sample."""
+    if n >= len(docs):
+        return list(docs)
+    return [docs[int(i)] for i in np.linspace(0, len(docs) - 1, n).round().astype(int)]
+
+
 def open_index(directory: str | Path, eng: InfluenceEngine, factors: Factors, options: IndexOptions,
-               extra: dict[str, Any] | None = None) -> GradientIndex:
-    return GradientIndex.create(directory, eng, factors, sketch=parse_sketch(options.sketch), sketch_seed=eng.seed,
-                                dtype=store_dtype(eng.precision, options.dtype), extra=extra)
+               extra: dict[str, Any] | None = None, docs: Sequence[Example] = (),
+               probes: Sequence[Example] | None = None) -> GradientIndex:
+    """Create (or reopen) the index. ``docs``: where a ``pca`` sketch's sample and the default probes come from
+    (``options.probes`` training documents, evenly spread, as queries) unless ``probes`` are given."""
+    if probes is None and options.probes and docs:
+        probes = [Example(f"probe:{e.id}", e.input_ids, 1, len(e.input_ids))
+                  for e in spread(docs, options.probes)]
+    return GradientIndex.create(directory, eng, factors, sketch=options.sketch, sketch_seed=eng.seed,
+                                dtype=store_dtype(eng.precision, options.dtype), extra=extra,
+                                sample=spread(docs, options.sample_docs), probes=probes)
 
 
 # ------------------------------------------------------------------------------------------------ build
@@ -68,7 +86,7 @@ def build(eng: InfluenceEngine, docs: Sequence[Example], settings: FactorSetting
           options: IndexOptions, factors_dir: str | Path | None = None, cache_budget_bytes: float = 0,
           part_size: int = 10000, sources: Sequence[str] = (), model_dir: str = "",
           data: dict[str, str] | None = None, progress: Progress | None = None,
-          notice: Notice | None = None) -> GradientIndex:
+          notice: Notice | None = None, probes: Sequence[Example] | None = None) -> GradientIndex:
     """Fit (or reuse) factors, then write every document's index vector. With every document's gradients
     within ``cache_budget_bytes`` the factors' one pass keeps them and the index is written from them (no
     further pass); otherwise one pass, ``part_size`` documents per part. ``data``: how the sources were read
@@ -81,17 +99,36 @@ def build(eng: InfluenceEngine, docs: Sequence[Example], settings: FactorSetting
                          progress=progress, notice=notice)
     index = open_index(out, eng, fitted.factors, options, {
         "model_dir": model_dir, "train": list(sources), "data": dict(data or {}), "factors_dir": str(fdir.resolve()),
-        "n_docs": len(docs)})
+        "n_docs": len(docs)}, docs=docs, probes=probes)
     if fitted.cache is not None:
         index.build_part("part-00000", eng, docs, fitted.factors, progress, cache=fitted.cache)
     else:
         for i, s in enumerate(range(0, len(docs), part_size)):
             index.build_part(f"part-{i:05d}", eng, docs[s:s + part_size], fitted.factors, progress)
+    index.probe_recall()
     return index
 
 
 def part_name(shard: Shard) -> str:
     return f"shard-{shard.index:05d}-{shard.key}"
+
+
+def create_for_shards(spec: EngineSpec, settings: FactorSettings, shards: Sequence[Shard], directory: str,
+                      factor_dir: str, options: IndexOptions) -> str:
+    """The flow's index, created once before its parts are mapped (a ``pca`` sketch and the probes come from the
+    first shard's documents), so every part is written with the same projection and probes."""
+    if not (Path(directory) / "index.json").exists():
+        eng = spec.engine()
+        factors = Factors.load(factor_dir, settings=settings, layers=list(eng.specs))
+        open_index(directory, eng, factors, options, {"factors_dir": factor_dir, "model_dir": spec.model_dir},
+                   docs=shard_docs(eng, shards[0]) if shards else ())
+    return directory
+
+
+def finish_shards(directory: str) -> dict[str, Any] | None:
+    """After every part: the probes' recall, stored in the index's metadata."""
+    index = GradientIndex.open(directory)
+    return index.meta.get("probe_recall") or index.probe_recall()
 
 
 def build_shard_part(spec: EngineSpec, settings: FactorSettings, shard: Shard, directory: str, factor_dir: str,
@@ -101,8 +138,10 @@ def build_shard_part(spec: EngineSpec, settings: FactorSettings, shard: Shard, d
     if index is None or not index.has_part(part_name(shard)):
         eng = spec.engine()
         factors = Factors.load(factor_dir, settings=settings, layers=list(eng.specs))
-        index = open_index(directory, eng, factors, options, {"factors_dir": factor_dir, "model_dir": spec.model_dir})
-        index.build_part(part_name(shard), eng, shard_docs(eng, shard), factors)
+        docs = shard_docs(eng, shard)
+        index = open_index(directory, eng, factors, options, {"factors_dir": factor_dir, "model_dir": spec.model_dir},
+                           docs=docs)
+        index.build_part(part_name(shard), eng, docs, factors)
     return part_name(shard)
 
 
@@ -113,23 +152,61 @@ class QueryTimes:
     search: float = 0.0
     refine: float = 0.0
     refined_docs: int = 0
+    candidates: int = 0  # the union of every query's top ``refine`` (what refinement re-scores without the bound)
+    certified: int = 0  # queries whose refined top k is provably the exact top k of the whole index
+
+
+def prune_candidates(index: GradientIndex, query_norms: np.ndarray | None, scores: np.ndarray, ids: list[list[str]],
+                     top_k: int, refine: int) -> tuple[list[list[str]], int]:
+    """Per query, the candidates (its top ``refine`` from the index) that can still be in its exact top
+    ``top_k``: with an orthonormal sketch ``|exact - index| ≤ b`` (:meth:`GradientIndex.residual_bound`), so a
+    candidate whose upper bound ``s + b`` is below the ``top_k``-th largest lower bound ``s - b`` cannot be, and
+    is not re-scored. Also counts the queries whose result is certified for the whole index: every document
+    outside the candidates is bounded by the next index score plus the largest bound. Without the bound (random
+    sketch, older index) every candidate is kept."""
+    cands = [row[:refine] for row in ids]
+    if query_norms is None or not index.orthonormal:
+        return cands, 0
+    parts = index.parts()
+    norms = [index.norms(p.name) for p in parts]
+    if any(n is None for n in norms):
+        return cands, 0
+    at = {d: i for i, d in enumerate(i for p in parts for i in index.ids(p.name))}
+    dn = np.concatenate(norms)
+    worst = index.residual_bound(query_norms, dn).max(axis=1)  # (Q,) the largest bound over every document
+    kept, certified = [], 0
+    for q, row in enumerate(cands):
+        s = np.asarray(scores[q][:len(row)], dtype=np.float64)
+        b = index.residual_bound(query_norms[q:q + 1], dn[[at[d] for d in row]])[0]
+        if len(row) <= top_k:
+            kept.append(row)
+            continue
+        low = np.sort(s - b)[::-1][top_k - 1]
+        kept.append([d for d, up in zip(row, s + b, strict=True) if up >= low])
+        nxt = scores[q][len(row)] if len(scores[q]) > len(row) else -np.inf
+        certified += int(nxt + worst[q] < low)
+    return kept, certified
 
 
 def search_and_refine(eng: InfluenceEngine, index: GradientIndex, factors: Factors, queries: Sequence[Example], *,
                       top_k: int, refine: int = 0, docs_for: DocsFor | None = None, search: str = "exact",
-                      parts: Sequence[str] | None = None, times: QueryTimes | None = None) -> pl.DataFrame:
+                      parts: Sequence[str] | None = None, times: QueryTimes | None = None,
+                      prune: bool = True) -> pl.DataFrame:
     """Top ``top_k`` documents per query from the index; with ``refine`` the top ``refine`` candidates of each
     query are re-scored exactly (full EK-FAC, full-rank queries) by a pass over those documents alone
-    (``docs_for``), reranked, and the top ``top_k`` kept (``refined`` true)."""
+    (``docs_for``), reranked, and the top ``top_k`` kept (``refined`` true). With ``prune`` (and an orthonormal
+    sketch) candidates that the residual bound shows cannot reach the top ``top_k`` are not re-scored
+    (:func:`prune_candidates`): the result is the same."""
     if top_k < 1:
         raise UserError(f"--top-k {top_k}: the index returns at least one document per query")
     if refine < 0:
         raise UserError(f"--refine {refine}: must be 0 (no refinement) or a positive number of candidates")
     times = times or QueryTimes()
     t0 = time.perf_counter()
-    qv = index.query_vectors(eng, queries, factors)
+    qstats: dict[str, np.ndarray] = {}
+    qv = index.query_vectors(eng, queries, factors, stats=qstats)
     times.queries = time.perf_counter() - t0
-    k = max(top_k, refine)
+    k = max(top_k, refine) + (1 if refine and prune else 0)  # one more: the next score bounds the rest
     t0 = time.perf_counter()
     scores, ids = (index.search_faiss(qv, k, parts=parts) if search == "faiss"
                    else index.search(qv, k, parts=parts, device=eng.device))
@@ -144,12 +221,15 @@ def search_and_refine(eng: InfluenceEngine, index: GradientIndex, factors: Facto
     if docs_for is None:
         raise ValueError("refinement needs the documents")
     t0 = time.perf_counter()
-    wanted = {d for row in ids for d in row[:refine]}
+    times.candidates = len({d for row in ids for d in row[:refine]})
+    kept, times.certified = prune_candidates(index, qstats.get("norms") if prune else None, scores, ids, top_k,
+                                             refine)
+    wanted = {d for row in kept for d in row}
     docs = docs_for(wanted)
     exact = eng.score(docs, eng.prepare_queries(queries, factors, rank=0), top_k=0).all_scores
     column = {e.id: j for j, e in enumerate(docs)}
     for q, e in enumerate(queries):
-        cands = ids[q][:refine]
+        cands = kept[q]
         approx = dict(zip(ids[q], scores[q].tolist(), strict=False))
         ranked = sorted(((float(exact[q, column[d]]), d) for d in cands), key=lambda p: (-p[0], p[1]))[:top_k]
         rows += [{"query_id": e.id, "train_id": d, "score": s, "rank": r, "index_score": approx[d],

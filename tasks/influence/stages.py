@@ -14,9 +14,15 @@ from tasks.inputs.shards import Inputs, Shard
 from tasks.options import AuditParams
 
 
+@task(name="plan-layer-groups")
+def plan_layer_groups(spec: EngineSpec) -> list[tuple[str, ...]]:
+    return compute.layer_groups(spec)
+
+
 @task(name="fit-covariance-partial")
-def fit_covariance_partial(spec: EngineSpec, shard: Shard, factor_dir: str) -> str:
-    return compute.covariance_partial(spec, shard, factor_dir)
+def fit_covariance_partial(spec: EngineSpec, shard: Shard, factor_dir: str,
+                           layers: tuple[str, ...] | None = None) -> str:
+    return compute.covariance_partial(spec, shard, factor_dir, layers)
 
 
 @task(name="merge-and-eigendecompose")
@@ -25,8 +31,9 @@ def merge_and_eigendecompose(paths: list[str], factor_dir: str) -> str:
 
 
 @task(name="fit-eigenvalue-correction-partial")
-def fit_lambda_partial(spec: EngineSpec, shard: Shard, factor_dir: str, basis_path: str | None) -> str:
-    return compute.lambda_partial(spec, shard, factor_dir, basis_path)
+def fit_lambda_partial(spec: EngineSpec, shard: Shard, factor_dir: str, basis_path: str | None,
+                       layers: tuple[str, ...] | None = None) -> str:
+    return compute.lambda_partial(spec, shard, factor_dir, basis_path, layers)
 
 
 @task(name="finalize-factors")
@@ -50,6 +57,17 @@ def score_shard(spec: EngineSpec, shard: Shard, prepared_path: str, audit_dir: s
 @task(name="prefilter-candidates")
 def prefilter_candidates(p: AuditParams, ins: Inputs, queries_path: str) -> str:
     return prefilter.audit_candidates(p, ins, queries_path)
+
+
+@task(name="create-index")
+def create_index(spec: EngineSpec, settings: FactorSettings, shards: list[Shard], directory: str, factor_dir: str,
+                 options: index.IndexOptions) -> str:
+    return index.create_for_shards(spec, settings, shards, directory, factor_dir, options)
+
+
+@task(name="finish-index")
+def finish_index(directory: str) -> dict | None:
+    return index.finish_shards(directory)
 
 
 @task(name="build-index-part")

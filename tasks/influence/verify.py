@@ -94,10 +94,15 @@ def verify_candidates(eng: InfluenceEngine, *, audit_dir: str | Path, candidates
     random_rows = [{"query_id": q, "train_id": d, "score": float(res.all_scores[q_pos[q], d_pos[d]]), "rank": None}
                    for q in q_ids for d in baseline]
 
+    # what is measured: each candidate against the queries it is a candidate for, each random document against all
+    wanted: dict[str, set[str]] = {d: set(q_ids) for d in baseline}
+    for q, d in zip(top["query_id"], top["train_id"], strict=True):
+        wanted.setdefault(d, set()).add(q)
+    n_pairs = sum(len(v) for v in wanted.values())
     emit(f"verification: {settings.check} ({settings.optimizer if settings.check == 'tail-patch' else 'L-BFGS'}, "
-         f"{settings.params} parameters) on {len(docs)} documents x {len(qs)} queries")
+         f"{settings.params} parameters) on {len(docs)} documents x {len(qs)} queries ({n_pairs} pairs)")
     deltas = Verifier(eng.model, device=eng.device, pad_id=eng.pad_id, tracked=eng.tracked,
-                      settings=settings).run(docs, qs, train_sample=sample, n_train=len(train_ids))
+                      settings=settings).run(docs, qs, train_sample=sample, n_train=len(train_ids), pairs=wanted)
     di = {d: i for i, d in enumerate(deltas.doc_ids)}
     qi = {q: i for i, q in enumerate(deltas.query_ids)}
 

@@ -22,8 +22,8 @@ def resolve_model(model: str) -> str:
         from tasks.ops.model_uri import resolve_model_uri
 
         return resolve_model_uri(model)
-    from influence_engine.engine import check_model_dir
     from influence_engine.gguf import is_gguf
+    from influence_engine.models import check_model_dir
 
     if is_gguf(model) and not Path(model).expanduser().is_dir():
         return str(resolve_gguf(model))

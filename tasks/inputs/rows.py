@@ -175,10 +175,10 @@ def _source_expr(path: Path, lines: pl.Expr | pl.Series) -> pl.Expr:
     return pl.concat_str([pl.lit(f"{path}:"), line_expr.cast(pl.String)]).alias(SOURCE)
 
 
-def parse_jsonl(path: Path, data: bytes, kind: Kind, first_line: int = 1) -> pl.DataFrame:
-    """Parse JSON-lines ``data`` (whole lines of ``path``, the first of them line ``first_line``) into a frame with
+def parse_jsonl(path: Path, data: bytes, kind: Kind, start_line: int = 1) -> pl.DataFrame:
+    """Parse JSON-lines ``data`` (whole lines of ``path``, the first of them line ``start_line``) into a frame with
     a ``source`` column; a bad line raises :class:`DataError` naming ``path:line``."""
-    _check_utf8(path, data, first_line)
+    _check_utf8(path, data, start_line)
     line_numbers, plausible, longest = _jsonl_lines(data)
     if line_numbers.size == 0:
         return pl.DataFrame({SOURCE: pl.Series([], dtype=pl.String)})
@@ -186,10 +186,10 @@ def parse_jsonl(path: Path, data: bytes, kind: Kind, first_line: int = 1) -> pl.
     if plausible:
         df = _fast_jsonl(data, int(line_numbers.size), longest)
     if df is None:
-        return _slow_jsonl(path, data, kind, first_line)
+        return _slow_jsonl(path, data, kind, start_line)
     if SOURCE in df.columns:
         _reserved(path)
-    return df.with_columns(_source_expr(path, pl.Series(line_numbers + (first_line - 1), dtype=pl.Int64)))
+    return df.with_columns(_source_expr(path, pl.Series(line_numbers + (start_line - 1), dtype=pl.Int64)))
 
 
 def _jsonl_lines(data: bytes) -> tuple[np.ndarray, bool, int]:
@@ -221,7 +221,7 @@ def _jsonl_lines(data: bytes) -> tuple[np.ndarray, bool, int]:
     return np.flatnonzero(nonblank).astype(np.int64) + 1, plausible, longest
 
 
-def _check_utf8(path: Path, data: bytes, first_line: int = 1) -> None:
+def _check_utf8(path: Path, data: bytes, start_line: int = 1) -> None:
     """Raise DataError naming the line of the first invalid UTF-8 byte (validated by pyarrow, no copy)."""
     import pyarrow as pa
 
@@ -234,7 +234,7 @@ def _check_utf8(path: Path, data: bytes, first_line: int = 1) -> None:
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line_no = data.count(b"\n", 0, exc.start) + first_line
+        line_no = data.count(b"\n", 0, exc.start) + start_line
         col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         raise DataError(f"{path}:{line_no}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {col})",
                         hint="re-encode the file as UTF-8") from None
@@ -337,11 +337,11 @@ def _short(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _slow_jsonl(path: Path, data: bytes, kind: Kind, first_line: int = 1) -> pl.DataFrame:
+def _slow_jsonl(path: Path, data: bytes, kind: Kind, start_line: int = 1) -> pl.DataFrame:
     """Parse line by line: raise a DataError naming the first bad line, or build the frame."""
     rows: list[dict[str, Any]] = []
     lines: list[int] = []
-    for line_no, raw in enumerate(data.split(b"\n"), start=first_line):
+    for line_no, raw in enumerate(data.split(b"\n"), start=start_line):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:

@@ -327,7 +327,7 @@ def _read_jsonl_range(rows: RowRange, kind: Kind, head: int | None) -> pl.DataFr
         data = data[:data.rfind(b"\n") + 1]
     if rows.byte_start == 0 and data.startswith(_BOM):
         data = data[len(_BOM):]
-    return parse_jsonl(path, data, kind, first_line=rows.start + 1)
+    return parse_jsonl(path, data, kind, start_line=rows.start + 1)
 
 
 def _read_parquet_range(rows: RowRange, head: int | None) -> pl.DataFrame:

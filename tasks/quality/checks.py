@@ -42,7 +42,9 @@ def validate_quality_report(report: pl.DataFrame | pd.DataFrame, *,
     (a preconditioned squared norm, an NLL; rounding may take a self-influence a hair below zero, so its lower
     bound is tested relative to the largest); every score not null, in [0, 1]; every flag not null and boolean;
     ``reason`` not null, and non-empty exactly when a flag is set (helper column ``reason_matches_flags``);
-    ``duplicate_group`` set exactly when ``near_duplicate`` is (helper column ``group_matches_flag``).
+    every flagged ``near_duplicate`` belongs to a ``duplicate_group`` that is not itself (the group's kept document,
+    its smallest id, is not flagged; members left out by ``max_flagged`` keep their group: helper column
+    ``group_matches_flag``).
     """
     ge = ge_context()
     gxe = ge.gxe
@@ -59,7 +61,8 @@ def validate_quality_report(report: pl.DataFrame | pd.DataFrame, *,
         has_reason = pl.col("reason").fill_null("").str.len_chars() > 0
         helpers.append((any_flag == has_reason).alias("reason_matches_flags"))
     if {"duplicate_group", "near_duplicate"} <= present:
-        helpers.append((pl.col("duplicate_group").is_not_null() == pl.col("near_duplicate").fill_null(False))
+        copy = pl.col("duplicate_group").is_not_null() & (pl.col("duplicate_group") != pl.col("id"))
+        helpers.append((~pl.col("near_duplicate").fill_null(False) | copy.fill_null(False))
                        .alias("group_matches_flag"))
     frame = frame.with_columns(helpers)
     cols = set(frame.columns)
@@ -103,7 +106,7 @@ def validate_quality_report(report: pl.DataFrame | pd.DataFrame, *,
         checks.append(Check("reason_not_null", gxe.ExpectColumnValuesToNotBeNull(column="reason"),
                              "reason is a string (empty when nothing is flagged)"))
     for helper, why in (("reason_matches_flags", "a flagged document says why; an unflagged one has no reason"),
-                        ("group_matches_flag", "near duplicates, and only they, belong to a duplicate group")):
+                        ("group_matches_flag", "a flagged near duplicate is a copy in a duplicate group")):
         if helper in cols:
             checks.append(Check(helper, gxe.ExpectColumnValuesToBeInSet(column=helper, value_set=[True]), why))
     return run_suite(QUALITY_SUITE, pdf, checks)

@@ -30,7 +30,7 @@ class QualityRun:
 
 def quality_settings(q: QualityOptions) -> QualitySettings:
     settings = QualitySettings(cutoff=q.cutoff, near_duplicate_threshold=q.near_duplicate_threshold,
-                               hot_spots=q.hot_spots)
+                               max_flagged=q.max_flagged, hot_spots=q.hot_spots)
     settings.check()
     return settings
 

@@ -19,11 +19,12 @@ from matplotlib.figure import Figure
 
 from influence_engine.atomic import atomic_path
 from tasks.influence.report import _CSS, _placeholder, _save
-from tasks.quality.signals import ABOUT, ISSUE_TYPES, issue_reason, snippet, summary
+from tasks.quality.signals import ABOUT, ISSUE_TYPES, above_cutoff, duplicate_groups, issue_reason, snippet, summary
 
 __all__ = ["plot_loss_vs_self_influence", "plot_self_influence", "render_quality_html", "terminal_report"]
 
 TOP_PER_ISSUE = 10
+TOP_GROUPS = 20
 HOT_SHOWN = 3
 _COLOURS = {"outlier": "#d7301f", "memorised": "#7b3294", "near_duplicate": "#e6a100", "low_quality": "#2b83ba"}
 
@@ -95,11 +96,37 @@ def _summary_html(report: pl.DataFrame) -> str:
     rows = "".join(f'<tr><td><a href="#{_e(r["issue_type"])}">{_e(r["issue_type"])}</a></td>'
                    f'<td class="num">{r["num_issues"]}</td><td class="num">{r["mean_score"]:.3f}</td></tr>'
                    for r in s.iter_rows(named=True))
-    n_flagged = report.filter(pl.any_horizontal([pl.col(t) for t in ISSUE_TYPES])).height
     return ("<h2>Summary</h2><p>Here is a summary of the issues found in the training data "
-            f"({n_flagged} of {report.height} documents flagged by at least one issue). Scores are in [0, 1], "
-            "higher = more severe.</p><table><thead><tr><th>issue type</th><th>num issues</th>"
+            f"({_e(_flag_line(report))}). Scores are in [0, 1], higher = more severe; an issue's cut-off (score "
+            "0.5) is set against this corpus.</p><table><thead><tr><th>issue type</th><th>num issues</th>"
             f"<th>mean score</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
+def _flag_line(report: pl.DataFrame) -> str:
+    """How many documents are flagged, and how many more are above a cut-off but left out by the bound."""
+    n_flagged = report.filter(pl.any_horizontal([pl.col(t) for t in ISSUE_TYPES])).height
+    n_above = int(above_cutoff(report).sum()) if report.height else 0
+    line = f"{n_flagged} of {report.height} documents flagged"
+    if n_above > n_flagged:
+        line += (f", the most severe of {n_above} above a cut-off (at most --max-flagged of the corpus; raise it "
+                 "to see the rest)")
+    return line
+
+
+def _groups_html(report: pl.DataFrame, texts: Mapping[str, str]) -> str:
+    groups = duplicate_groups(report)
+    if groups.height == 0:
+        return ""
+    out = ["<h3>Duplicate groups</h3>", f"<p>{groups.height} groups of copies ({int(groups['size'].sum())} "
+           "documents; the first member of each is kept, the others are flagged). Largest first:</p>",
+           "<table><thead><tr><th>kept</th><th>documents</th><th>similarity</th><th>members</th><th>text</th>"
+           "</tr></thead><tbody>"]
+    for r in groups.head(TOP_GROUPS).iter_rows(named=True):
+        out.append(f'<tr><td>{_e(r["group"])}</td><td class="num">{r["size"]}</td>'
+                   f'<td class="num">{r["similarity"]:.2f}</td><td>{_e(", ".join(r["members"]))}</td>'
+                   f'<td>{_e(snippet(texts.get(r["group"], ""), 160))}</td></tr>')
+    out.append("</tbody></table>")
+    return "\n".join(out)
 
 
 def _hot_html(hot: Mapping[str, list[tuple[str, float]]], doc_id: str) -> str:
@@ -124,7 +151,10 @@ def _issue_html(report: pl.DataFrame, issue: str, texts: Mapping[str, str],
                    f'<td class="num">{r[f"{issue}_score"]:.3f}</td><td class="num">{_num(r["self_influence"])}</td>'
                    f'<td class="num">{_num(r["loss"])}</td><td>{_e(why)}</td><td>{_hot_html(hot, r["id"])}</td>'
                    f'<td>{_e(snippet(texts.get(r["id"], ""), 240))}</td></tr>')
-    out.append("</tbody></table></section>")
+    out.append("</tbody></table>")
+    if issue == "near_duplicate":
+        out.append(_groups_html(report, texts))
+    out.append("</section>")
     return "\n".join(out)
 
 
@@ -156,8 +186,7 @@ def render_quality_html(report: pl.DataFrame, path: str | Path, *, title: str, m
 def terminal_report(report: pl.DataFrame, texts: Mapping[str, str], top: int = 5) -> str:
     """The same report as plain text (Datalab's ``report()`` printout), for the CLI."""
     s = summary(report).sort("num_issues", descending=True, maintain_order=True)
-    n_flagged = report.filter(pl.any_horizontal([pl.col(t) for t in ISSUE_TYPES])).height
-    lines = [f"{n_flagged} of {report.height} documents flagged. Summary by issue type:", "",
+    lines = [f"{_flag_line(report)}. Summary by issue type:", "",
              f"  {'issue_type':<16}{'num_issues':>11}{'mean_score':>12}"]
     lines += [f"  {r['issue_type']:<16}{r['num_issues']:>11}{r['mean_score']:>12.3f}" for r in s.iter_rows(named=True)]
     for t in s.filter(pl.col("num_issues") > 0)["issue_type"].to_list():
@@ -167,4 +196,13 @@ def terminal_report(report: pl.DataFrame, texts: Mapping[str, str], top: int = 5
         for r in rows.iter_rows(named=True):
             lines.append(f"  {r['id']}  score {r[f'{t}_score']:.3f}  {issue_reason(r['reason'], t)}")
             lines.append(f"      {snippet(texts.get(r['id'], ''), 110)}")
+    groups = duplicate_groups(report)
+    if groups.height:
+        lines += ["", f"---------- duplicate groups: {groups.height} ({int(groups['size'].sum())} documents, "
+                      "the first of each kept) ----------"]
+        for r in groups.head(top).iter_rows(named=True):
+            more = f" +{r['size'] - 4} more" if r["size"] > 4 else ""
+            lines.append(f"  {r['size']} documents, similarity >= {r['similarity']:.2f}: "
+                         f"{', '.join(r['members'][:4])}{more}")
+            lines.append(f"      {snippet(texts.get(r['group'], ''), 110)}")
     return "\n".join(lines)

@@ -64,14 +64,17 @@ ABOUT: dict[str, str] = {
 REPORT_SCHEMA: dict[str, Any] = {
     "id": pl.String, "self_influence": pl.Float64, "loss": pl.Float64,
     **{c: t for issue in ISSUE_TYPES for c, t in ((f"{issue}_score", pl.Float64), (issue, pl.Boolean))},
-    "reason": pl.String, "duplicate_group": pl.String,
+    "reason": pl.String, "duplicate_group": pl.String, "severity": pl.Float64,
     "n_tokens": pl.Int64, "n_targets": pl.Int64, "zlib_entropy": pl.Float64, "token_rarity": pl.Float64,
-    "compression_ratio": pl.Float64, "max_similarity": pl.Float64, "duplicate_of": pl.String,
+    "compression_ratio": pl.Float64, "char_surprisal": pl.Float64, "tokens_per_char": pl.Float64,
+    "max_similarity": pl.Float64, "duplicate_of": pl.String, "group_size": pl.Int64,
 }
 SIGNAL_SCHEMA: dict[str, Any] = {
     "id": pl.String, "self_influence": pl.Float64, "loss": pl.Float64, "n_tokens": pl.Int64, "n_targets": pl.Int64,
     "zlib_entropy": pl.Float64, "token_rarity": pl.Float64, "compression_ratio": pl.Float64,
-    "text_hash": pl.String, "minhash": pl.List(pl.UInt64),
+    "char_surprisal": pl.Float64, "tokens_per_char": pl.Float64,
+    "text_hash": pl.String, "minhash": pl.List(pl.UInt64), "minhash_distinct": pl.List(pl.UInt64),
+    "n_distinct": pl.Int64,
 }
 HOT_SPOT_SCHEMA: dict[str, Any] = {
     "id": pl.String, "rank": pl.Int64, "position": pl.Int64, "token": pl.String, "self_influence": pl.Float64,
@@ -84,16 +87,27 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class QualitySettings:
-    """How signals become flags. ``cutoff``: the robust z-score from which an issue is flagged;
-    ``near_duplicate_threshold``: the Jaccard similarity from which two documents are near duplicates;
-    ``hot_spots``: token positions kept per document in the per-token Parquet (0: all). The 0.7 threshold on
-    5-gram Jaccard similarity is BigCode's near-deduplication setting (The Stack)."""
+    """How signals become flags. ``cutoff``: the robust z-score (median and MAD over this corpus) from which an
+    issue is flagged; ``near_duplicate_threshold``: the Jaccard similarity of two documents' distinctive shingles
+    from which they are near duplicates; ``max_flagged``: the largest share of the corpus flagged, most severe
+    first (1: no bound); ``hot_spots``: token positions kept per document in the per-token Parquet (0: all).
+
+    Shingles held by more than ``max(boilerplate_min_docs, boilerplate_share x documents)`` documents are shared
+    phrasing or boilerplate, not copying. Two documents are near duplicates when the Jaccard similarity of their
+    shingles reaches ``near_duplicate_threshold`` *and* they share at least ``distinct_containment`` of the
+    smaller one's distinctive shingles (the others; a document with fewer than ``min_shingles`` keeps its
+    rarest): sharing boilerplate alone does not make a copy, and an edit in a short document does not hide one."""
 
     cutoff: float = 3.5
     near_duplicate_threshold: float = 0.7
+    max_flagged: float = 0.1
     candidate_threshold: float = 0.5  # LSH candidates from here: similarities below the flag still score
     num_perm: int = 128
     shingle: int = 5
+    boilerplate_share: float = 0.01
+    boilerplate_min_docs: int = 8
+    min_shingles: int = 8
+    distinct_containment: float = 0.5
     hot_spots: int = 10
     seed: int = 1
 
@@ -103,8 +117,14 @@ class QualitySettings:
         if not 0 < self.near_duplicate_threshold <= 1:
             raise UserError(f"--near-duplicate-threshold {self.near_duplicate_threshold}: give a Jaccard "
                             "similarity in (0, 1]")
+        if not 0 <= self.max_flagged <= 1:
+            raise UserError(f"--max-flagged {self.max_flagged}: give a share of the corpus in [0, 1] (1: no bound)")
         if self.hot_spots < 0:
             raise UserError(f"--hot-spots {self.hot_spots}: must be >= 0 (0 keeps every token)")
+
+    def boilerplate_cap(self, n_docs: int) -> float:
+        """A shingle held by more documents than this is boilerplate."""
+        return max(float(self.boilerplate_min_docs), self.boilerplate_share * n_docs)
 
 
 # ------------------------------------------------------------------------------------------ text signals
@@ -154,6 +174,7 @@ def token_rarity(example: Example, counts: np.ndarray) -> float:
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+SHINGLE_BITS = 22  # shingles are counted by document in 2**22 buckets (crc32): 16 MiB, collisions negligible
 
 
 def _shingles(text: str, k: int) -> set[bytes]:
@@ -165,20 +186,108 @@ def _shingles(text: str, k: int) -> set[bytes]:
     return out
 
 
-def minhash_values(text: str, settings: QualitySettings) -> np.ndarray:
-    """The MinHash signature (datasketch) of the text's character shingles."""
+def _bucket(shingle: bytes) -> int:
+    return zlib.crc32(shingle) & ((1 << SHINGLE_BITS) - 1)
+
+
+def shingle_buckets(text: str, k: int) -> np.ndarray:
+    """The distinct buckets of the text's shingles (what the document frequencies count)."""
+    return np.unique(np.fromiter((_bucket(x) for x in _shingles(text, k)), dtype=np.int64))
+
+
+def distinctive_shingles(text: str, settings: QualitySettings, df: np.ndarray | None = None,
+                         n_docs: int = 0) -> list[bytes]:
+    """The text's shingles less those held by more than :meth:`QualitySettings.boilerplate_cap` documents (``df``:
+    documents per bucket over the corpus); a document left with fewer than ``min_shingles`` keeps its rarest."""
+    sh = sorted(_shingles(text, settings.shingle))
+    if df is None:
+        return sh
+    counts = np.array([df[_bucket(x)] for x in sh], dtype=np.int64)
+    keep = counts <= settings.boilerplate_cap(n_docs)
+    if keep.sum() >= min(settings.min_shingles, len(sh)):
+        return [x for x, k in zip(sh, keep, strict=True) if k]
+    order = np.lexsort((np.arange(len(sh)), counts))[: settings.min_shingles]
+    return [sh[i] for i in sorted(order)]
+
+
+def _minhash(shingles: Sequence[bytes], settings: QualitySettings) -> np.ndarray:
     from datasketch import MinHash
 
     m = MinHash(num_perm=settings.num_perm, seed=settings.seed, scheme=MINHASH_SCHEME)
-    m.update_batch(list(_shingles(text, settings.shingle)))
+    m.update_batch(list(shingles))
     return m.hashvalues.astype(np.uint64)
+
+
+def minhash_values(text: str, settings: QualitySettings, df: np.ndarray | None = None,
+                   n_docs: int = 0) -> np.ndarray:
+    """The MinHash signature (datasketch) of the text's character shingles (its distinctive ones with ``df``)."""
+    return _minhash(distinctive_shingles(text, settings, df, n_docs), settings)
+
+
+def _bigram_index(text: str) -> np.ndarray:
+    b = np.frombuffer(text.encode("utf-8", "replace"), dtype=np.uint8).astype(np.int64)
+    return b[:-1] * 256 + b[1:]
+
+
+def char_surprisal(text: str, bigrams: np.ndarray) -> float:
+    """Mean surprisal (nats per byte) of the text's UTF-8 byte pairs under the corpus's byte-bigram counts
+    (add-one smoothed): high for character noise, markup debris and encoding garbage in a corpus of prose."""
+    idx = _bigram_index(text)
+    if idx.size == 0:
+        return 0.0
+    table = bigrams.reshape(256, 256)
+    first = table.sum(1)
+    return float(np.mean(np.log(first[idx // 256] + 256.0) - np.log(bigrams[idx] + 1.0)))
+
+
+@dataclass
+class CorpusCounts:
+    """What a document's text signals are measured against, summed over shards: token counts (token rarity),
+    documents per shingle bucket (boilerplate), byte-bigram counts (character surprisal) and the documents."""
+
+    tokens: np.ndarray
+    shingle_df: np.ndarray
+    char_bigrams: np.ndarray
+    n_docs: int
+
+    @classmethod
+    def of(cls, docs: Sequence[Example], texts: Sequence[str], vocab_size: int,
+           settings: QualitySettings) -> CorpusCounts:
+        df = np.zeros(1 << SHINGLE_BITS, dtype=np.int32)
+        bigrams = np.zeros(256 * 256, dtype=np.int64)
+        for text in texts:
+            df[shingle_buckets(text, settings.shingle)] += 1
+            bigrams += np.bincount(_bigram_index(text), minlength=256 * 256)
+        return cls(unigram_counts(docs, vocab_size), df, bigrams, len(texts))
+
+    def __add__(self, other: CorpusCounts) -> CorpusCounts:
+        n = max(len(self.tokens), len(other.tokens))
+        tokens = np.zeros(n, dtype=np.int64)
+        tokens[: len(self.tokens)] += self.tokens
+        tokens[: len(other.tokens)] += other.tokens
+        return CorpusCounts(tokens, self.shingle_df + other.shingle_df, self.char_bigrams + other.char_bigrams,
+                            self.n_docs + other.n_docs)
+
+    def with_vocab(self, vocab_size: int) -> CorpusCounts:
+        tokens = np.zeros(vocab_size, dtype=np.int64)
+        tokens[: min(vocab_size, len(self.tokens))] = self.tokens[:vocab_size]
+        return CorpusCounts(tokens, self.shingle_df, self.char_bigrams, self.n_docs)
+
+    def save(self, fh: Any) -> None:
+        np.savez_compressed(fh, tokens=self.tokens, shingle_df=self.shingle_df, char_bigrams=self.char_bigrams,
+                            n_docs=np.array(self.n_docs))
+
+    @classmethod
+    def load(cls, path: str | Path) -> CorpusCounts:
+        with np.load(path) as z:
+            return cls(z["tokens"], z["shingle_df"], z["char_bigrams"], int(z["n_docs"]))
 
 
 # ------------------------------------------------------------------------------------------ engine + text
 
 
 def signal_frame(signals: Sequence[DocumentSignals], rows: Sequence[dict[str, Any]], docs: Sequence[Example],
-                 counts: np.ndarray, settings: QualitySettings) -> pl.DataFrame:
+                 counts: CorpusCounts, settings: QualitySettings) -> pl.DataFrame:
     """One row per document: the engine's signals and the text's (:data:`SIGNAL_SCHEMA`)."""
     out: dict[str, list] = {k: [] for k in SIGNAL_SCHEMA}
     for s, row, e in zip(signals, rows, docs, strict=True):
@@ -189,10 +298,15 @@ def signal_frame(signals: Sequence[DocumentSignals], rows: Sequence[dict[str, An
         out["n_tokens"].append(len(e.input_ids))
         out["n_targets"].append(s.n_targets)
         out["zlib_entropy"].append(zlib_entropy(text, s.n_targets))
-        out["token_rarity"].append(token_rarity(e, counts))
+        out["token_rarity"].append(token_rarity(e, counts.tokens))
         out["compression_ratio"].append(compression_ratio(text))
+        out["char_surprisal"].append(char_surprisal(text, counts.char_bigrams))
+        out["tokens_per_char"].append(len(e.input_ids) / max(len(text), 1))
         out["text_hash"].append(text_hash(text))
         out["minhash"].append(minhash_values(text, settings).tolist())
+        distinct = distinctive_shingles(text, settings, counts.shingle_df, counts.n_docs)
+        out["minhash_distinct"].append(_minhash(distinct, settings).tolist())
+        out["n_distinct"].append(len(distinct))
     return pl.DataFrame(out, schema=SIGNAL_SCHEMA)
 
 
@@ -216,7 +330,7 @@ def hot_spot_frame(signals: Sequence[DocumentSignals], decode: Callable[[int], s
 
 
 def shard_signals(eng: InfluenceEngine, rows: Sequence[dict[str, Any]], docs: Sequence[Example], factors: Factors,
-                  counts: np.ndarray, settings: QualitySettings,
+                  counts: CorpusCounts, settings: QualitySettings,
                   progress: Progress | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The engine's pass over these documents plus the text signals: (signal frame, hot spots)."""
     signals = eng.document_signals(docs, factors, progress)
@@ -253,10 +367,16 @@ def _log(x: np.ndarray) -> np.ndarray:
 
 
 def near_duplicate_groups(ids: Sequence[str], hashes: Sequence[str], minhashes: Sequence[Sequence[int]],
-                          settings: QualitySettings) -> tuple[list[float], list[str | None], list[str | None]]:
-    """Per document: its largest estimated Jaccard similarity to another document (1.0 for an exact copy),
-    the group it belongs to at ``near_duplicate_threshold`` (its smallest id; None when alone), and the id of
-    its most similar document."""
+                          settings: QualitySettings, distinct: Sequence[Sequence[int]] | None = None,
+                          n_distinct: Sequence[int] | None = None,
+                          ) -> tuple[list[float], list[str | None], list[str | None]]:
+    """Per document: its largest estimated Jaccard similarity to another document that shares its distinctive
+    shingles (1.0 for an exact copy), the group it belongs to at ``near_duplicate_threshold`` (the id of its first
+    document in corpus order, the one kept; None when alone), and the id of its most similar document.
+
+    ``distinct``/``n_distinct``: MinHash signatures and sizes of the documents' distinctive shingle sets; a pair
+    counts only when the shared distinctive shingles, estimated as ``J (|A| + |B|) / (1 + J)``, are at least
+    ``distinct_containment`` of the smaller set (without them every LSH pair counts)."""
     from datasketch import LeanMinHash, MinHashLSH
 
     n = len(ids)
@@ -278,6 +398,18 @@ def near_duplicate_groups(ids: Sequence[str], hashes: Sequence[str], minhashes: 
         if sim >= settings.near_duplicate_threshold:
             parent[find(i)] = find(j)
 
+    def lean(values: Sequence[int]) -> LeanMinHash:
+        return LeanMinHash(seed=settings.seed, hashvalues=np.asarray(values, dtype=np.uint64), scheme=MINHASH_SCHEME)
+
+    def shares_content(i: int, j: int) -> bool:
+        if distinct is None or n_distinct is None:
+            return True
+        a, b = int(n_distinct[i]), int(n_distinct[j])
+        if min(a, b) == 0:
+            return False
+        jd = float(lean(distinct[i]).jaccard(lean(distinct[j])))
+        return jd * (a + b) / (1 + jd) >= settings.distinct_containment * min(a, b)
+
     by_hash: dict[str, int] = {}
     for i, h in enumerate(hashes):
         if h in by_hash:
@@ -288,10 +420,10 @@ def near_duplicate_groups(ids: Sequence[str], hashes: Sequence[str], minhashes: 
                      num_perm=settings.num_perm)
     sketches = []
     for i, values in enumerate(minhashes):
-        m = LeanMinHash(seed=settings.seed, hashvalues=np.asarray(values, dtype=np.uint64), scheme=MINHASH_SCHEME)
+        m = lean(values)
         sketches.append(m)
         for j in lsh.query(m):
-            if hashes[i] != hashes[j]:
+            if hashes[i] != hashes[j] and shares_content(i, j):
                 link(i, j, float(m.jaccard(sketches[j])))
         lsh.insert(i, m)
     members: dict[int, list[int]] = {}
@@ -300,7 +432,7 @@ def near_duplicate_groups(ids: Sequence[str], hashes: Sequence[str], minhashes: 
     group: list[str | None] = [None] * n
     for idx in members.values():
         if len(idx) > 1:
-            name = min(ids[i] for i in idx)
+            name = ids[min(idx)]  # the first in corpus order: the one kept
             for i in idx:
                 group[i] = name
     return best, group, nearest
@@ -310,33 +442,90 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
 
+def _near_duplicate_score(sim: np.ndarray, threshold: float) -> np.ndarray:
+    """Similarity on the flag's scale: ``threshold`` maps to 0.5 and an exact copy to 1 (linear on each side)."""
+    sim = np.asarray(sim, dtype=np.float64)
+    if threshold >= 1:
+        return np.where(sim >= 1, 1.0, 0.5 * sim)
+    return np.clip(np.where(sim >= threshold, 0.5 + 0.5 * (sim - threshold) / (1 - threshold),
+                            0.5 * sim / threshold), 0.0, 1.0)
+
+
+def junk_z(signals: pl.DataFrame) -> dict[str, np.ndarray]:
+    """The robust z-scores (over this corpus) of the text's junk signals: compression ratio (both tails), token
+    rarity, character surprisal, tokens per character, and the loss."""
+    ratio = signals["compression_ratio"].to_numpy()
+    return {"ratio": robust_z(ratio), "rare": robust_z(signals["token_rarity"].to_numpy()),
+            "char": robust_z(signals["char_surprisal"].to_numpy()),
+            "tpc": robust_z(_log(signals["tokens_per_char"].to_numpy())),
+            "loss": robust_z(_log(signals["loss"].to_numpy()))}
+
+
+def combined_junk(z: dict[str, np.ndarray]) -> np.ndarray:
+    """Text the model never saw is unusual on several signals at once: the robust z (over the corpus) of the sum of
+    the positive parts of the character surprisal, tokens-per-character, token-rarity, incompressibility and loss
+    z-scores."""
+    return robust_z(sum(np.clip(z[k], 0.0, None) for k in ("char", "tpc", "rare", "ratio", "loss")))
+
+
 def build_report(signals: pl.DataFrame, settings: QualitySettings) -> pl.DataFrame:
     """Combine the signals of every document of the corpus into issue scores, flags and reasons
-    (:data:`REPORT_SCHEMA`, one row per document, in the signals' order)."""
+    (:data:`REPORT_SCHEMA`, one row per document, in the signals' order).
+
+    Every cut-off is set against this corpus: robust z-scores (median and MAD) for the z-based issues, document
+    frequencies of shingles for near duplicates. A document is a candidate for an issue at score >= 0.5; of the
+    candidates, the ``max_flagged`` share of the corpus with the highest severity (largest candidate score) is
+    flagged, so a clean corpus gets few flags and a dirty one its worst first. In a duplicate group the first
+    document (in corpus order) is kept and the others are flagged as its copies."""
     settings.check()
     c = settings.cutoff
+    n = signals.height
     si, loss = signals["self_influence"].to_numpy(), signals["loss"].to_numpy()
     zent, rare = signals["zlib_entropy"].to_numpy(), signals["token_rarity"].to_numpy()
     ratio = signals["compression_ratio"].to_numpy()
+    chars, tpc = signals["char_surprisal"].to_numpy(), signals["tokens_per_char"].to_numpy()
     z_si, z_loss = robust_z(_log(si)), robust_z(_log(loss))
     # memorised: the loss far below what the text needs; in logs, so a ratio is a difference
     z_mem_zlib, z_mem_rare = robust_z(_log(zent) - _log(loss)), robust_z(_log(rare) - _log(loss))
-    z_ratio, z_rare = robust_z(ratio), robust_z(rare)
+    jz = junk_z(signals)
+    z_junk = combined_junk(jz)
+    low_parts = {"incompressible": jz["ratio"], "repetitive": -jz["ratio"], "rare tokens": jz["rare"],
+                 "character noise": jz["char"], "many tokens per character": jz["tpc"], "junk": z_junk}
     z = {"outlier": np.maximum(z_si, z_loss), "memorised": np.maximum(z_mem_zlib, z_mem_rare),
-         "low_quality": np.maximum.reduce([z_ratio, -z_ratio, z_rare])}
+         "low_quality": np.maximum.reduce(list(low_parts.values()))}
     ids = signals["id"].to_list()
+    distinct = (signals["minhash_distinct"].to_list(), signals["n_distinct"].to_list()) \
+        if "minhash_distinct" in signals.columns else (None, None)
     sim, group, nearest = near_duplicate_groups(ids, signals["text_hash"].to_list(), signals["minhash"].to_list(),
-                                                settings)
+                                                settings, *distinct)
     sizes: dict[str, int] = {}
     for g in group:
         if g is not None:
             sizes[g] = sizes.get(g, 0) + 1
+    scores = {t: _squash(z[t], c) for t in z}
+    scores["near_duplicate"] = _near_duplicate_score(np.asarray(sim), settings.near_duplicate_threshold)
+    candidate = {t: scores[t] >= 0.5 for t in z}
+    candidate["near_duplicate"] = np.array([g is not None and g != i for g, i in zip(group, ids, strict=True)],
+                                           dtype=bool)
+    severity = np.max(np.stack([scores[t] for t in ISSUE_TYPES]), axis=0) if n else np.zeros(0)
+    candidate_severity = np.max(np.stack([np.where(candidate[t], scores[t], 0.0) for t in ISSUE_TYPES]), axis=0) \
+        if n else np.zeros(0)
+    above = np.logical_or.reduce([candidate[t] for t in ISSUE_TYPES]) if n else np.zeros(0, dtype=bool)
+    keep = np.zeros(n, dtype=bool)
+    budget = math.floor(settings.max_flagged * n + 1e-9)
+    order = sorted((i for i in range(n) if above[i]), key=lambda i: (-candidate_severity[i], ids[i]))
+    keep[order[:budget]] = True
+    flags = {t: candidate[t] & keep for t in ISSUE_TYPES}
     med = {k: float(np.median(v)) if len(v) else 0.0 for k, v in
-           {"si": si, "loss": loss, "ratio": ratio, "rare": rare}.items()}
+           {"si": si, "loss": loss, "ratio": ratio, "rare": rare, "chars": chars, "tpc": tpc}.items()}
+    shown = {"incompressible": lambda i: f"zlib ratio {ratio[i]:.2f}, median {med['ratio']:.2f}",
+             "repetitive": lambda i: f"zlib ratio {ratio[i]:.2f}, median {med['ratio']:.2f}",
+             "rare tokens": lambda i: f"{_fmt(rare[i])} nats/token, median {_fmt(med['rare'])}",
+             "character noise": lambda i: f"{_fmt(chars[i])} nats per byte pair, median {_fmt(med['chars'])}",
+             "many tokens per character": lambda i: f"{_fmt(tpc[i])}, median {_fmt(med['tpc'])}",
+             "junk": lambda i: f"unusual on several signals at once, robust z {z_junk[i]:.1f}"}
     reasons: list[str] = []
-    flags = {t: (_squash(z[t], c) >= 0.5) if t in z else None for t in ISSUE_TYPES}
-    flags["near_duplicate"] = np.array([g is not None for g in group], dtype=bool)
-    for i in range(len(ids)):
+    for i in range(n):
         why = []
         if flags["outlier"][i]:
             why.append(f"outlier: self-influence {_fmt(si[i])} ({_fmt(si[i] / med['si'])}x the median)"
@@ -349,26 +538,44 @@ def build_report(signals: pl.DataFrame, settings: QualitySettings) -> pl.DataFra
             else:
                 why.append(f"memorised: loss {_fmt(loss[i])} nats/token against a token rarity of {_fmt(rare[i])}")
         if flags["near_duplicate"][i]:
-            kind = "exact duplicate" if sim[i] >= 1.0 else f"near duplicate (Jaccard {sim[i]:.2f})"
-            why.append(f"near_duplicate: {kind} of {nearest[i]}, group {group[i]} ({sizes[group[i]]} documents)")
+            kind = "exact copy" if sim[i] >= 1.0 else f"near copy (Jaccard {sim[i]:.2f}, distinctive text shared)"
+            why.append(f"near_duplicate: {kind} of {nearest[i]}; group {group[i]} ({sizes[group[i]]} documents, "
+                       f"keep {group[i]})")
         if flags["low_quality"][i]:
-            parts = []
-            if z_ratio[i] >= c:
-                parts.append(f"incompressible (zlib ratio {ratio[i]:.2f}, median {med['ratio']:.2f})")
-            if -z_ratio[i] >= c:
-                parts.append(f"repetitive (zlib ratio {ratio[i]:.2f}, median {med['ratio']:.2f})")
-            if z_rare[i] >= c:
-                parts.append(f"rare tokens ({_fmt(rare[i])} nats/token, median {_fmt(med['rare'])})")
+            parts = [f"{name} ({shown[name](i)})" for name, zz in low_parts.items() if zz[i] >= c]
             why.append("low_quality: " + ", ".join(parts))
         reasons.append("; ".join(why))
     cols: dict[str, Any] = {"id": ids, "self_influence": si, "loss": loss}
     for t in ISSUE_TYPES:
-        cols[f"{t}_score"] = np.asarray(sim, dtype=np.float64) if t == "near_duplicate" else _squash(z[t], c)
+        cols[f"{t}_score"] = scores[t]
         cols[t] = flags[t]
-    cols |= {"reason": reasons, "duplicate_group": group, "n_tokens": signals["n_tokens"],
+    cols |= {"reason": reasons, "duplicate_group": group, "severity": severity, "n_tokens": signals["n_tokens"],
              "n_targets": signals["n_targets"], "zlib_entropy": zent, "token_rarity": rare,
-             "compression_ratio": ratio, "max_similarity": sim, "duplicate_of": nearest}
+             "compression_ratio": ratio, "char_surprisal": chars, "tokens_per_char": tpc, "max_similarity": sim,
+             "duplicate_of": nearest, "group_size": [sizes.get(g, 1) if g is not None else 1 for g in group]}
     return pl.DataFrame(cols, schema=REPORT_SCHEMA)
+
+
+def above_cutoff(report: pl.DataFrame) -> pl.Series:
+    """Documents some issue scores at or above its cut-off (flagged or left out by ``max_flagged``)."""
+    z = [pl.col(f"{t}_score") >= 0.5 for t in ISSUE_TYPES if t != "near_duplicate"]
+    copy = pl.col("duplicate_group").is_not_null() & (pl.col("duplicate_group") != pl.col("id"))
+    return report.select(pl.any_horizontal([*z, copy]).alias("above"))["above"]
+
+
+def duplicate_groups(report: pl.DataFrame) -> pl.DataFrame:
+    """One row per duplicate group: ``group`` (the kept document), ``size``, ``members`` (ids in corpus order, the
+    kept one first) and
+    ``similarity`` (the members' smallest largest-similarity), largest groups first."""
+    dup = report.filter(pl.col("duplicate_group").is_not_null())
+    if dup.height == 0:
+        return pl.DataFrame(schema={"group": pl.String, "size": pl.Int64, "members": pl.List(pl.String),
+                                    "similarity": pl.Float64})
+    out = (dup.group_by("duplicate_group", maintain_order=True)
+           .agg(pl.len().cast(pl.Int64).alias("size"), pl.col("id").alias("members"),
+                pl.col("max_similarity").min().alias("similarity"))
+           .rename({"duplicate_group": "group"}))
+    return out.sort(["size", "group"], descending=[True, False])
 
 
 def quality_report(eng: InfluenceEngine, train: pl.DataFrame, docs: Sequence[Example], factors: Factors,
@@ -376,7 +583,8 @@ def quality_report(eng: InfluenceEngine, train: pl.DataFrame, docs: Sequence[Exa
     """The whole audit in one process (the CLI, the bench): (report, hot spots)."""
     settings.check()
     rows = train.to_dicts()
-    counts = unigram_counts(docs, eng.model.get_input_embeddings().num_embeddings)
+    counts = CorpusCounts.of(docs, [document_text(r) for r in rows], eng.model.get_input_embeddings().num_embeddings,
+                             settings)
     signals, hot = shard_signals(eng, rows, docs, factors, counts, settings, progress)
     return build_report(signals, settings), hot
 

@@ -3,8 +3,8 @@
 Files, in the audit directory (named by what they depend on, so a rerun skips what exists)::
 
     shards.json, inputs/ids-*     the shards: row ranges of the sources, read in place (as an influence audit's)
-    quality/counts-*.npy          per shard: its token counts
-    quality/unigram_counts.npy    token counts of the corpus (token rarity)
+    quality/counts-*.npz          per shard: token counts, shingle document frequencies, byte-bigram counts
+    quality/corpus_counts.npz     the corpus's (token rarity, boilerplate shingles, character surprisal)
     quality/signals-*.parquet     per shard: self-influence, loss, text signals, MinHash signatures
     quality/hot-*.parquet         per shard: per-token self-influence hot spots
     quality_report.parquet        one row per document: scores, flags, reason, duplicate group
@@ -22,7 +22,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 from prefect import get_run_logger, task
 
@@ -35,6 +34,7 @@ from tasks.inputs.shards import Inputs, Shard, read_shard, shard_ids
 from tasks.options import AuditParams
 from tasks.quality.signals import (
     ISSUE_TYPES,
+    CorpusCounts,
     QualitySettings,
     build_report,
     document_text,
@@ -42,8 +42,8 @@ from tasks.quality.signals import (
     review_items,
     shard_signals,
     snippet,
-    unigram_counts,
 )
+from tasks.reporting import Every, Progress
 
 REPORT_FILE = "quality_report.parquet"
 HOT_SPOTS_FILE = "hot_spots.parquet"
@@ -52,40 +52,44 @@ QUALITY_TABLE = "quality_report.json"
 
 def settings_of(p: AuditParams) -> QualitySettings:
     return QualitySettings(cutoff=p.cutoff, near_duplicate_threshold=p.near_duplicate_threshold,
-                           hot_spots=p.hot_spots)
+                           max_flagged=p.max_flagged, hot_spots=p.hot_spots)
 
 
 def counts_path(audit_dir: str | Path, shard: Shard | None = None) -> Path:
     d = Path(audit_dir) / "quality"
-    return d / ("unigram_counts.npy" if shard is None else f"counts-{shard.index:05d}-{shard.key}.npy")
+    return d / ("corpus_counts.npz" if shard is None else f"counts-{shard.index:05d}-{shard.key}.npz")
 
 
-def shard_token_counts(spec: EngineSpec, shard: Shard, adir: str) -> str:
-    """The shard's token counts (for token rarity, which needs the whole corpus's): read and tokenised in place,
-    as every per-shard stage reads its shard."""
+def shard_token_counts(spec: EngineSpec, shard: Shard, adir: str, quality: QualitySettings | None = None) -> str:
+    """The shard's counts (:class:`CorpusCounts`: tokens, shingle document frequencies, byte bigrams), which the
+    text signals need over the whole corpus: read and tokenised in place, as every per-shard stage reads its
+    shard."""
     path = counts_path(adir, shard)
     if not path.exists():
         from influence_engine.data import encode
 
         tok = spec.tokenizer()
-        docs = encode(tok, rows_of(read_shard(shard)), max_length=spec.max_length, on_long="truncate", where="train")
+        rows = rows_of(read_shard(shard))
+        docs = encode(tok, rows, max_length=spec.max_length, on_long="truncate", where="train")
         vocab = max(len(tok), max((max(e.input_ids) for e in docs if e.input_ids), default=0) + 1)
+        counts = CorpusCounts.of(docs, [document_text(r) for r in rows], vocab, quality or QualitySettings())
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, unigram_counts(docs, vocab))
+            counts.save(fh)
     return str(path)
 
 
 def merge_token_counts(spec: EngineSpec, adir: str, paths: list[str]) -> str:
-    """The corpus's token counts: the shards' summed (over the model's vocabulary)."""
+    """The corpus's counts: the shards' summed (tokens over the model's vocabulary)."""
     path = counts_path(adir)
     if not path.exists():
         vocab_size = spec.engine().model.get_input_embeddings().num_embeddings
-        total = np.zeros(vocab_size, dtype=np.int64)
+        total: CorpusCounts | None = None
         for x in paths:
-            c = np.load(x)
-            total[: len(c)] += c[:vocab_size]
+            c = CorpusCounts.load(x)
+            total = c if total is None else total + c
+        assert total is not None, "no shards"
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, total)
+            total.with_vocab(vocab_size).save(fh)
     return str(path)
 
 
@@ -95,7 +99,7 @@ def _signal_paths(audit_dir: str, shard: Shard) -> tuple[Path, Path]:
 
 
 def quality_shard_signals(spec: EngineSpec, settings: FactorSettings, shard: Shard, factor_dir: str, adir: str,
-                          quality: QualitySettings) -> str:
+                          quality: QualitySettings, progress: Progress | None = None) -> str:
     """One pass over a shard: self-influence, loss and hot spots per document, plus the text signals."""
     signals_path, hot_path = _signal_paths(adir, shard)
     if not signals_path.exists():
@@ -103,8 +107,8 @@ def quality_shard_signals(spec: EngineSpec, settings: FactorSettings, shard: Sha
         factors = Factors.load(factor_dir, settings=settings, layers=list(eng.specs))
         df = read_shard(shard)
         docs = encode_frame(eng, df, "train")
-        counts = np.load(counts_path(adir))
-        signals, hot = shard_signals(eng, df.to_dicts(), docs, factors, counts, quality)
+        counts = CorpusCounts.load(counts_path(adir))
+        signals, hot = shard_signals(eng, df.to_dicts(), docs, factors, counts, quality, progress)
         write_parquet_atomic(hot, hot_path)  # first: the signals file marks the shard done
         write_parquet_atomic(signals, signals_path)
     return str(signals_path)
@@ -192,7 +196,8 @@ def render_outputs(p: AuditParams, inputs: Inputs, run_id: str | None, paths: di
                                      "model": p.model, "model fingerprint": inputs.model_fingerprint[:16],
                                      "strategy": p.strategy, "layers": p.layers, "documents": str(inputs.n_docs),
                                      "flag cutoff (robust z)": str(p.cutoff),
-                                     "near-duplicate threshold": str(p.near_duplicate_threshold)})
+                                     "near-duplicate threshold": str(p.near_duplicate_threshold),
+                                     "max flagged": str(p.max_flagged)})
     return [*plots, html]
 
 
@@ -218,11 +223,20 @@ def record_quality(p: AuditParams, inputs: Inputs, run_id: str, paths: dict[str,
 
 
 def open_quality_review(p: AuditParams, inputs: Inputs, run_id: str, candidates_path: str) -> str:
-    """Hand the flagged documents to people: a Prefect markdown artifact per audit, by issue type."""
+    """Hand the flagged documents to people: the Prefect-form review run (as every audit starts one, where a
+    Prefect server has the ``review`` deployment) and a Prefect markdown artifact per audit, by issue type."""
+    from pathlib import Path
+
     from prefect.artifacts import create_markdown_artifact
 
+    from tasks.review.runs import open_review_form
+
+    try:
+        form = open_review_form(inputs.audit_id, str(Path(inputs.audit_dir).parent.parent))
+    except Exception as exc:  # noqa: BLE001 (the terminal review stands without the form)
+        form = f"Prefect-form review not started: {exc}"
     items = pl.read_parquet(candidates_path)
-    lines = [f"# Quality audit `{inputs.audit_id}`: review open", "",
+    lines = [f"# Quality audit `{inputs.audit_id}`: review open", "", f"Prefect form: {form}.", "",
              f"MLflow run `{run_id}` (experiment `{p.experiment}`): `quality_report.json`, `candidates.json` (the "
              "flagged documents by issue type) and `report.html` are in its artifacts. Flags are a screen, not a "
              "verdict.", "", f"Review in a terminal: `influence-audit review show {inputs.audit_id}`; decide with "
@@ -245,8 +259,8 @@ def open_quality_review(p: AuditParams, inputs: Inputs, run_id: str, candidates_
 
 
 @task(name="quality-token-counts-shard")
-def shard_token_counts_task(spec: EngineSpec, shard: Shard, adir: str) -> str:
-    return shard_token_counts(spec, shard, adir)
+def shard_token_counts_task(spec: EngineSpec, shard: Shard, adir: str, quality: QualitySettings) -> str:
+    return shard_token_counts(spec, shard, adir, quality)
 
 
 @task(name="merge-token-counts")
@@ -257,7 +271,8 @@ def merge_token_counts_task(spec: EngineSpec, adir: str, paths: list[str]) -> st
 @task(name="quality-signals-shard")
 def quality_shard(spec: EngineSpec, settings: FactorSettings, shard: Shard, factor_dir: str, adir: str,
                   quality: QualitySettings) -> str:
-    return quality_shard_signals(spec, settings, shard, factor_dir, adir, quality)
+    progress = Every(get_run_logger().info, f"quality signals, shard {shard.index}", shard.n_docs)
+    return quality_shard_signals(spec, settings, shard, factor_dir, adir, quality, progress)
 
 
 @task(name="merge-quality-report")

@@ -3,9 +3,11 @@
 One trace per audited query, in the audit run's experiment, linked to the run (``mlflow.sourceRun``) and
 tagged ``influence_audit.audit_id`` and ``influence_audit.query_id``:
 
-- the root span (type CHAIN, named ``query <query_id>``) has the prompt as input, the completion as output;
-- one child span per candidate (type RETRIEVER, named ``#<rank> <train_id>``, so MLflow renders its output as
-  a document) with the document text (up to :data:`TEXT_LIMIT` characters) and the attributes
+- the root span (type CHAIN) is named by the query id alone, which makes it the trace's name (the UI's
+  "Trace name" column and search); it has the query id and the prompt as input, the completion as output;
+- one child span per candidate (type RETRIEVER, so MLflow renders its output as a document), named
+  ``#<rank> · <score> · "<start of the text>…"`` (:func:`span_name`) so the span list reads as a ranked list,
+  with the document text (up to :data:`TEXT_LIMIT` characters) and the attributes
   ``influence_audit.train_id``, ``.score``, ``.rank``, ``.layer_scores`` (per-layer breakdown, when the
   candidate was explained) and ``.counterfactual_delta`` / ``.counterfactual_delta_down`` / ``.verified`` when
   candidates.parquet has them.
@@ -13,6 +15,9 @@ tagged ``influence_audit.audit_id`` and ``influence_audit.query_id``:
 A reviewer opens a trace in the MLflow UI, selects a candidate's span and adds a feedback assessment named
 ``culprit``: true (culprit), false (not a culprit) or the string ``unsure``, with an optional rationale; its
 source id is the reviewer. :func:`read_culprit_assessments` reads them back through MLflow's search API.
+A mark that cannot count (on the query's root span or the whole trace, an unreadable value) is answered on the
+trace itself, where the reviewer looks: :func:`show_refusals` adds a feedback :data:`REFUSAL_NAME` beside it
+(on the same span) saying why and what to do, and removes it once the mark is fixed.
 
 Recording is idempotent: queries that already have a trace for the audit are skipped, so a rerun, ``sync``
 or a retried task adds none twice. Trace export is asynchronous in MLflow: we flush and then check that
@@ -33,8 +38,12 @@ from prefect import task
 
 __all__ = [
     "AUDIT_TAG",
+    "PULL_SOURCE",
+    "REFUSES_KEY",
+    "Refusal",
     "ASSESSMENT_NAME",
     "QUERY_TAG",
+    "REFUSAL_NAME",
     "REFUSED_TAG",
     "TEXT_LIMIT",
     "CulpritMark",
@@ -45,13 +54,19 @@ __all__ = [
     "read_culprit_assessments",
     "record_candidate_traces",
     "record_traces",
+    "refusal",
     "show_refusals",
+    "span_name",
 ]
 
 AUDIT_TAG = "influence_audit.audit_id"
 QUERY_TAG = "influence_audit.query_id"
 REFUSED_TAG = "influence_audit.refused"  # on a trace: why one of its culprit assessments was not recorded
 ASSESSMENT_NAME = "culprit"
+# A feedback the pull adds beside a refused mark (same span), in the assessments pane the reviewer is looking at.
+REFUSAL_NAME = "culprit not recorded"
+REFUSES_KEY = "influence_audit.refuses"  # its metadata: the id of the refused assessment
+PULL_SOURCE = "influence-audit review pull"
 ATTR = "influence_audit."
 TEXT_LIMIT = 4000  # characters of each document shown on its span (the UI shows the whole output)
 _TAG_MAX = 4000
@@ -111,22 +126,39 @@ def _candidate_attributes(row: Mapping[str, Any]) -> dict[str, Any]:
     return attrs
 
 
+def _short_score(score: float) -> str:
+    """Three significant digits, no exponent for everyday magnitudes (34.7, 0.831, 1234, -0.00412)."""
+    a = abs(score)
+    if 1000 <= a < 1e6:
+        return f"{score:.0f}"
+    return f"{score:.3g}"
+
+
+def span_name(rank: int, score: float, text: str, width: int = 40) -> str:
+    """``#2 · 34.7 · "Dromdrai Grixrurn was born in…"``: what the span list shows for a candidate."""
+    flat = " ".join(str(text).split())
+    start = flat if len(flat) <= width else flat[: width - 1].rstrip() + "…"
+    return f'#{rank} · {_short_score(float(score))} · "{start}"'
+
+
 def _write_query(t: Any, experiment_id: str, run_id: str, audit_id: str, group: pl.DataFrame,
                  texts: Mapping[str, str]) -> None:
     first = group.row(0, named=True)
     qid = str(first["query_id"])
-    root = t.start_trace(f"query {qid}", span_type="CHAIN", experiment_id=experiment_id, run_id=run_id,
-                              inputs={"prompt": first["query_prompt"], "query_id": qid},
+    root = t.start_trace(qid, span_type="CHAIN", experiment_id=experiment_id, run_id=run_id,
+                              inputs={"query_id": qid, "prompt": first["query_prompt"]},
                               attributes={f"{ATTR}audit_id": audit_id, f"{ATTR}query_id": qid},
                               tags={AUDIT_TAG: audit_id, QUERY_TAG: qid})
     try:
         for row in group.sort("rank").iter_rows(named=True):
             tid = str(row["train_id"])
-            span = t.start_span(f"#{row['rank']} {tid}", trace_id=root.trace_id, parent_id=root.span_id,
+            text = texts.get(tid) or str(row["snippet"])
+            span = t.start_span(span_name(row["rank"], row["score"], text), trace_id=root.trace_id,
+                                     parent_id=root.span_id,
                                      span_type="RETRIEVER",
                                      inputs={"prompt": first["query_prompt"], "completion": first["query_completion"]},
                                      attributes=_candidate_attributes(row))
-            doc = {"id": tid, "page_content": texts.get(tid) or str(row["snippet"]),
+            doc = {"id": tid, "page_content": text,
                    "metadata": {"doc_uri": tid, "score": float(row["score"]), "rank": int(row["rank"])}}
             t.end_span(root.trace_id, span.span_id, outputs=[doc])
     finally:
@@ -181,6 +213,18 @@ class CulpritMark:
     reviewer: str
     comment: str
     updated_ms: int
+    span_id: str = ""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A ``culprit`` assessment that cannot be a decision, and why (``message`` names it and its reviewer)."""
+
+    trace_id: str
+    assessment_id: str
+    span_id: str | None  # where it sits (None: on the whole trace)
+    reason: str  # short: what is wrong and what to do
+    message: str  # one line for the terminal and the trace tag
 
 
 @dataclass(frozen=True)
@@ -188,8 +232,23 @@ class ReadMarks:
     """What :func:`read_culprit_assessments` found: the marks, the ones refused (with why) per trace."""
 
     marks: list[CulpritMark]
-    refused: dict[str, list[str]]  # trace id -> messages
+    refusals: list[Refusal]
     traces: list[Any]  # the audit's traces (MLflow Trace objects)
+
+    @property
+    def refused(self) -> dict[str, list[str]]:
+        """trace id -> the refusal messages of its marks."""
+        out: dict[str, list[str]] = {}
+        for r in self.refusals:
+            out.setdefault(r.trace_id, []).append(r.message)
+        return out
+
+
+def refusal(trace_id: str, assessment_id: str, span_id: str | None, who: str, reason: str) -> Refusal:
+    """A :class:`Refusal` with its one-line message."""
+    by = f" by {who}" if who else ""
+    return Refusal(trace_id, assessment_id, span_id, reason,
+                   f"culprit assessment {assessment_id}{by} not recorded: {reason}")
 
 
 _TRUE = {"true", "yes", "culprit", "1"}
@@ -230,7 +289,7 @@ def read_culprit_assessments(experiment_id: str, audit_id: str) -> ReadMarks:
     (not on a candidate's span, a value other than true / false / "unsure", no reviewer) is refused, with
     a message per trace."""
     marks: list[CulpritMark] = []
-    refused: dict[str, list[str]] = {}
+    refusals: list[Refusal] = []
     traces = audit_traces(experiment_id, audit_id, include_spans=True)
     for trace in traces:
         qid = trace.info.tags.get(QUERY_TAG)
@@ -243,32 +302,50 @@ def read_culprit_assessments(experiment_id: str, audit_id: str) -> ReadMarks:
             verdict = parse_culprit_value(value)
             why = None
             if a.span_id not in spans:
-                why = "it is on the whole trace, not on a candidate's span: add it on the candidate's span"
+                where = "the whole trace" if not a.span_id else "the query's span"
+                why = (f"it is on {where}, not on a candidate: select a candidate's span (#1, #2, ...) and add "
+                       "it there")
             elif verdict is None:
                 why = f"value {value!r} is not true, false or \"unsure\""
             elif not who or who == "default":
                 why = "it has no reviewer (source id)"
             if why is not None:
-                refused.setdefault(trace.info.trace_id, []).append(
-                    f"culprit assessment {a.assessment_id}{f' by {who}' if who else ''} not recorded: {why}")
+                refusals.append(refusal(trace.info.trace_id, a.assessment_id, a.span_id or None, who, why))
                 continue
             marks.append(CulpritMark(a.assessment_id, trace.info.trace_id, str(qid), spans[a.span_id], verdict,
-                                     who, a.rationale or "", int(a.last_update_time_ms or a.create_time_ms or 0)))
-    return ReadMarks(marks, refused, traces)
+                                     who, a.rationale or "", int(a.last_update_time_ms or a.create_time_ms or 0),
+                                     a.span_id))
+    return ReadMarks(marks, refusals, traces)
 
 
-def show_refusals(traces: Iterable[Any], refused: Mapping[str, list[str]]) -> None:
-    """Put each trace's refusal messages in its ``influence_audit.refused`` tag (cleared when none), so a
-    reviewer sees in the UI why a mark did not count."""
+def show_refusals(traces: Iterable[Any], refusals: Iterable[Refusal]) -> None:
+    """Answer refused marks where the reviewer looks: beside each one (same span, or the whole trace) a feedback
+    :data:`REFUSAL_NAME` whose value says why and what to do, and the trace's ``influence_audit.refused`` tag
+    with every reason. Both go once the mark is fixed or deleted; nothing is written twice."""
     from tasks.record.tracker import tracker
 
     t = tracker()
+    by_trace: dict[str, list[Refusal]] = {}
+    for r in refusals:
+        by_trace.setdefault(r.trace_id, []).append(r)
     for trace in traces:
         tid = trace.info.trace_id
-        msgs = refused.get(tid)
+        mine = by_trace.get(tid, [])
+        wanted = {r.assessment_id: r for r in mine}
+        for a in trace.info.assessments or []:  # our answers: keep the current ones, drop the stale
+            if a.name != REFUSAL_NAME:
+                continue
+            refused_id = (a.metadata or {}).get(REFUSES_KEY)
+            if refused_id in wanted and a.feedback is not None and a.feedback.value == wanted[refused_id].reason:
+                del wanted[refused_id]
+            else:
+                t.delete_assessment(tid, a.assessment_id)
+        for r in wanted.values():
+            t.log_feedback(trace_id=tid, span_id=r.span_id, name=REFUSAL_NAME, value=r.reason,
+                           rationale=r.message, source_id=PULL_SOURCE, metadata={REFUSES_KEY: r.assessment_id})
         current = trace.info.tags.get(REFUSED_TAG)
-        if msgs:
-            text = "; ".join(msgs)
+        if mine:
+            text = "; ".join(r.message for r in mine)
             text = text if len(text) <= _TAG_MAX else text[: _TAG_MAX - 3] + "..."
             if text != current:
                 t.set_trace_tag(tid, REFUSED_TAG, text)

@@ -49,6 +49,7 @@ __all__ = [
     "CANDIDATES_TABLE",
     "TABLE_COLUMNS",
     "Tracker",
+    "TrackingRefused",
     "TrackingUnavailable",
     "configure_tracking",
     "find_audit_run",
@@ -99,12 +100,35 @@ def _is_transient(exc: BaseException) -> bool:
     return False
 
 
+class TrackingRefused(UserError):
+    """The MLflow server (with authentication) refused this account: not logged in, or no permission."""
+
+
+_REFUSED_CODES = {"PERMISSION_DENIED": 403, "UNAUTHENTICATED": 401, "CUSTOMER_UNAUTHORIZED": 401}
+
+
+def _refused(what: str, exc: BaseException) -> TrackingRefused | None:
+    if not isinstance(exc, MlflowException) or exc.error_code not in _REFUSED_CODES:
+        return None
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if _REFUSED_CODES[exc.error_code] == 401:
+        return TrackingRefused(f"MLflow at {mlflow.get_tracking_uri()} refused the login "
+                               f"{'of ' + repr(user) if user else '(no user name set)'} ({what})",
+                               hint="set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to your MLflow account")
+    return TrackingRefused(f"MLflow at {mlflow.get_tracking_uri()}: user {user!r} has no permission to {what}",
+                           hint="ask an MLflow admin for a permission on the audit's experiment "
+                                "(docs/operations.md, 'Reviewers and permissions')")
+
+
 def _call(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run ``fn`` and retry connection errors with exponential backoff, then raise TrackingUnavailable."""
+    """Run ``fn`` and retry connection errors with exponential backoff, then raise TrackingUnavailable; a refusal
+    by an authenticating server (401, 403) is :class:`TrackingRefused` at once."""
     for attempt in range(len(_BACKOFF_S) + 1):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
+            if (refused := _refused(what, exc)) is not None:
+                raise refused from None
             if not _is_transient(exc):
                 raise
             if attempt == len(_BACKOFF_S):
@@ -489,6 +513,19 @@ class Tracker:
 
     def delete_trace_tag(self, trace_id: str, key: str) -> None:
         _call("untag trace", mlflow.delete_trace_tag, trace_id, key)
+
+    def log_feedback(self, *, trace_id: str, name: str, value: Any, source_id: str, span_id: str | None = None,
+                     rationale: str | None = None, metadata: Mapping[str, str] | None = None,
+                     human: bool = False) -> Any:
+        """A feedback assessment (source type CODE, or HUMAN with ``human``) on a trace or one of its spans."""
+        from mlflow.entities import AssessmentSource
+
+        source = AssessmentSource(source_type="HUMAN" if human else "CODE", source_id=source_id)
+        return _call("log feedback", mlflow.log_feedback, trace_id=trace_id, name=name, value=value,
+                     source=source, span_id=span_id, rationale=rationale, metadata=dict(metadata or {}) or None)
+
+    def delete_assessment(self, trace_id: str, assessment_id: str) -> None:
+        _call("delete assessment", mlflow.delete_assessment, trace_id=trace_id, assessment_id=assessment_id)
 
     # the model registry
     def model_version_by_alias(self, name: str, alias: str) -> str:

@@ -31,7 +31,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from influence_engine.atomic import atomic_path
 from influence_engine.errors import UserError
-from tasks.inputs.rows import content_hash
 from tasks.paths import resolve_home
 
 __all__ = [
@@ -42,7 +41,10 @@ __all__ = [
     "ReviewDecision",
     "ReviewInput",
     "ReviewInputError",
+    "FORM_TOP",
     "audit_summary",
+    "candidates_to_show",
+    "form_text",
     "check_review",
     "latest_verdicts",
     "list_audits",
@@ -207,6 +209,25 @@ def audit_summary(home: str | os.PathLike[str] | None, audit_id: str) -> dict[st
             "decisions": decisions, **_review_state(cands, decisions)}
 
 
+def candidates_to_show(summary: dict[str, Any], queries: Sequence[str] = (), rows: int = 10) -> pl.DataFrame:
+    """The candidates ``review show`` prints: of ``queries`` (all when empty), the top ``rows`` per query (all when
+    0), each with its latest ``verdict``, ``reviewer`` and ``comment`` (empty when undecided). UserError names an
+    unknown query id and the known ones."""
+    cands: pl.DataFrame = summary["candidates"]
+    known = cands["query_id"].unique().sort().to_list()
+    unknown = [q for q in queries if q not in known]
+    if unknown:
+        shown = ", ".join(known[:10]) + (f" (+{len(known) - 10} more)" if len(known) > 10 else "")
+        raise UserError(f"audit {summary['audit_id']} has no query {unknown[0]!r} (its queries: {shown})")
+    if queries:
+        cands = cands.filter(pl.col("query_id").is_in(list(queries)))
+    if rows > 0:
+        cands = cands.filter(pl.col("rank") <= rows)
+    latest = latest_verdicts(summary["decisions"]).select("query_id", "train_id", "verdict", "reviewer", "comment")
+    return cands.join(latest, on=["query_id", "train_id"], how="left").with_columns(
+        pl.col("verdict", "reviewer", "comment").fill_null("")).sort(["query_id", "rank"])
+
+
 # ------------------------------------------------------------------------------------------ input
 
 
@@ -289,6 +310,8 @@ def _append(path: Path, rows: pl.DataFrame) -> pl.DataFrame:
 
 
 def _content_hashes(audit_dir: Path, train_ids: Iterable[str]) -> dict[str, str]:
+    from tasks.inputs.rows import content_hash  # loads the engine (torch): only for audits with copied shards
+
     wanted = set(train_ids)
     out: dict[str, str] = {}
     for ids in sorted((audit_dir / "inputs").glob("ids-*.parquet")):  # the shard manifest's ids and hashes
@@ -369,6 +392,19 @@ def record_review_in_mlflow(home: str | os.PathLike[str] | None, audit_id: str, 
     return {"audit_id": audit_id, "run_id": run_id, **state}
 
 
+def refresh_forms(home: Path, audit_id: str) -> None:
+    """Refresh the audit's waiting Prefect forms (:func:`tasks.review.runs.refresh_review_forms`); a failure is
+    logged, never raised: the form is a view, the decisions are recorded without it."""
+    import logging
+
+    try:
+        from tasks.review.runs import refresh_review_forms
+
+        refresh_review_forms(audit_id, str(home))
+    except Exception as exc:  # noqa: BLE001 (Prefect unreachable, a run resumed meanwhile)
+        logging.getLogger(__name__).warning("review form of audit %s not refreshed: %s", audit_id, exc)
+
+
 def submit_review(home: str | os.PathLike[str] | None, audit_id: str, reviewer: str,
                   decisions: Sequence[ReviewDecision | dict[str, Any]], *,
                   tracking_uri: str | None = None) -> dict[str, Any]:
@@ -405,6 +441,7 @@ def submit_review(home: str | os.PathLike[str] | None, audit_id: str, reviewer: 
             raise UserError(f"decisions saved in {flagged}, but not yet on the MLflow run: {exc.message}",
                             hint=f"`influence-audit sync --audit {audit_id}` records them once MLflow is back"
                             ) from exc
+    refresh_forms(h, audit_id)
     return {"audit_id": audit_id, "run_id": run_id, **state, "submitted": rows.height,
             "flagged_path": str(flagged)}
 
@@ -459,17 +496,27 @@ def artifact_key(audit_id: str) -> str:
     return f"audit-{safe}-review-form"
 
 
+FORM_TOP = 3  # candidates per query shown above the Prefect form (the artifact has them all)
+
+
+def form_text(summary: dict[str, Any], *, message: str = "", top: int = FORM_TOP) -> str:
+    """What the Prefect form shows above its fields: the review status and the top ``top`` candidates per query
+    with their current verdicts."""
+    return review_markdown(summary, message=message, max_rank=top) + (
+        f"\n\nThe top {top} candidates of each query are shown; the full list is the artifact "
+        f"`{artifact_key(summary['audit_id'])}`.")
+
+
 @task(name="publish-review-form")
-def publish_review_form(home: str, audit_id: str, message: str = "", form_max_rank: int = 10) -> str:
+def publish_review_form(home: str, audit_id: str, message: str = "", form_top: int = FORM_TOP) -> str:
     """Render all candidates as a Prefect markdown artifact; returns the text shown above the input form
-    (the top ``form_max_rank`` candidates of each query)."""
+    (the top ``form_top`` candidates of each query)."""
     from prefect.artifacts import create_markdown_artifact
 
     summary = audit_summary(home, audit_id)
     create_markdown_artifact(key=artifact_key(audit_id), markdown=review_markdown(summary, message=message),
                              description=f"Review audit {audit_id}")
-    return review_markdown(summary, message=message, max_rank=form_max_rank) + (
-        f"\n\nThe full list is the artifact `{artifact_key(audit_id)}`.")
+    return form_text(summary, message=message, top=form_top)
 
 
 @task(name="check-review-input")

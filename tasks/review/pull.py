@@ -12,12 +12,19 @@ their trace ``influence_audit.refused`` with the reason, so nothing a reviewer m
 
 The rows are appended before the state file is rewritten: a crash in between makes the next pull append
 the same decisions again (harmless: the latest row per pair is unchanged), never lose one.
+
+A cheap watermark comes first where it pays (``if_changed``, the ``review-pull`` deployment every minute): one
+search of the audit's traces without their spans gives the ids, validity and update times of its ``culprit``
+assessments; when they hash to the watermark the last pull stored, nothing changed and nothing else is read
+(no spans, no candidates, no locks, no MLflow writes).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,7 +34,14 @@ from prefect import task
 
 from influence_engine.atomic import write_json_atomic
 from tasks.paths import resolve_home
-from tasks.record.traces import CulpritMark, read_culprit_assessments, show_refusals
+from tasks.record.traces import (
+    ASSESSMENT_NAME,
+    CulpritMark,
+    audit_traces,
+    read_culprit_assessments,
+    refusal,
+    show_refusals,
+)
 from tasks.review.decisions import (
     FLAGGED_FILE,
     FLAGGED_SCHEMA,
@@ -44,9 +58,10 @@ from tasks.review.decisions import (
     _tracking_uri,
     load_candidates,
     load_decisions,
+    refresh_forms,
 )
 
-__all__ = ["MARKS_FILE", "pull_review", "pull_reviews", "pull_reviews_task"]
+__all__ = ["MARKS_FILE", "marks_watermark", "pull_review", "pull_reviews", "pull_reviews_task"]
 
 MARKS_FILE = "mlflow_marks.json"
 _SEP = "\x1f"
@@ -56,11 +71,21 @@ def _marks_path(home: Path, audit_id: str) -> Path:
     return home / "audits" / audit_id / "review" / MARKS_FILE
 
 
-def _read_state(path: Path) -> dict[str, dict[str, Any]]:
+def _read_state(path: Path) -> dict[str, Any]:
     try:
-        return dict(json.loads(path.read_text(encoding="utf-8")).get("pairs") or {})
+        state = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return state if isinstance(state, dict) else {}
+
+
+def marks_watermark(traces: Iterable[Any]) -> str:
+    """A hash of the audit's traces and of their ``culprit`` assessments (id, validity, last update): it changes
+    whenever a mark is added, edited (overridden), deleted, or a trace is added."""
+    traces = list(traces)
+    marks = sorted((a.assessment_id, a.valid is not False, int(a.last_update_time_ms or a.create_time_ms or 0))
+                   for t in traces for a in (t.info.assessments or []) if a.name == ASSESSMENT_NAME)
+    return hashlib.sha256(json.dumps([sorted(t.info.trace_id for t in traces), marks]).encode()).hexdigest()[:32]
 
 
 def _effective(marks: list[CulpritMark]) -> dict[str, dict[str, Any]]:
@@ -114,69 +139,81 @@ def _frame(audit_id: str, audit_dir: Path, rows: list[dict[str, Any]]) -> pl.Dat
 
 
 def pull_review(home: str | os.PathLike[str] | None, audit_id: str, *,
-                tracking_uri: str | None = None) -> dict[str, Any]:
+                tracking_uri: str | None = None, if_changed: bool = False) -> dict[str, Any]:
     """Record the audit's current ``culprit`` assessments from MLflow as decisions (see the module docstring).
 
     Returns audit_id, run_id, traces (how many the audit has), marks (current assessments), recorded
     (decision rows appended), retracted (of those, retractions), refused (messages), and the review state
-    (status, counts, decided, undecided, reviewers), as ``review submit`` does.
+    (status, counts, decided, undecided, reviewers), as ``review submit`` does. With ``if_changed``, an audit
+    whose marks match the last pull's watermark returns at once: audit_id, run_id, ``unchanged: True``,
+    recorded 0, refused [].
     """
     from tasks.record.tracker import configure_tracking, tracker
 
     h = resolve_home(home)
     manifest = _manifest(h, audit_id)
     audit_dir = h / "audits" / audit_id
-    cands = load_candidates(h, audit_id)
     run_id = _run_id(manifest, audit_id)
     configure_tracking(_tracking_uri(manifest, tracking_uri), h)
-    experiment_id = tracker().experiment_of(run_id)
+    state_path = _marks_path(h, audit_id)
+    before = _read_state(state_path)
+    known_exp = before.get("experiment_id") if before.get("run_id") == run_id else None
+    experiment_id = str(known_exp or tracker().experiment_of(run_id))
+    if if_changed:
+        if before.get("watermark") and before.get("watermark") == marks_watermark(
+                audit_traces(experiment_id, audit_id)):
+            return {"audit_id": audit_id, "run_id": run_id, "unchanged": True, "recorded": 0, "retracted": 0,
+                    "refused": []}
+    cands = load_candidates(h, audit_id)
     read = read_culprit_assessments(experiment_id, audit_id)
     known = set(zip(cands["query_id"].to_list(), cands["train_id"].to_list(), strict=True))
-    marks, refused = [], {k: list(v) for k, v in read.refused.items()}
+    marks, refusals = [], list(read.refusals)
     for m in read.marks:
         if (m.query_id, m.train_id) in known:
             marks.append(m)
         else:
-            refused.setdefault(m.trace_id, []).append(
-                f"culprit assessment {m.assessment_id} by {m.reviewer} not recorded: {m.query_id}:{m.train_id} "
-                f"is not a candidate of audit {audit_id}")
+            refusals.append(refusal(m.trace_id, m.assessment_id, m.span_id or None, m.reviewer,
+                                    f"{m.query_id}:{m.train_id} is not a candidate of audit {audit_id}"))
     now = _effective(marks)
-    state_path = _marks_path(h, audit_id)
     flagged = h / FLAGGED_FILE
     with _locked(_decisions_path(h, audit_id)):
         decisions = load_decisions(h, audit_id)
-        rows = _changes(_read_state(state_path), now, decisions)
+        rows = _changes(dict(_read_state(state_path).get("pairs") or {}), now, decisions)  # again, locked
         if rows:
             frame = _frame(audit_id, audit_dir, rows)
             with _locked(flagged):
                 decisions = _append(_decisions_path(h, audit_id), frame)
                 _append(flagged, frame)
-        write_json_atomic(state_path, {"audit_id": audit_id, "run_id": run_id, "pairs": now})
+        write_json_atomic(state_path, {"audit_id": audit_id, "run_id": run_id, "experiment_id": experiment_id,
+                                       "pairs": now,
+                                       "watermark": marks_watermark(read.traces)})
         state = _review_state(cands, decisions)
         if rows:
             _record(run_id, decisions, state)
-    show_refusals(read.traces, refused)
-    messages = [msg for msgs in refused.values() for msg in msgs]
+    show_refusals(read.traces, refusals)
+    if rows:
+        refresh_forms(h, audit_id)
+    messages = [r.message for r in refusals]
     return {"audit_id": audit_id, "run_id": run_id, "traces": len(read.traces), "marks": len(marks),
             "recorded": len(rows), "retracted": sum(r["verdict"] == RETRACTED for r in rows), "refused": messages,
             "flagged_path": str(flagged), **state}
 
 
 def pull_reviews(home: str | os.PathLike[str] | None, *, tracking_uri: str | None = None,
-                 audit_id: str | None = None) -> list[dict[str, Any]]:
+                 audit_id: str | None = None, if_changed: bool = False) -> list[dict[str, Any]]:
     """:func:`pull_review` for ``audit_id``, else for every succeeded audit with an MLflow run; an audit that
     fails to pull (MLflow unreachable, run deleted) gets ``{"audit_id", "error"}`` and the others go on."""
     from influence_engine.errors import UserError
 
     h = resolve_home(home)
     if audit_id is not None:
-        return [pull_review(h, audit_id, tracking_uri=tracking_uri)]
+        return [pull_review(h, audit_id, tracking_uri=tracking_uri, if_changed=if_changed)]
     out: list[dict[str, Any]] = []
     for aid, manifest in _manifests(h).items():
         if manifest.get("status") != "succeeded" or not manifest.get("mlflow_run_id"):
             continue
         try:
-            out.append(pull_review(h, aid, tracking_uri=tracking_uri))
+            out.append(pull_review(h, aid, tracking_uri=tracking_uri, if_changed=if_changed))
         except UserError as exc:
             out.append({"audit_id": aid, "error": str(exc)})
     return out
@@ -184,6 +221,7 @@ def pull_reviews(home: str | os.PathLike[str] | None, *, tracking_uri: str | Non
 
 @task(name="pull-review")
 def pull_reviews_task(home: str | None = None, audit_id: str | None = None,
-                      tracking_uri: str | None = None) -> list[dict[str, Any]]:
-    """:func:`pull_reviews` as a Prefect task (the ``review-pull`` deployment and the end of an audit)."""
-    return pull_reviews(home, tracking_uri=tracking_uri, audit_id=audit_id)
+                      tracking_uri: str | None = None, if_changed: bool = True) -> list[dict[str, Any]]:
+    """:func:`pull_reviews` as a Prefect task (the ``review-pull`` deployment): audits whose marks did not change
+    since the last pull are skipped after one cheap search."""
+    return pull_reviews(home, tracking_uri=tracking_uri, audit_id=audit_id, if_changed=if_changed)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["REVIEW_DEPLOYMENT", "open_review_form", "waiting_review_runs"]
+__all__ = ["REVIEW_DEPLOYMENT", "open_review_form", "refresh_review_forms", "waiting_review_runs"]
 
 REVIEW_DEPLOYMENT = "review_audit/review"
 _WAITING = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED")
@@ -35,13 +35,64 @@ def waiting_review_runs(client: Any, deployment_id: Any, audit_id: str) -> list[
     return [r for r in runs if (r.parameters or {}).get("audit_id") == audit_id]
 
 
+def _no_server() -> bool:
+    if os.environ.get("PREFECT_API_URL"):
+        return False
+    from prefect.settings import PREFECT_API_URL
+
+    return not PREFECT_API_URL.value()
+
+
+def refresh_review_forms(audit_id: str, home: str) -> int:
+    """Bring the form of the audit's waiting review runs up to date with the decisions on disk (after a pull or a
+    terminal submission): the text above the form fields (status, counts, the top candidates with their current
+    verdicts) and the artifact with the full list. Returns how many waiting runs were refreshed (0 without a
+    Prefect server, the deployment, or a waiting run)."""
+    if _no_server():
+        return 0
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.exceptions import ObjectNotFound
+    from prefect.input.actions import create_flow_run_input, delete_flow_run_input
+    from prefect.input.run_input import keyset_from_paused_state
+
+    from tasks.review.decisions import FORM_TOP, artifact_key, audit_summary, form_text, review_markdown
+
+    with get_client(sync_client=True) as client:  # suspended (deployed) and paused (direct) runs alike
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[REVIEW_DEPLOYMENT.split("/")[0]])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[StateType.PAUSED]))))
+    waiting = [r for r in runs if (r.parameters or {}).get("audit_id") == audit_id and r.state is not None
+               and r.state.state_details.run_input_keyset]
+    if not waiting:
+        return 0
+    summary = audit_summary(home, audit_id)
+    create_markdown_artifact(key=artifact_key(audit_id), markdown=review_markdown(summary),
+                             description=f"Review audit {audit_id}")
+    for run in waiting:
+        keyset = keyset_from_paused_state(run.state)
+        text = form_text(summary, top=int((run.parameters or {}).get("form_top") or FORM_TOP))
+        try:
+            delete_flow_run_input(key=keyset["description"], flow_run_id=run.id)
+        except ObjectNotFound:
+            pass
+        create_flow_run_input(key=keyset["description"], value=text, flow_run_id=run.id)
+    return len(waiting)
+
+
 def open_review_form(audit_id: str, home: str) -> str:
     """Start (or find) the audit's review run; returns one line saying which, or why there is none."""
-    if not os.environ.get("PREFECT_API_URL"):
-        from prefect.settings import PREFECT_API_URL
-
-        if not PREFECT_API_URL.value():
-            return "no Prefect server configured (PREFECT_API_URL): no Prefect-form review"
+    if _no_server():
+        return "no Prefect server configured (PREFECT_API_URL): no Prefect-form review"
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound

@@ -290,7 +290,7 @@ def test_disk_full_parquet_json_safetensors(tmp_path, monkeypatch):
 
     monkeypatch.setattr(factors_mod, "save_file", enospc_safetensors)
     with pytest.raises(UserError, match="disk full"):
-        factors_mod._save_tensors(tmp_path / "f.safetensors", {"x": torch.zeros(3)}, {})
+        factors_mod.save_tensors(tmp_path / "f.safetensors", {"x": torch.zeros(3)}, {})
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     COUNTS["faults injected"] += 3
 

@@ -110,8 +110,15 @@ def test_cli_score_in_one_pass_equals_three_passes(tmp_path, monkeypatch, capsys
         frames.append(pl.read_parquet(out).sort("query_id", "train_id"))
     assert "one pass" in logs[0] and "one pass" not in logs[1]
     assert frames[0].select("query_id", "train_id").equals(frames[1].select("query_id", "train_id"))
-    np.testing.assert_allclose(frames[0]["score"].to_numpy(), frames[1]["score"].to_numpy(), rtol=1e-4,
-                               atol=1e-6 * float(np.abs(frames[1]["score"].to_numpy()).max()))
+    # The two modes sum the same products in another order; at the default relative damping (auto:1e-4) the
+    # smallest eigendirections amplify fp32 rounding, so scores near zero move by ~1e-6 of the query's largest
+    # |score| (seen: 2.8e-4 on a query whose largest is 173). 1e-5 of each query's largest keeps a 6x margin and
+    # still fails on any real difference between the modes.
+    for (q,), one in frames[0].group_by(["query_id"]):
+        three = frames[1].filter(pl.col("query_id") == q)
+        scale = float(np.abs(three["score"].to_numpy()).max())
+        np.testing.assert_allclose(one["score"].to_numpy(), three["score"].to_numpy(), rtol=0, atol=1e-5 * scale,
+                                   err_msg=f"query {q}")
 
 
 def test_out_of_memory_in_the_second_backward_loses_nothing(setup, monkeypatch):

@@ -15,8 +15,8 @@ from helpers import random_examples, tiny_gpt2
 from reliability_support import build_model, corpus, queries, write_jsonl
 
 from influence_engine import InfluenceEngine, ModelError, UserError
-from influence_engine.engine import load_pretrained
 from influence_engine.layers import layer_spec, select_layers
+from influence_engine.models import load_pretrained
 from influence_engine.plan import make_plan, meta_model, model_shape
 
 GIB = 2**30
@@ -64,6 +64,37 @@ def test_factors_over_groups_of_layers_equal_one_pass_and_one_layer_too_large_is
     np.testing.assert_allclose(scores[1], scores[0], rtol=1e-12)
     with pytest.raises(UserError, match=r"layer transformer\.h\.0\.mlp\.c_proj needs .* budget is 1000 B"):
         InfluenceEngine(tiny_gpt2(), None, layers="all", precision="fp64", device_memory_budget=1000)
+
+
+def test_one_group_per_call_joins_into_the_grouped_fit_exactly():
+    """What a worker fitting one group of layers makes (``layers=``), joined with the other groups' and merged per
+    group over two shards in shard order, is exactly the grouped fit of one process (the same sums in the same
+    order); joining refuses overlapping groups and groups over different documents."""
+    from influence_engine import CovariancePartial, FactorMismatchError, eigendecompose, merge, merge_groups
+
+    docs = random_examples(8)
+    halves = [docs[:4], docs[4:]]
+    eng = InfluenceEngine(tiny_gpt2(), None, layers="all", precision="fp64", device_memory_budget=18_000)
+    groups = [list(g) for g in eng.layer_groups()]
+    assert len(groups) > 2
+    whole = merge(eng.fit_covariance(h) for h in halves)
+    parts = [eng.fit_covariance(h, layers=g) for h in halves for g in groups]  # shard-major, as the flow maps
+    assert list(parts[0].specs) == groups[0]
+    joined = merge_groups(parts)
+    assert list(joined.specs) == list(eng.specs) and (joined.n_tokens, joined.n_docs) == (whole.n_tokens, 8)
+    for n in eng.specs:
+        assert torch.equal(joined.A[n], whole.A[n]) and torch.equal(joined.S[n], whole.S[n])
+    basis = eigendecompose(whole)
+    lam_whole = merge(eng.fit_lambda(h, basis) for h in halves)
+    lam = merge_groups(eng.fit_lambda(h, basis, layers=g) for g in groups for h in halves)  # group-major too
+    assert list(lam.specs) == list(eng.specs) and lam.n_docs == 8
+    assert all(torch.equal(lam.sums[n], lam_whole.sums[n]) for n in eng.specs)
+    with pytest.raises(FactorMismatchError, match="overlap"):
+        CovariancePartial.join([parts[0], parts[0]])
+    with pytest.raises(FactorMismatchError, match="different documents"):
+        CovariancePartial.join([parts[0], eng.fit_covariance(docs, layers=groups[1])])
+    with pytest.raises(UserError, match="not tracked"):
+        eng.fit_covariance(docs, layers=["nope"])
 
 
 def test_presets_mean_the_same_on_every_family():

@@ -81,3 +81,25 @@ def test_mixture_of_experts_signals_add_up_over_positions():
         assert s.self_influence == pytest.approx(plain[d.id], rel=1e-9)
         assert s.token_self_influence.sum() == pytest.approx(s.self_influence, rel=1e-10)
         assert s.loss == pytest.approx(_model_loss(model, d)[0], rel=1e-12)
+
+
+@pytest.mark.parametrize("make_model", [tiny_gpt2, tiny_llama], ids=["gpt2-conv1d", "llama-linear"])
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
+def test_rotating_tokens_equals_preconditioning_the_document_gradient(make_model, strategy, monkeypatch):
+    """The per-token rotation (rotate each token's vectors, scale, never rotate back) against the whole-gradient
+    path (rotate G, scale, rotate back): the same self-influence per token position, at fp64."""
+    from influence_engine.quality import DocumentSignalAccumulator
+
+    model = make_model(seed=3)
+    eng = fp64_engine(model, batch_size=4)
+    docs = random_examples(6, seed=8) + random_examples(3, prefix="p", prompt=True, seed=9)
+    factors = eng.fit_factors(docs, strategy)
+    runs = {}
+    for rotate in (True, False):
+        monkeypatch.setattr(DocumentSignalAccumulator, "token_rotation", rotate)
+        runs[rotate] = eng.document_signals(docs, factors)
+    for x, y in zip(runs[True], runs[False], strict=True):
+        assert x.self_influence == pytest.approx(y.self_influence, rel=1e-12)
+        np.testing.assert_allclose(x.token_self_influence, y.token_self_influence, rtol=1e-10,
+                                   atol=1e-12 * abs(y.self_influence))
+        np.testing.assert_array_equal(x.token_loss, y.token_loss)

@@ -101,7 +101,7 @@ def test_evaluate_reads_kronfluence_files_and_logs_lds(verified_audit, demo_data
 
 def test_verify_command_rechecks_an_audit(verified_audit):
     home, result = verified_audit
-    r = _cli("verify", "--audit", result["audit_id"], "--k", "2", "--verify-optimizer", "sgd", home=home)
+    r = _cli("verify", "--audit", result["audit_id"], "--verify", "2", "--verify-optimizer", "sgd", home=home)
     assert r.returncode == 0, r.stderr
     assert "verified_at_10" in r.stdout
     summary = json.loads((Path(result["audit_dir"]) / "verification.json").read_text())

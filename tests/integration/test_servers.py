@@ -271,6 +271,7 @@ def test_retrain_event_and_registry_webhook_trigger_audits(servers: Servers, tin
     prefect = str(BIN / "prefect")
     t = time.monotonic()
     _run([prefect, "work-pool", "create", "influence-cpu", "--type", "process", "--overwrite"], env)
+    _run([prefect, "work-pool", "create", "influence-review", "--type", "process", "--overwrite"], env)
     _run([prefect, "--no-prompt", "deploy", "--all"], env)
     print(f"\nwork pool + deploy --all: {time.monotonic() - t:.1f} s")
 

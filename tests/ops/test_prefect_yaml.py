@@ -140,7 +140,9 @@ def test_pull_step_sets_the_working_directory() -> None:
 
 
 def test_review_deployments(deployments: dict[str, dict[str, Any]]) -> None:
-    """`review` (the Prefect-form review each audit starts, by this name) and `review-pull` (every few minutes)."""
+    """`review` (the Prefect-form review each audit starts, by this name) and `review-pull` (every minute), in a
+    pool of their own (never queued behind an audit), the pull one run at a time (a due run while one is going is
+    cancelled, not queued)."""
     import importlib
     import inspect
 
@@ -152,10 +154,63 @@ def test_review_deployments(deployments: dict[str, dict[str, Any]]) -> None:
     for d in (review, pull):
         path, name = d["entrypoint"].split(":")
         fl = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
-        assert d["work_pool"]["name"] == "influence-cpu"
+        assert d["work_pool"]["name"] == "influence-review"
         if d is review:
             assert REVIEW_DEPLOYMENT == f"{fl.name}/review"
             assert "audit_id" in inspect.signature(fl.fn).parameters
     assert "schedules" not in review
     (spec,) = pull["schedules"]
-    assert IntervalSchedule(interval=spec["interval"]).interval.total_seconds() <= 600
+    assert IntervalSchedule(interval=spec["interval"]).interval.total_seconds() == 60
+    audit_pools = {d["work_pool"]["name"] for n, d in deployments.items() if n not in ("review", "review-pull")}
+    assert audit_pools == {"influence-cpu"}  # no audit shares the review pool
+    from prefect.cli.deploy._models import DeploymentConfig
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    limit = ConcurrencyLimitConfig.model_validate(pull["concurrency_limit"])
+    assert (limit.limit, limit.collision_strategy) == (1, ConcurrencyLimitStrategy.CANCEL_NEW)
+    DeploymentConfig.model_validate({k: v for k, v in pull.items()})  # as `prefect deploy` reads it
+
+
+def test_gpu_pool_example_renders_one_pinned_worker_per_requested_gpu(monkeypatch: pytest.MonkeyPatch,
+                                                                      model: str) -> None:
+    """deploy/prefect-gpu.yaml: its job variables, rendered through the process work pool's own base job template,
+    give the flow run CUDA_VISIBLE_DEVICES for the requested GPUs; the flow's `--dask local` then starts one worker
+    per GPU, worker i pinned to device i; the trigger's parameters are valid for the flow."""
+    import asyncio
+    import importlib
+    import inspect
+
+    from prefect.events import DeploymentTriggerTypes
+    from prefect.utilities.templating import apply_values
+    from prefect.workers.process import ProcessJobConfiguration, ProcessWorker
+
+    from flows.runners import local_cluster, visible_devices
+    from tasks.options import AuditParams
+
+    for k, v in (ENV | {"INFLUENCE_AUDIT_GPUS": "0,1,2,3,4,5,6,7"}).items():
+        monkeypatch.setenv(k, v)
+    doc = yaml.safe_load((REPO / "deploy" / "prefect-gpu.yaml").read_text())
+    (d,) = [apply_values(x, {}, remove_notset=False) for x in doc["deployments"]]
+    path, name = d["entrypoint"].split(":")
+    fl = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
+    assert list(inspect.signature(fl.fn).parameters) == ["params", "dask"]
+    assert d["parameters"]["dask"] == "local"
+    params = AuditParams.model_validate(d["parameters"]["params"])
+    assert params.model == ENV["INFLUENCE_AUDIT_MODEL"] and params.device == "auto" and params.use_index
+
+    pool = d["work_pool"]
+    assert pool["name"] == "influence-gpu"
+    job = ProcessJobConfiguration.from_template_and_values(ProcessWorker.get_default_base_job_template(),
+                                                           pool["job_variables"])
+    if inspect.isawaitable(job):
+        job = asyncio.run(job)
+    env = job.env
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7" and env["HF_HUB_OFFLINE"] == "1"
+    cls, kwargs = local_cluster(None, visible_devices(env))
+    assert cls == "flows.dask_cluster.PinnedLocalCluster" and kwargs["n_workers"] == 8
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in kwargs["worker_envs"]] == [str(i) for i in range(8)]
+
+    (spec,) = d["triggers"]
+    trigger = TypeAdapter(DeploymentTriggerTypes).validate_python(spec)
+    rendered = _render(trigger.parameters or {}, model)
+    assert AuditParams.model_validate(rendered["params"]).model == model and rendered["dask"] == "local"

@@ -43,7 +43,7 @@ def test_quality_mode_is_recorded_in_mlflow_and_opens_review(quality_run):
     tags, metrics = run.data.tags, run.data.metrics
     assert run.info.status == "FINISHED"
     assert (tags["audit.status"], tags["validation.status"], tags["review.status"]) == ("succeeded", "passed", "open")
-    assert metrics["documents"] == len(rows) and metrics["flagged_near_duplicate"] == 2
+    assert metrics["documents"] == len(rows) and metrics["flagged_near_duplicate"] == 1  # the copy; the first kept
     assert metrics["flagged_low_quality"] >= 1 and metrics["seconds_quality_signals"] > 0
     artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
     assert {"candidates.json", "quality_report.json", "quality_report.parquet", "hot_spots.parquet", "report.html",
@@ -56,7 +56,8 @@ def test_quality_mode_is_recorded_in_mlflow_and_opens_review(quality_run):
                                                       str(home / "dl"))).read_text())
     assert len(table["data"]) == len(rows) and {"id", "near_duplicate", "reason"} <= set(table["columns"])
     report = pl.read_parquet(result["report"])
-    assert set(report.filter(pl.col("near_duplicate"))["id"]) == {COPY_ID, rows[3]["id"]}  # across shards
+    assert set(report.filter(pl.col("near_duplicate"))["id"]) == {COPY_ID}  # a copy of a document in another shard
+    assert set(report.filter(pl.col("duplicate_group") == rows[3]["id"])["id"]) == {COPY_ID, rows[3]["id"]}
     assert report.filter(pl.col("id") == GIBBERISH_ID)["low_quality"].item()
     html = (Path(result["audit_dir"]) / "report.html").read_text()
     assert "near_duplicate issues" in html and COPY_ID in html
@@ -89,7 +90,7 @@ def test_sync_records_a_quality_audit_in_another_store(quality_run):
     assert outcome.action == "recorded" and outcome.run_id != result["run_id"]
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(outcome.run_id)
-    assert run.data.tags["audit.status"] == "succeeded" and run.data.metrics["flagged_near_duplicate"] == 2
+    assert run.data.tags["audit.status"] == "succeeded" and run.data.metrics["flagged_near_duplicate"] == 1
     assert {"quality_report.json", "candidates.json", "report.html"} <= {a.path for a in
                                                                            client.list_artifacts(outcome.run_id)}
 

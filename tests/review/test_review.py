@@ -379,6 +379,24 @@ def test_review_flow_pause_resume(audit: Audit) -> None:
                 assert _flow_run(audit, name).state.id == run.state.id
             assert _snapshot(audit) == before
 
+            # decisions recorded elsewhere meanwhile (the terminal; a pull does the same) show in the waiting form
+            from prefect.input.actions import read_flow_run_input
+            from prefect.input.run_input import keyset_from_paused_state
+
+            from tasks.review.decisions import audit_summary, submit_review
+
+            desc = read_flow_run_input(keyset_from_paused_state(run.state)["description"], flow_run_id=run.id)
+            decided = audit_summary(audit.home, audit.audit_id)["decided"]
+            assert f"({decided} decided," in desc and "The top 3 candidates of each query are shown" in desc
+            assert desc.count("| 4 | `") == 0 and desc.count("| 3 | `") == audit.candidates["query_id"].n_unique()
+            q2, t2 = _pair(audit, 1)
+            submit_review(audit.home, audit.audit_id, "gil", [{"query_id": q2, "train_id": t2,
+                                                               "verdict": "not-culprit"}])
+            desc = read_flow_run_input(keyset_from_paused_state(run.state)["description"], flow_run_id=run.id)
+            after = audit_summary(audit.home, audit.audit_id)["decided"]
+            assert f"({after} decided," in desc and "| not-culprit (gil) |" in desc, desc[:600]
+            before = _snapshot(audit)
+
             # schema-valid but not a candidate: accepted by Prefect, refused by the flow, paused again
             resume_flow_run(run.id, run_input={"reviewer": "flo", "decisions": [
                 {"query_id": q, "train_id": "doc-not-a-candidate", "verdict": "culprit"}]})
@@ -435,3 +453,35 @@ def test_all_candidates_decided_is_done(audit: Audit) -> None:
     from tasks.review.decisions import list_audits
 
     assert list_audits(audit.home)[0]["review_status"] == "done"
+
+
+def test_a_quality_audit_starts_its_prefect_form_review_too(prefect_api, tmp_path) -> None:
+    """Every audit kind ends by starting the `review` deployment's run for its audit id (here: a quality audit's
+    hand-off, against a real Prefect server with the deployment)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.review import review_audit
+    from tasks.inputs.shards import Inputs
+    from tasks.options import AuditParams
+    from tasks.quality.stages import open_quality_review
+    from tasks.review.runs import REVIEW_DEPLOYMENT
+
+    audit_id = f"qa-{uuid.uuid4().hex[:8]}"
+    audit_dir = tmp_path / "home" / "audits" / audit_id
+    audit_dir.mkdir(parents=True)
+    pl.DataFrame({"query_id": ["outlier"], "query_prompt": ["outliers"], "query_completion": ["1 flagged"],
+                  "train_id": ["doc-1"], "score": [3.2], "rank": [1], "snippet": ["[far] text"]}).write_parquet(
+        audit_dir / "candidates.parquet")
+    ins = Inputs(audit_id, str(audit_dir), "", "", "", "", [], 1, 10, 0, "", 0)
+    params = AuditParams(mode="quality", model="unused", train=["unused"])
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
+        with get_client(sync_client=True) as client:
+            client.create_work_pool(WorkPoolCreate(name="influence-review", type="process"))
+        review_audit.to_deployment(name="review", work_pool_name="influence-review").apply()
+        open_quality_review(params, ins, "run-x", str(audit_dir / "candidates.parquet"))
+        with get_client(sync_client=True) as client:
+            dep = client.read_deployment_by_name(REVIEW_DEPLOYMENT)
+            runs = [r for r in client.read_flow_runs() if r.deployment_id == dep.id]
+    assert [(r.parameters["audit_id"], r.parameters["home"]) for r in runs] == [(audit_id, str(tmp_path / "home"))]

@@ -22,7 +22,16 @@ from mlflow.entities import AssessmentSource, AssessmentSourceType
 from test_report import make_candidates
 
 from influence_engine.errors import UserError
-from tasks.record.traces import AUDIT_TAG, QUERY_TAG, REFUSED_TAG, audit_traces, parse_culprit_value, record_traces
+from tasks.record.traces import (
+    AUDIT_TAG,
+    QUERY_TAG,
+    REFUSAL_NAME,
+    REFUSED_TAG,
+    audit_traces,
+    parse_culprit_value,
+    record_traces,
+    span_name,
+)
 from tasks.record.tracker import configure_tracking, finish_audit_run, start_audit_run
 from tasks.review.decisions import latest_verdicts, load_decisions, submit_review
 from tasks.review.pull import pull_review, pull_reviews
@@ -113,6 +122,8 @@ def test_one_trace_per_query_with_a_span_per_candidate(home: Path, audit) -> Non
         qid = t.info.tags[QUERY_TAG]
         root = next(s for s in t.data.spans if s.parent_id is None)
         rows = cands.filter(pl.col("query_id") == qid).sort("rank")
+        assert root.name == qid and t.info.tags["mlflow.traceName"] == qid  # findable by its id alone
+        assert list(root.inputs) == ["query_id", "prompt"]  # the id first: the request column shows it whole
         assert root.inputs["prompt"] == rows["query_prompt"][0]
         assert root.outputs == {"completion": rows["query_completion"][0]}
         children = sorted((s for s in t.data.spans if s.parent_id == root.span_id),
@@ -128,7 +139,19 @@ def test_one_trace_per_query_with_a_span_per_candidate(home: Path, audit) -> Non
             else:
                 assert "influence_audit.layer_scores" not in a
             assert s.outputs[0]["page_content"] == text_of(r["train_id"])
-            assert s.name == f"#{r['rank']} {r['train_id']}"
+            assert s.name == span_name(r["rank"], r["score"], text_of(r["train_id"]))
+    names = [s.name for t in traces if t.info.tags[QUERY_TAG] == "q2" for s in t.data.spans if s.parent_id]
+    assert sorted(names) == ['#1 · 1.5 · "full text of doc-d, longer than its sni…"',
+                             '#2 · 0.2 · "full text of doc-e, longer than its sni…"',
+                             '#3 · 0.05 · "full text of doc-f, longer than its sni…"']
+
+
+def test_span_names_read_as_a_ranked_list() -> None:
+    assert span_name(2, 34.71, "Dromdrai  Grixrurn\nwas born in Batrind in 1871.") == \
+        '#2 · 34.7 · "Dromdrai Grixrurn was born in Batrind i…"'
+    assert span_name(10, -0.004123, "short") == '#10 · -0.00412 · "short"'
+    assert span_name(1, 12345.6, "x" * 40) == f'#1 · 12346 · "{"x" * 40}"'  # 40 fit: not cut
+    assert span_name(1, 2.5e7, "x" * 41) == f'#1 · 2.5e+07 · "{"x" * 39}…"'
 
 
 def test_recording_again_adds_no_trace(home: Path, audit) -> None:
@@ -214,13 +237,37 @@ def test_marks_that_cannot_be_decisions_are_refused_with_a_message(home: Path, a
     mlflow.log_feedback(trace_id=trace_id, name="culprit", value=True,  # on the trace, not on a span
                         source=AssessmentSource(source_type="HUMAN", source_id="bob"))
     mlflow.log_feedback(trace_id=trace_id, name="relevance", value=0.2)  # another assessment: not ours
+    root = next(s.span_id for t in audit_traces(_exp(run_id), audit_id, include_spans=True)
+                if t.info.tags[QUERY_TAG] == "q1" for s in t.data.spans if s.parent_id is None)
+    on_root = mlflow.log_feedback(trace_id=_span(run_id, audit_id, "q1", "doc-a")[0], name="culprit", value=True,
+                                  span_id=root, source=AssessmentSource(source_type="HUMAN", source_id="cat"))
     r = pull_review(home, audit_id)
-    assert r["recorded"] == 0 and len(r["refused"]) == 2, r["refused"]
+    assert r["recorded"] == 0 and len(r["refused"]) == 3, r["refused"]
     assert any("'maybe' is not true, false" in m and "by ann" in m for m in r["refused"])
-    assert any("not on a candidate's span" in m for m in r["refused"])
+    assert any("by bob not recorded: it is on the whole trace, not on a candidate" in m for m in r["refused"])
+    assert any("by cat not recorded: it is on the query's span, not on a candidate" in m for m in r["refused"])
     tags = {t.info.tags[QUERY_TAG]: t.info.tags.get(REFUSED_TAG) for t in audit_traces(_exp(run_id), audit_id)}
-    assert "maybe" in tags["q1"] and "candidate's span" in tags["q2"]
+    assert "maybe" in tags["q1"] and "the query's span" in tags["q1"] and "the whole trace" in tags["q2"]
     assert not (home / "audits" / audit_id / "review" / "decisions.parquet").exists()
+
+    # answered where the reviewer looks: beside each refused mark (same span), a feedback saying why
+    def answers() -> dict[str | None, tuple[str | None, str]]:
+        return {(a.metadata or {}).get("influence_audit.refuses"): (a.span_id, a.feedback.value)
+                for t in audit_traces(_exp(run_id), audit_id) for a in t.info.assessments
+                if a.name == REFUSAL_NAME and a.valid is not False}
+
+    got = answers()
+    assert got[on_root.assessment_id] == (root, "it is on the query's span, not on a candidate: select a "
+                                                "candidate's span (#1, #2, ...) and add it there")
+    assert len(got) == 3 and sum(span is None for span, _ in got.values()) == 1  # bob's: on the whole trace
+    assert all(a.source.source_type == "CODE" for t in audit_traces(_exp(run_id), audit_id)
+               for a in t.info.assessments if a.name == REFUSAL_NAME)
+    pull_review(home, audit_id)
+    assert answers() == got  # a second pull writes nothing twice
+    # fixed (the wrong mark deleted): its answer goes, the others stay
+    mlflow.delete_assessment(trace_id=on_root.trace_id, assessment_id=on_root.assessment_id)
+    pull_review(home, audit_id)
+    assert set(answers()) == set(got) - {on_root.assessment_id}
 
 
 def test_pull_all_reports_each_audit(home: Path, audit) -> None:
@@ -251,3 +298,63 @@ def test_ui_prints_whole_addresses_of_the_run_and_its_traces(home: Path, audit) 
     for qid, tid in traces.items():
         assert f"  query {qid}: http://127.0.0.1:5123/#/experiments/{exp}/traces?selectedEvaluationId={tid}" in lines
     assert lines[-1] == f"Then record the marks: influence-audit review pull {audit_id}"
+
+
+def test_a_pull_when_nothing_changed_stops_at_the_watermark(home: Path, audit) -> None:
+    audit_id, run_id, _ = audit
+    first = pull_review(home, audit_id, if_changed=True)  # no watermark yet: a whole pull
+    assert "unchanged" not in first and first["recorded"] == 0
+    cands = home / "audits" / audit_id / "candidates.parquet"
+    hidden = cands.with_name("hidden.parquet")
+    cands.rename(hidden)  # the cheap path reads no candidates (nor spans, nor decisions)
+    try:
+        assert pull_review(home, audit_id, if_changed=True) == {
+            "audit_id": audit_id, "run_id": run_id, "unchanged": True, "recorded": 0, "retracted": 0, "refused": []}
+    finally:
+        hidden.rename(cands)
+    a = mark(run_id, audit_id, "q1", "doc-a", True, "ann")  # a new mark moves the watermark
+    assert pull_review(home, audit_id, if_changed=True)["recorded"] == 1
+    assert pull_review(home, audit_id, if_changed=True)["unchanged"] is True
+    mlflow.override_feedback(trace_id=a.trace_id, assessment_id=a.assessment_id, value=False,  # an edit
+                             source=AssessmentSource(source_type="HUMAN", source_id="ann"))
+    assert pull_review(home, audit_id, if_changed=True)["recorded"] == 1
+    for x in [x for t in audit_traces(_exp(run_id), audit_id) for x in t.info.assessments if x.name == "culprit"]:
+        mlflow.delete_assessment(trace_id=x.trace_id, assessment_id=x.assessment_id)  # deletions
+    r = pull_review(home, audit_id, if_changed=True)
+    assert (r["recorded"], r["retracted"]) == (1, 1)
+    assert pull_review(home, audit_id, if_changed=True)["unchanged"] is True
+
+
+def test_the_pull_flow_module_loads_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, flows.review; print(sorted(m for m in ('torch', 'transformers', 'mlflow') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_review_show_reads_at_80_columns(home: Path, audit) -> None:
+    from typer.testing import CliRunner
+
+    from influence_audit.cli import app
+
+    audit_id, run_id, _ = audit
+    submit_review(home, audit_id, "ann", [{"query_id": "q1", "train_id": "doc-b", "verdict": "culprit",
+                                           "comment": "states the fact"}])
+    res = CliRunner().invoke(app, ["review", "show", audit_id, "--home", str(home), "--query", "q1", "--rows", "2"],
+                             terminal_width=80)
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert max(len(line) for line in lines) <= 80, lines
+    assert lines[:4] == [f"audit {audit_id}: review in-progress (1 decided, 5 open; reviewers: ann)",
+                         f"MLflow run {run_id}", "", "q1  (2 of 3 candidates)"]
+    assert lines[5:] == ["#1   doc-a         0.9", "     text of doc-a",
+                         "#2   doc-b         0.4  culprit (ann)", "     <script>alert(1)</script> harmless text",
+                         "     comment: states the fact"]
+    assert "q2" not in res.output
+    res = CliRunner().invoke(app, ["review", "show", audit_id, "--home", str(home), "--query", "q9"])
+    assert res.exit_code != 0 and isinstance(res.exception, UserError)
+    assert str(res.exception).endswith("has no query 'q9' (its queries: q1, q2)")
