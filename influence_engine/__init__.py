@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "GradientCache": "cache",
+    "GradientCache": "cache", "TokenCache": "cache",
     "CheckpointScores": "checkpoints", "checkpoint_weights": "checkpoints",
     "Example": "data", "encode": "data",
     "Explanation": "engine", "InfluenceEngine": "engine", "ScoreResult": "engine", "load_pretrained": "models",
@@ -30,7 +30,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .cache import GradientCache  # noqa: F401
+    from .cache import GradientCache, TokenCache  # noqa: F401
     from .checkpoints import CheckpointScores, checkpoint_weights  # noqa: F401
     from .data import Example, encode  # noqa: F401
     from .engine import Explanation, InfluenceEngine, ScoreResult, model_fingerprint  # noqa: F401

@@ -36,6 +36,22 @@ def cache_bytes(specs: dict[str, LayerSpec], n_docs: int, itemsize: int, sets: i
     return n_docs * sets * itemsize * sum(s.out_features * s.a_dim for s in specs.values())
 
 
+def token_cache_bytes(specs: dict[str, LayerSpec], n_tokens: int, itemsize: int, sets: int = 2) -> int:
+    """Bytes a :class:`TokenCache` of ``n_tokens`` tokens takes: each token's input and, per label set (``sets``),
+    output gradient, at every layer."""
+    return n_tokens * itemsize * sum(s.in_features + sets * s.out_features for s in specs.values())
+
+
+def keeps_tokens(specs: dict[str, LayerSpec], n_docs: int, n_tokens: int, gemm_itemsize: int, itemsize: int,
+                 sets: int) -> bool:
+    """Whether the one-pass fit keeps tokens (:class:`TokenCache`) rather than per-document gradients
+    (:class:`GradientCache`): tokens when they take at most half the bytes (replaying a stored gradient is one
+    product per document; replaying tokens redoes the per-token work of a pass). Short documents on wide layers
+    keep tokens (SmolLM2-135M's MLP layers, 22-token documents: 46k values per layer and document instead of
+    886k); long documents on narrow layers keep gradients."""
+    return 2 * token_cache_bytes(specs, n_tokens, itemsize, sets) <= cache_bytes(specs, n_docs, gemm_itemsize, sets)
+
+
 @dataclass
 class GradientCache:
     """Each document's gradient per tracked layer, ``(N, out, a_dim)``, rows in ``ids`` order: ``true``
@@ -58,6 +74,12 @@ class GradientCache:
 
     def fisher_gradients(self) -> dict[str, torch.Tensor]:
         return self.sampled if self.sampled is not None else self.true
+
+    def replay(self, runner, objective: str, acc, precision: str, tokens: Sequence[int] | None = None,
+               progress=None) -> None:
+        """The stored gradients of ``objective`` (``true`` or ``fisher``) through ``acc``, as a pass would."""
+        grads = self.true if objective == "true" else self.fisher_gradients()
+        runner.replay(self.ids, grads, acc, precision, tokens, progress)
 
     def check_covers(self, ids: Sequence[str]) -> None:
         """Refuse to stand in for a pass over other documents than those it holds."""
@@ -117,3 +139,83 @@ class CachingCovarianceAccumulator(CovarianceAccumulator):
 
     def cache(self) -> GradientCache:
         return GradientCache(list(self.ids), dict(self.specs), self.store["true"], self.store.get("sampled"))
+
+
+@dataclass
+class TokenCache:
+    """What a pass hands the accumulators, kept per token: every tracked layer's inputs ``a_t`` and output
+    gradients ``g_t`` (``true`` from the data's labels; ``sampled`` from labels drawn from the model, ``None``
+    with the empirical Fisher), packed ``(tokens, width)`` with documents in ``ids`` order, ``lengths`` tokens
+    each. A document costs ``T (in + out)`` values per layer instead of the ``out (in + 1)`` of its gradient:
+    far less for short documents on wide layers. Replayed as padded batches through the accumulators'
+    ``forward`` and ``backward`` (:meth:`~influence_engine.passes.Runner.replay_tokens`): the same calls, on the
+    same values, as the pass it stands in for, without the model."""
+
+    ids: list[str]
+    specs: dict[str, LayerSpec]
+    lengths: list[int]
+    a: dict[str, torch.Tensor]
+    true: dict[str, torch.Tensor]
+    sampled: dict[str, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def nbytes(self) -> int:
+        sets = [self.a, self.true] + ([self.sampled] if self.sampled is not None else [])
+        return sum(t.numel() * t.element_size() for s in sets for t in s.values())
+
+    check_covers = GradientCache.check_covers
+
+    def replay(self, runner, objective: str, acc, precision: str, tokens: Sequence[int] | None = None,
+               progress=None) -> None:
+        """The stored tokens with the gradients of ``objective`` (``true`` or ``fisher``) through ``acc``."""
+        g = self.true if objective == "true" or self.sampled is None else self.sampled
+        runner.replay_tokens(self.ids, self.lengths, self.a, g, acc, precision, progress)
+
+
+class TokenCachingCovarianceAccumulator(CovarianceAccumulator):
+    """Covariances from the pass's first backward (the Fisher's labels), keeping every real token's layer inputs
+    and, from each backward, its output gradients (a :class:`TokenCache`), in ``store_dtype`` (the pass's
+    summing dtype: what accumulators are handed, exactly). Rows are written at the batch's offset and committed
+    at ``end_batch``; an aborted batch is simply written again."""
+
+    def __init__(self, specs: dict[str, LayerSpec], device: torch.device, dtype: torch.dtype,
+                 store_dtype: torch.dtype, n_tokens: int, objectives: Sequence[str]):
+        super().__init__(specs, device, dtype)
+        self.objectives = list(objectives)
+        self.ids: list[str] = []
+        self.lengths: list[int] = []
+        self.offset = 0
+        self.a = {n: torch.empty(n_tokens, s.in_features, dtype=store_dtype, device=device) for n, s in specs.items()}
+        self.g = {o: {n: torch.empty(n_tokens, s.out_features, dtype=store_dtype, device=device)
+                      for n, s in specs.items()} for o in self.objectives}
+        self._n = 0
+
+    def begin_batch(self, ctx: PassContext) -> None:
+        super().begin_batch(ctx)
+        self._n = int(ctx.mask.sum())
+
+    def _rows(self, x: torch.Tensor, ctx: PassContext) -> torch.Tensor:
+        return x[ctx.mask] if ctx.padded else x.flatten(0, 1)
+
+    def forward(self, spec: LayerSpec, a: torch.Tensor, ctx: PassContext) -> None:
+        self._add_activations(spec, ctx.masked(a, ctx.gemm_dtype), ctx)
+        self.a[spec.name][self.offset:self.offset + self._n] = self._rows(a, ctx)
+
+    def backward(self, spec: LayerSpec, state, g: torch.Tensor, ctx: PassContext) -> None:
+        if ctx.objective == 0:
+            self._add_gradients(spec, ctx.masked(g, ctx.gemm_dtype))
+        store = self.g[self.objectives[ctx.objective]][spec.name]
+        store[self.offset:self.offset + self._n] = self._rows(g, ctx)
+
+    def end_batch(self, ctx: PassContext) -> None:
+        super().end_batch(ctx)
+        self.ids += ctx.batch.ids
+        self.lengths += [int(n) for n in ctx.mask.sum(1).tolist()]
+        self.offset += self._n
+
+    def cache(self) -> TokenCache:
+        return TokenCache(list(self.ids), dict(self.specs), list(self.lengths), self.a, self.g["true"],
+                          self.g.get("sampled"))

@@ -34,7 +34,15 @@ import torch
 from torch import nn
 
 from . import __version__
-from .cache import CachingCovarianceAccumulator, GradientCache, cache_bytes
+from .cache import (
+    CachingCovarianceAccumulator,
+    GradientCache,
+    TokenCache,
+    TokenCachingCovarianceAccumulator,
+    cache_bytes,
+    keeps_tokens,
+    token_cache_bytes,
+)
 from .data import Example, encode, examples_fingerprint
 from .errors import FactorMismatchError, ModelError, UserError
 from .factors import CovarianceAccumulator, Factors, LambdaAccumulator, eigendecompose, finalize
@@ -264,27 +272,48 @@ class InfluenceEngine:
                                  {n: t.cpu().double() for n, t in acc.total.S.items()}, acc.total.n_tokens,
                                  acc.total.n_docs, dict(acc.total.tokens))
 
-    def gradient_cache_bytes(self, n_docs: int) -> int:
-        """Memory a :class:`GradientCache` of ``n_docs`` documents takes on this engine's device."""
-        return cache_bytes(self.specs, n_docs, self.runner.gemm_dtype(self.precision).itemsize,
-                           2 if self.fisher == "sampled" else 1)
+    def _keeps_tokens(self, n_docs: int, n_tokens: int | None) -> bool:
+        """Whether the one-pass fit keeps tokens rather than per-document gradients (the smaller; never for layers
+        whose tokens are routed, such as experts)."""
+        if n_tokens is None or self.runner.gathered or any(getattr(m, "routed", None) is not None
+                                                           for m in self.tracked.values()):
+            return False
+        return keeps_tokens(self.specs, n_docs, n_tokens, self.runner.gemm_dtype(self.precision).itemsize,
+                            self.dtype.itemsize, 2 if self.fisher == "sampled" else 1)
 
-    def fit_covariance_cached(self, examples: Sequence[Example],
-                              progress: Progress | None = None) -> tuple[CovariancePartial, GradientCache]:
-        """:meth:`fit_covariance`, keeping every document's gradients (one forward pass, one backward pass per
-        label set) so that :meth:`fit_lambda` and :meth:`score` need no pass of their own (``cache=``).
-        Check :meth:`gradient_cache_bytes` first: the cache lives on the engine's device."""
+    def gradient_cache_bytes(self, n_docs: int, n_tokens: int | None = None) -> int:
+        """Memory the one-pass fit's cache of ``n_docs`` documents (``n_tokens`` tokens in all, when known) takes on
+        this engine's device: their gradients (:class:`GradientCache`) or, when smaller, their tokens
+        (:class:`TokenCache`)."""
+        sets = 2 if self.fisher == "sampled" else 1
+        if self._keeps_tokens(n_docs, n_tokens):
+            return token_cache_bytes(self.specs, n_tokens, self.dtype.itemsize, sets)
+        return cache_bytes(self.specs, n_docs, self.runner.gemm_dtype(self.precision).itemsize, sets)
+
+    def fit_covariance_cached(self, examples: Sequence[Example], progress: Progress | None = None, *,
+                              keep: str = "auto") -> tuple[CovariancePartial, GradientCache | TokenCache]:
+        """:meth:`fit_covariance`, keeping what :meth:`fit_lambda` and :meth:`score` need so they run no pass of
+        their own (``cache=``): one forward pass, one backward pass per label set. ``keep``: ``gradients`` (each
+        document's, per layer), ``tokens`` (each token's inputs and output gradients) or ``auto`` (the
+        smaller). Check :meth:`gradient_cache_bytes` first: the cache lives on the engine's device."""
         objectives = ["sampled", "true"] if self.fisher == "sampled" else ["true"]
         ids = [e.id for e in examples]
         if len(set(ids)) != len(ids):
             raise UserError("document ids are not unique")
-        acc = CachingCovarianceAccumulator(self.specs, self.device, self.dtype,
-                                           self.runner.gemm_dtype(self.precision), len(ids), objectives)
+        n_tokens = sum(len(e.input_ids) for e in examples)
+        if keep not in ("auto", "gradients", "tokens"):
+            raise ValueError(f"keep must be auto, gradients or tokens, not {keep!r}")
+        if keep == "tokens" or (keep == "auto" and self._keeps_tokens(len(ids), n_tokens)):
+            acc = TokenCachingCovarianceAccumulator(self.specs, self.device, self.dtype, self.dtype, n_tokens,
+                                                    objectives)
+        else:
+            acc = CachingCovarianceAccumulator(self.specs, self.device, self.dtype,
+                                               self.runner.gemm_dtype(self.precision), len(ids), objectives)
         self.runner.run(examples, acc, replace(self._cfg("true"), labels="+".join(objectives)), progress)
         return self._covariance_partial(acc), acc.cache()
 
-    def fit_lambda(self, examples: Sequence[Example], basis: Eigenbasis | None,
-                   progress: Progress | None = None, *, cache: GradientCache | None = None,
+    def fit_lambda(self, examples: Sequence[Example], basis: Eigenbasis | None, progress: Progress | None = None, *,
+                   cache: GradientCache | TokenCache | None = None,
                    layers: Sequence[str] | None = None) -> LambdaPartial:
         """Partial eigenvalue corrections in ``basis`` (``None``: the diagonal of the Fisher); from the
         cached gradients of these examples, without a pass, when ``cache`` is given. With ``layers``, one pass over
@@ -293,7 +322,7 @@ class InfluenceEngine:
             if layers is not None:
                 raise UserError("a replay from the gradient cache covers every layer at once")
             acc = LambdaAccumulator(self.specs, basis, self.device, self.dtype, self.runner.gemm_dtype(self.precision))
-            self._replay(examples, cache, cache.fisher_gradients(), acc, progress)
+            self._replay(examples, cache, "fisher", acc, progress)
             total = acc.total
             return LambdaPartial(total.specs, {n: t.cpu() for n, t in total.sums.items()}, total.n_docs,
                                  total.rotated)
@@ -307,12 +336,13 @@ class InfluenceEngine:
         order = self.specs if layers is None else mine
         return LambdaPartial(dict(order), {n: sums[n] for n in order}, n_docs, basis is not None)
 
-    def _replay(self, examples: Sequence[Example], cache: GradientCache, grads: dict[str, torch.Tensor], acc,
+    def _replay(self, examples: Sequence[Example], cache: GradientCache | TokenCache, objective: str, acc,
                 progress: Progress | None) -> None:
-        """Stored gradients of ``examples`` through ``acc`` instead of a pass."""
+        """Stored gradients (or tokens) of ``examples`` for ``objective`` (``true``, ``fisher``) through ``acc``
+        instead of a pass."""
         cache.check_covers([e.id for e in examples])
         tokens = {e.id: len(e.input_ids) for e in examples}
-        self.runner.replay(cache.ids, grads, acc, self.precision, [tokens[i] for i in cache.ids], progress)
+        cache.replay(self.runner, objective, acc, self.precision, [tokens[i] for i in cache.ids], progress)
 
     def finalize(self, settings: FactorSettings | str, *, basis: Eigenbasis | None = None,
                  lambdas: LambdaPartial | None = None, covariance: CovariancePartial | None = None,
@@ -337,11 +367,12 @@ class InfluenceEngine:
 
     def fit_factors(self, examples: Sequence[Example], strategy: FactorSettings | str = "ekfac", *,
                     damping: float | str | None = "auto", progress: Progress | None = None,
-                    cache: bool = False) -> Factors | tuple[Factors, GradientCache]:
+                    cache: bool = False, keep: str = "auto") -> Factors | tuple[Factors, GradientCache | TokenCache]:
         """All of fitting in one call: the passes the strategy needs (covariances and eigenbasis, eigenvalue
         correction). ``strategy`` is a name (with ``damping``; the data fingerprint is then the examples'
         tokens') or full :class:`FactorSettings`. With ``cache`` (strategies with a covariance pass) one pass
-        fits everything and the documents' gradients are returned too, ready for ``score(..., cache=)``."""
+        fits everything and the documents' gradients (or tokens: ``keep``, see :meth:`fit_covariance_cached`) are
+        returned too, ready for ``score(..., cache=)``."""
         settings = strategy if isinstance(strategy, FactorSettings) else self.factor_settings(
             strategy, damping, data_fingerprint=examples_fingerprint(examples))
         kind = get_strategy(settings.strategy)
@@ -349,7 +380,7 @@ class InfluenceEngine:
         if cache and not kind.covariance:
             raise UserError(f"a gradient cache is built by the covariance pass, which strategy {kind.name!r} has not")
         if kind.covariance:
-            cov, gc = self.fit_covariance_cached(examples, progress) if cache else (
+            cov, gc = self.fit_covariance_cached(examples, progress, keep=keep) if cache else (
                 self.fit_covariance(examples, progress), None)
             basis = eigendecompose(cov, self.device, self.device_memory_budget)
         if kind.lambdas:
@@ -384,7 +415,7 @@ class InfluenceEngine:
 
     def score(self, examples: Sequence[Example], queries: PreparedQueries, *, top_k: int = 50,
               return_all: bool = False, progress: Progress | None = None,
-              cache: GradientCache | None = None) -> ScoreResult:
+              cache: GradientCache | TokenCache | None = None) -> ScoreResult:
         """Score every document against every query; keep the top ``top_k`` per query (0: all). With
         ``cache`` (these documents' gradients, from :meth:`fit_covariance_cached`) no pass runs: the stored
         gradients go through the same scoring accumulator."""
@@ -416,7 +447,7 @@ class InfluenceEngine:
                                gemm_dtype=self.runner.gemm_dtype(self.precision), on_batch=push,
                                paths={name: "gradient" for name in self.specs} if cache is not None else None)
         if cache is not None:
-            self._replay(examples, cache, cache.true, acc, progress)
+            self._replay(examples, cache, "true", acc, progress)
             paths = {name: "cached" for name in self.specs}
         else:
             self.runner.run(examples, acc, self._cfg("true"), progress)

@@ -70,9 +70,13 @@ def eigendecompose(cov: CovariancePartial, device: torch.device | str | None = N
 # ------------------------------------------------------------------------------------------- accumulators
 # Smallest column block of a blocked ``x^T x`` per device type (None: one plain GEMM). Splitting the columns into
 # k blocks and computing only the blocks on and above the diagonal does k(k+1)/2 of k^2 products: 3/4 of the
-# multiply-adds at k = 2, 2/3 at k = 3. Measured on CPU (GPT-2 widths 512-3072, 2k-token batches) it pays from
-# 256-column blocks; on GPUs small blocks leave streaming multiprocessors idle, so it is off there until measured.
-GRAM_MIN_BLOCK: dict[str, int | None] = {"cpu": 256, "cuda": None}
+# multiply-adds at k = 2, 2/3 at k = 3. It once paid on CPU (GPT-2 widths, 2k-token batches, 256-column blocks),
+# but with torch 2.14 on this 2-core machine it does not: CPU time 17 ms blocked vs 10.5 ms plain for a
+# 176 x 1536 batch (8 short documents: SmolLM2-135M's MLP widths), equal at 2048 x 768, and under load (other
+# processes on the cores) the 21 small products and block copies took 5-10x the wall time of one GEMM: the
+# covariance pass on the real model was mostly spent there (bench/real_model.py, docs/performance.md). Off on
+# every device; on GPUs small blocks leave streaming multiprocessors idle.
+GRAM_MIN_BLOCK: dict[str, int | None] = {"cpu": None, "cuda": None}
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:

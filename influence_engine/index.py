@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path, write_json_atomic
-from .cache import GradientCache
+from .cache import GradientCache, TokenCache
 from .data import Example
 from .errors import FactorMismatchError, UserError
 from .factors import Factors, per_document_gradient
@@ -401,7 +401,7 @@ def score_energy(eng: Any, docs: Sequence[Example], factors: Factors,
 
 def index_vectors(eng: Any, examples: Sequence[Example], factors: Factors, sketch: Sketch,
                   out: np.ndarray | torch.Tensor | None = None, progress: Progress | None = None, *,
-                  cache: GradientCache | None = None, probes: dict[str, torch.Tensor] | None = None,
+                  cache: GradientCache | TokenCache | None = None, probes: dict[str, torch.Tensor] | None = None,
                   stats: dict[str, np.ndarray] | None = None) -> Any:
     """Every example's index vector (rows in ``examples`` order), by one pass of ``eng`` (an
     :class:`~influence_engine.InfluenceEngine`) with the data's own labels, as scoring uses; with ``cache``
@@ -446,7 +446,7 @@ def index_vectors(eng: Any, examples: Sequence[Example], factors: Factors, sketc
                            eng.runner.gemm_dtype(eng.precision), probes=probes)
     if cache is not None:
         cache.check_covers(list(position))
-        eng.runner.replay(cache.ids, cache.true, acc, eng.precision, progress=progress)
+        cache.replay(eng.runner, "true", acc, eng.precision, progress=progress)
     else:
         eng.runner.run(examples, acc, eng._cfg("true"), progress)
     if stats is not None:
@@ -598,7 +598,7 @@ class GradientIndex:
         return rows.exists() and ids.exists()
 
     def build_part(self, name: str, eng: Any, examples: Sequence[Example], factors: Factors,
-                   progress: Progress | None = None, cache: GradientCache | None = None) -> Part:
+                   progress: Progress | None = None, cache: GradientCache | TokenCache | None = None) -> Part:
         """Write part ``name``: the index vectors of ``examples`` (one pass, or a replay of ``cache``), straight
         into a memory map that is renamed into place when complete. Skipped when the part exists."""
         rows_path, ids_path = self._part_paths(name)

@@ -11,7 +11,9 @@ document's tokens is the gradient of that document's own loss.
 Per-document gradients kept from an earlier pass (:class:`~influence_engine.cache.GradientCache`) go through
 the same accumulators without a model pass: :meth:`Runner.replay` hands each chunk of stored gradients
 ``G_d = Σ_t g_t a_t^T`` to :meth:`Accumulator.gradients`, between the same ``begin_batch`` / ``end_batch``
-calls a live pass makes.
+calls a live pass makes. Kept tokens (:class:`~influence_engine.cache.TokenCache`: each token's ``a`` and ``g``,
+smaller for short documents on wide layers) go through :meth:`Runner.replay_tokens`: padded batches handed to
+``forward`` and ``backward`` exactly as a pass hands them.
 """
 
 from __future__ import annotations
@@ -268,6 +270,15 @@ class ReplayBatch:
         return len(self.ids)
 
 
+def _place(rows: torch.Tensor, mask: torch.Tensor, padded: bool) -> torch.Tensor:
+    """Packed token rows (tokens, width) as a padded batch (B, T, width) with zeros at padding."""
+    if not padded:
+        return rows.view(*mask.shape, -1)
+    out = rows.new_zeros(*mask.shape, rows.shape[-1])
+    out[mask] = rows
+    return out
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -321,6 +332,35 @@ class Runner:
             done_tokens += n_tok
             if progress is not None:
                 progress(s + len(rows), done_tokens)
+
+    def replay_tokens(self, ids: Sequence[str], lengths: Sequence[int], a: dict[str, torch.Tensor],
+                      g: dict[str, torch.Tensor], acc: Accumulator, precision: str,
+                      progress: Progress | None = None, chunk: int = 16) -> None:
+        """Hand stored tokens (``a[layer]``: (tokens, in), ``g[layer]``: (tokens, out), documents in ``ids`` order,
+        ``lengths`` tokens each) to ``acc`` as padded batches of ``chunk`` documents: ``forward`` then
+        ``backward`` per layer, between ``begin_batch`` and ``end_batch``, as a pass hands them."""
+        starts = [0]
+        for n in lengths:
+            starts.append(starts[-1] + n)
+        dtype = self.compute_dtype(precision)
+        for s in range(0, len(ids), chunk):
+            rows = list(ids[s:s + chunk])
+            lens = torch.tensor(lengths[s:s + chunk])
+            T = int(lens.max())
+            mask = (torch.arange(T)[None, :] < lens[:, None]).to(self.device)
+            batch = Batch(rows, torch.zeros(mask.shape, dtype=torch.long, device=self.device), mask,
+                          torch.arange(T, device=self.device).expand(mask.shape),
+                          torch.zeros(mask.shape, dtype=torch.bool, device=self.device), [0] * len(rows))
+            padded = not bool(mask.all())
+            ctx = PassContext(batch, mask, dtype, self.gemm_dtype(precision), padded)
+            lo, hi = starts[s], starts[s + len(rows)]
+            acc.begin_batch(ctx)
+            for name, spec in self.specs.items():
+                state = acc.forward(spec, _place(a[name][lo:hi].to(self.device), mask, padded), ctx)
+                acc.backward(spec, state, _place(g[name][lo:hi].to(self.device), mask, padded), ctx)
+            acc.end_batch(ctx)
+            if progress is not None:
+                progress(s + len(rows), starts[s + len(rows)])
 
     def _run(self, examples: Sequence[Example], acc: Accumulator, cfg: PassConfig, progress: Progress | None) -> None:
         order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))

@@ -156,7 +156,7 @@ def checkpoint_scores(corpus: Corpus, paths: list[str], factors: FactorOptions, 
                                        data_fingerprint=corpus.settings.data_fingerprint)
         out_dir = None if factors_dir is None else factors_dir / "checkpoints" / settings.model_fingerprint[:16]
         with report.stage(f"checkpoint {path}: " + fit_label(factors.strategy, compute.one_pass(
-                eng, len(docs), settings, budget)), len(docs)) as bar:
+                eng, docs, settings, budget)), len(docs)) as bar:
             fitted = compute.fit(eng, docs, settings, out_dir=out_dir, cache_budget_bytes=budget, progress=bar,
                                  notice=report.notice)
         with report.stage(f"checkpoint {path}: scoring", len(docs)) as bar:
@@ -194,7 +194,7 @@ def score(model: ModelOptions, data: DataOptions, factors: FactorOptions, runtim
         report.notice(note)
     t0 = time.perf_counter()
     budget = gradient_cache_gb * 2**30
-    with report.stage(fit_label(factors.strategy, compute.one_pass(eng, len(docs), corpus.settings, budget)),
+    with report.stage(fit_label(factors.strategy, compute.one_pass(eng, docs, corpus.settings, budget)),
                       len(docs)) as bar:
         fitted = compute.fit(eng, docs, corpus.settings, out_dir=factors_dir, cache_budget_bytes=budget,
                              progress=bar, notice=report.notice)

@@ -93,11 +93,13 @@ def load_factors(directory: str | Path | None, eng: InfluenceEngine, settings: F
     return Factors.load(directory, settings=settings, layers=list(eng.specs))
 
 
-def one_pass(eng: InfluenceEngine, n_docs: int, settings: FactorSettings, cache_budget_bytes: float) -> bool:
-    """Whether :func:`fit` fits in one pass, keeping the documents' gradients: the strategy has a covariance pass,
-    the layers are fitted together (not in groups) and the gradients fit in ``cache_budget_bytes``."""
+def one_pass(eng: InfluenceEngine, docs: Sequence[Example], settings: FactorSettings,
+             cache_budget_bytes: float) -> bool:
+    """Whether :func:`fit` fits in one pass, keeping the documents' gradients (or tokens, when smaller): the
+    strategy has a covariance pass, the layers are fitted together (not in groups) and what is kept fits in
+    ``cache_budget_bytes``."""
     return get_strategy(settings.strategy).covariance and len(eng.layer_groups()) == 1 and \
-        eng.gradient_cache_bytes(n_docs) <= cache_budget_bytes
+        eng.gradient_cache_bytes(len(docs), sum(len(e.input_ids) for e in docs)) <= cache_budget_bytes
 
 
 def fit(eng: InfluenceEngine, docs: Sequence[Example], settings: FactorSettings, *,
@@ -113,7 +115,7 @@ def fit(eng: InfluenceEngine, docs: Sequence[Example], settings: FactorSettings,
             notice(f"reusing factors in {out_dir}")
         return Fitted(stored)
     fitted: Fitted | None = None
-    if one_pass(eng, len(docs), settings, cache_budget_bytes):
+    if one_pass(eng, docs, settings, cache_budget_bytes):
         import torch
 
         try:

@@ -177,3 +177,53 @@ def test_cli_falls_back_to_three_passes_when_the_gradients_do_not_fit(tmp_path, 
     err = capsys.readouterr().err
     assert "do not fit on the device" in err and "one pass over the documents" not in err
     assert out.exists()
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("fisher", ["sampled", "empirical"])
+@pytest.mark.parametrize("strategy", ["kfac", "ekfac"])
+def test_one_pass_keeping_tokens_equals_three_passes(setup, strategy, fisher, padding_side):
+    """Kept tokens (each token's layer inputs and output gradients, replayed through the accumulators' forward and
+    backward) give the three passes' factors and scores, at every query rank, with the top-k."""
+    from influence_engine import TokenCache
+    from influence_engine.cache import token_cache_bytes
+
+    model, docs, queries = setup
+    eng = _engine(model, fisher=fisher, padding_side=padding_side)
+    ref_factors = eng.fit_factors(docs, strategy)
+    factors, cache = eng.fit_factors(docs, strategy, cache=True, keep="tokens")
+    assert isinstance(cache, TokenCache) and sorted(cache.lengths) == sorted(len(e.input_ids) for e in docs)
+    for n in eng.specs:
+        for key, t in ref_factors.tensors[n].items():
+            torch.testing.assert_close(factors.tensors[n][key], t, rtol=1e-9, atol=1e-12)
+        assert factors.damping[n] == pytest.approx(ref_factors.damping[n], rel=1e-9)
+    assert (cache.sampled is None) == (fisher == "empirical")
+    n_tokens = sum(len(e.input_ids) for e in docs)
+    assert cache.nbytes == token_cache_bytes(eng.specs, n_tokens, 8, 2 if fisher == "sampled" else 1)
+    for rank in (0, 2):
+        prepared = eng.prepare_queries(queries, factors, rank=rank)
+        ref = eng.score(docs, prepared, top_k=0).all_scores
+        cached = eng.score(docs, prepared, top_k=0, cache=cache)
+        np.testing.assert_allclose(cached.all_scores, ref, rtol=1e-9, atol=1e-12)
+        top = eng.score(docs, prepared, top_k=4, cache=cache)
+        np.testing.assert_allclose(top.top_scores, np.sort(ref, axis=1)[:, ::-1][:, :4], rtol=1e-9, atol=1e-12)
+    with pytest.raises(UserError, match="other documents"):
+        eng.score(docs[:5], prepared, top_k=0, cache=cache)
+
+
+def test_tokens_are_kept_where_they_are_much_smaller_than_gradients():
+    """SmolLM2-135M's MLP layers (576 -> 1536 -> 576, 90 of them) with 60 documents of 20 tokens keep tokens
+    (1/19 of the gradients' bytes); the tiny test model's documents keep gradients."""
+    from influence_engine.cache import cache_bytes, keeps_tokens, token_cache_bytes
+    from influence_engine.layers import LayerSpec
+
+    real = {}
+    for b in range(30):
+        for name, (i, o) in {"gate_proj": (576, 1536), "up_proj": (576, 1536), "down_proj": (1536, 576)}.items():
+            n = f"model.layers.{b}.mlp.{name}"
+            real[n] = LayerSpec(n, "linear", i, o, False)
+    assert keeps_tokens(real, 60, 1200, 4, 4, 1)
+    assert token_cache_bytes(real, 1200, 4, 1) * 18 < cache_bytes(real, 60, 4, 1)
+    assert token_cache_bytes(real, 1200, 4, 1) < 2**30  # within the default 2 GiB one-pass budget
+    eng = _engine(tiny_gpt2(seed=3))
+    assert not keeps_tokens(eng.specs, 13, 13 * 8, 8, 8, 2)

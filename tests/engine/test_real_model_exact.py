@@ -145,3 +145,24 @@ def test_ekfac_and_kfac_on_a_real_layer_equal_their_explicit_construction(real, 
     got_k = eng.score(docs, eng.prepare_queries(qs, eng.fit_factors(docs, "kfac", damping=damping), rank=0),
                       top_k=0).all_scores
     np.testing.assert_allclose(got_k, ref_k, rtol=1e-7, atol=1e-10 * np.abs(ref_k).max())
+
+
+def test_one_pass_keeping_tokens_on_real_widths_equals_three_passes(real):
+    """At real widths the one-pass fit keeps tokens (a 576 x 1536 layer's gradient is 886k values; a short
+    document's tokens are a few tens of thousands), and gives the three passes' EK-FAC scores."""
+    from influence_engine import TokenCache
+
+    model, tok = real
+    eng = InfluenceEngine(model, tok, layers="mlp", precision="fp64", batch_size=2, fisher="empirical")
+    docs, qs = eng.encode(DOCS), eng.encode(QUERIES, where="queries")
+    n_tokens = sum(len(e.input_ids) for e in docs)
+    assert eng.gradient_cache_bytes(len(docs), n_tokens) * 10 < eng.gradient_cache_bytes(len(docs))
+    ref_factors = eng.fit_factors(docs, "ekfac")
+    factors, cache = eng.fit_factors(docs, "ekfac", cache=True)
+    assert isinstance(cache, TokenCache) and cache.nbytes == eng.gradient_cache_bytes(len(docs), n_tokens)
+    prepared = eng.prepare_queries(qs, ref_factors, rank=0)
+    ref = eng.score(docs, prepared, top_k=0).all_scores
+    np.testing.assert_allclose(eng.score(docs, prepared, top_k=0, cache=cache).all_scores, ref, rtol=1e-9,
+                               atol=1e-12 * np.abs(ref).max())
+    one = eng.score(docs, eng.prepare_queries(qs, factors, rank=0), top_k=0).all_scores
+    np.testing.assert_allclose(one, ref, rtol=1e-7, atol=1e-10 * np.abs(ref).max())
