@@ -31,8 +31,32 @@ def _tidy(page) -> None:
     for sel in ('[data-component-id="mlflow.assistant.chat_panel.close"]',
                 '[data-component-id="mlflow.detect_issues.guidance.dismiss"]'):
         loc = page.locator(sel)
-        if loc.count() and loc.first.is_visible():
-            loc.first.click()
+        try:
+            if loc.count() and loc.first.is_visible():
+                loc.first.click(timeout=3000)
+        except Exception:  # noqa: BLE001 (covered by the trace drawer: nothing to tidy there)
+            pass
+
+
+def _show_assessments(page, span: str) -> None:
+    """The span's assessments pane, once the saved marks are listed ("Feedback (n)"); reloads until they are."""
+    import re
+
+    listed = page.get_by_text(re.compile(r"^Feedback \(\d+\)$"))
+    for _ in range(4):
+        try:
+            listed.first.wait_for(timeout=20_000)
+            return
+        except Exception:  # noqa: BLE001 (not refetched yet: reload, select the span, open the pane)
+            page.reload()
+            page.get_by_text(span, exact=True).first.wait_for(timeout=90_000)
+            _tidy(page)
+            page.get_by_text(span, exact=True).first.click()
+            page.wait_for_timeout(1000)
+            assess = page.get_by_role("button", name=re.compile(r"^Assess"))
+            if assess.count() and not page.get_by_text("Add feedback").count():
+                assess.first.click()
+    listed.first.wait_for(timeout=20_000)
 
 
 def _refusal(a, info, query: str, page, shot, login) -> None:
@@ -55,11 +79,22 @@ def _refusal(a, info, query: str, page, shot, login) -> None:
     r.raise_for_status()
     result = pull_review(a.home, info["audit_id"], tracking_uri=a.tracking_uri)
     print("\n".join(result["refused"]))
-    page.goto(info["urls"]["trace"][query])
-    page.reload()
-    page.get_by_text("culprit not recorded").first.wait_for(timeout=90_000)
+    import re
+
+    page.reload()  # the same trace, refetched: the answer is there now
+    page.get_by_text(query, exact=True).first.wait_for(timeout=90_000)
     _tidy(page)
+    page.get_by_text(query, exact=True).first.click()  # the root span, where the wrong mark sits
     page.wait_for_timeout(1000)
+    if not page.get_by_text("culprit not recorded").first.is_visible():
+        page.get_by_role("button", name=re.compile(r"^Assess")).first.click()
+    page.get_by_text("culprit not recorded").first.wait_for(state="visible", timeout=60_000)
+    for chevron in page.locator('[data-component-id*="assessment"] [aria-label*="xpand"]').all()[:4]:
+        try:  # open each mark: value, rationale, source
+            chevron.click(timeout=2000)
+        except Exception:  # noqa: BLE001
+            pass
+    page.wait_for_timeout(1500)
     shot(page, 5, "refused-mark")
 
 
@@ -109,7 +144,9 @@ def main() -> None:
         shot(page, 2, "trace")
         page.get_by_text(span, exact=True).first.click()
         page.wait_for_timeout(1000)
-        page.get_by_text("Assess", exact=True).first.click()
+        import re
+
+        page.get_by_role("button", name=re.compile(r"^Assess")).first.click()
         add = page.locator('[data-component-id="shared.model-trace-explorer.add-feedback"]')
         add.wait_for(timeout=30_000)
         page.wait_for_timeout(1000)
@@ -123,15 +160,18 @@ def main() -> None:
         page.get_by_placeholder("Enter a feedback name").fill("culprit")
         page.wait_for_timeout(800)
         page.get_by_role("option", name="culprit").first.click()
-        page.get_by_text("True", exact=True).first.click()  # the default, clicked as a reviewer would
+        page.get_by_text("True", exact=True).last.click()  # the form's value (the default, clicked as a reviewer
+        # would); .last: a verified candidate's attributes also say True
         page.locator('[data-component-id="shared.model-trace-explorer.assessment-rationale-input"]').fill(
             a.reviewer_note)
         page.wait_for_timeout(500)
         shot(page, 3, "feedback-form")
-        page.locator('[data-component-id="shared.model-trace-explorer.assessment-create-button"]',
-                     has_text="Create").click()
-        page.get_by_text(a.reviewer_note).first.wait_for(timeout=30_000)
-        page.wait_for_timeout(1000)
+        create = page.locator('[data-component-id="shared.model-trace-explorer.assessment-create-button"]',
+                              has_text="Create")
+        create.click()
+        create.wait_for(state="detached", timeout=60_000)  # the form closes once the assessment is saved
+        _show_assessments(page, span)
+        page.wait_for_timeout(1500)
         shot(page, 4, "feedback-saved")
         if a.refusal:
             _refusal(a, info, query, page, shot, login)
