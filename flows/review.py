@@ -33,10 +33,10 @@ from tasks.review.decisions import (
     ReviewInput,
     check_review_input,
     publish_review_form,
-    submit_review_task,
     valid_decisions_task,
 )
 from tasks.review.pull import pull_reviews_task
+from tasks.review.runs import submit_review_task
 
 
 def _deployed() -> bool:

@@ -103,12 +103,13 @@ def submit_cmd(audit_id: AuditArg = None, *,
     """Record decisions: flagged-documents Parquet, the audit's decisions, its MLflow run."""
     audit_id = audit_id_of(audit_id, opts)
     home, tracking_uri = opts.output.output_dir, opts.output.tracking_uri
-    from tasks.review.decisions import parse_decision, read_decisions_file, submit_review
+    from tasks.review.decisions import parse_decision, read_decisions_file
+    from tasks.review.runs import submit_decisions
 
     decisions = [parse_decision(spec) for spec in decision or []]
     if file is not None:
         decisions += read_decisions_file(file)
-    r = submit_review(home, audit_id, reviewer, decisions, tracking_uri=tracking_uri)
+    r = submit_decisions(home, audit_id, reviewer, decisions, tracking_uri=tracking_uri)
     c = r["counts"]
     out.print(f"recorded {r['submitted']} decision(s) on audit {audit_id} (MLflow run {r['run_id']}): review "
               f"[bold]{r['status']}[/], {c['culprit']} culprit, {c['not-culprit']} not-culprit, {c['unsure']} unsure, "

@@ -392,19 +392,6 @@ def record_review_in_mlflow(home: str | os.PathLike[str] | None, audit_id: str, 
     return {"audit_id": audit_id, "run_id": run_id, **state}
 
 
-def refresh_forms(home: Path, audit_id: str) -> None:
-    """Refresh the audit's waiting Prefect forms (:func:`tasks.review.runs.refresh_review_forms`); a failure is
-    logged, never raised: the form is a view, the decisions are recorded without it."""
-    import logging
-
-    try:
-        from tasks.review.runs import refresh_review_forms
-
-        refresh_review_forms(audit_id, str(home))
-    except Exception as exc:  # noqa: BLE001 (Prefect unreachable, a run resumed meanwhile)
-        logging.getLogger(__name__).warning("review form of audit %s not refreshed: %s", audit_id, exc)
-
-
 def submit_review(home: str | os.PathLike[str] | None, audit_id: str, reviewer: str,
                   decisions: Sequence[ReviewDecision | dict[str, Any]], *,
                   tracking_uri: str | None = None) -> dict[str, Any]:
@@ -441,7 +428,6 @@ def submit_review(home: str | os.PathLike[str] | None, audit_id: str, reviewer: 
             raise UserError(f"decisions saved in {flagged}, but not yet on the MLflow run: {exc.message}",
                             hint=f"`influence-audit sync --audit {audit_id}` records them once MLflow is back"
                             ) from exc
-    refresh_forms(h, audit_id)
     return {"audit_id": audit_id, "run_id": run_id, **state, "submitted": rows.height,
             "flagged_path": str(flagged)}
 
@@ -544,9 +530,3 @@ def valid_decisions(candidates: pl.DataFrame, decisions: Sequence[ReviewDecision
 def valid_decisions_task(home: str, audit_id: str, decisions: list[ReviewDecision]) -> list[ReviewDecision]:
     """:func:`valid_decisions` of the audit's candidates (the refused form is shown again with these)."""
     return valid_decisions(load_candidates(home, audit_id), decisions)
-
-
-@task(name="submit-review")
-def submit_review_task(home: str, audit_id: str, reviewer: str, decisions: list[ReviewDecision]) -> dict[str, Any]:
-    """:func:`submit_review` as a task (no retries: a retry after a partial write would duplicate rows)."""
-    return submit_review(home, audit_id, reviewer, decisions)

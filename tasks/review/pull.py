@@ -58,8 +58,8 @@ from tasks.review.decisions import (
     _tracking_uri,
     load_candidates,
     load_decisions,
-    refresh_forms,
 )
+from tasks.review.runs import refresh_forms
 
 __all__ = ["MARKS_FILE", "marks_watermark", "pull_review", "pull_reviews", "pull_reviews_task"]
 

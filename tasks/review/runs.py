@@ -8,10 +8,27 @@ deployment nothing is started, and the returned line says why; reviewing in MLfl
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-__all__ = ["REVIEW_DEPLOYMENT", "open_review_form", "refresh_review_forms", "waiting_review_runs"]
+from prefect import task
+
+from tasks.paths import resolve_home
+from tasks.review.decisions import (
+    FORM_TOP,
+    ReviewDecision,
+    artifact_key,
+    audit_summary,
+    form_text,
+    review_markdown,
+    submit_review,
+)
+
+__all__ = ["REVIEW_DEPLOYMENT", "open_review_form", "refresh_forms", "refresh_review_forms", "submit_decisions",
+           "submit_review_task", "waiting_review_runs"]
 
 REVIEW_DEPLOYMENT = "review_audit/review"
 _WAITING = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED")
@@ -64,8 +81,6 @@ def refresh_review_forms(audit_id: str, home: str) -> int:
     from prefect.input.actions import create_flow_run_input, delete_flow_run_input
     from prefect.input.run_input import keyset_from_paused_state
 
-    from tasks.review.decisions import FORM_TOP, artifact_key, audit_summary, form_text, review_markdown
-
     with get_client(sync_client=True) as client:  # suspended (deployed) and paused (direct) runs alike
         runs = client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=[REVIEW_DEPLOYMENT.split("/")[0]])),
@@ -109,3 +124,26 @@ def open_review_form(audit_id: str, home: str) -> str:
     run = run_deployment(REVIEW_DEPLOYMENT, parameters={"audit_id": audit_id, "home": home}, timeout=0,
                          as_subflow=False, flow_run_name=f"review-{audit_id}")
     return f"review flow run {run.name} ({run.id}) started: it publishes the form and waits, suspended"
+
+
+def refresh_forms(home: Path, audit_id: str) -> None:
+    """Refresh the audit's waiting Prefect forms (:func:`refresh_review_forms`); a failure is
+    logged, never raised: the form is a view, the decisions are recorded without it."""
+    try:
+        refresh_review_forms(audit_id, str(home))
+    except Exception as exc:  # noqa: BLE001 (Prefect unreachable, a run resumed meanwhile)
+        logging.getLogger(__name__).warning("review form of audit %s not refreshed: %s", audit_id, exc)
+
+
+def submit_decisions(home: str | os.PathLike[str] | None, audit_id: str, reviewer: str, decisions: Sequence[Any], *,
+                     tracking_uri: str | None = None) -> dict[str, Any]:
+    """:func:`tasks.review.decisions.submit_review`, then the audit's waiting Prefect forms brought up to date."""
+    result = submit_review(home, audit_id, reviewer, decisions, tracking_uri=tracking_uri)
+    refresh_forms(resolve_home(home), audit_id)
+    return result
+
+
+@task(name="submit-review")
+def submit_review_task(home: str, audit_id: str, reviewer: str, decisions: list[ReviewDecision]) -> dict[str, Any]:
+    """:func:`submit_decisions` as a task (no retries: a retry after a partial write would duplicate rows)."""
+    return submit_decisions(home, audit_id, reviewer, decisions)
