@@ -22,7 +22,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 from prefect import get_run_logger, task
 
@@ -33,7 +32,6 @@ from tasks.files import write_parquet_atomic
 from tasks.inputs.rows import encode_frame, rows_of
 from tasks.inputs.shards import Inputs, Shard, read_shard, shard_ids
 from tasks.options import AuditParams
-from tasks.reporting import Every, Progress
 from tasks.quality.signals import (
     ISSUE_TYPES,
     CorpusCounts,
@@ -45,6 +43,7 @@ from tasks.quality.signals import (
     shard_signals,
     snippet,
 )
+from tasks.reporting import Every, Progress
 
 REPORT_FILE = "quality_report.parquet"
 HOT_SPOTS_FILE = "hot_spots.parquet"
