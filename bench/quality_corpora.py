@@ -319,6 +319,15 @@ def measure(report, faults: dict) -> dict:
                                       if f in rows) / max(len(dup), 1))}
 
 
+def _epochs(spec: str | None, name: str) -> int | None:
+    """``--epochs``: one number for every corpus, or ``name=N,name=N``."""
+    if not spec:
+        return None
+    if "=" not in spec:
+        return int(spec)
+    return next((int(v) for k, v in (x.split("=") for x in spec.split(",")) if k == name), None)
+
+
 def run_corpus(name: str, args, log) -> dict:
     import numpy as np
     import polars as pl
@@ -346,14 +355,15 @@ def run_corpus(name: str, args, log) -> dict:
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     if args.model:
-        model_dir, model_label = Path(args.model), Path(args.model).name
+        model_dir, model_label = Path(args.model), f"{Path(args.model).name} (layers {args.layers})"
     else:
-        model_dir = ensure_demo_model(d / "model", path, seed=args.seed, epochs=args.epochs, log=log)
-        model_label = f"toy GPT-2 (demo recipe, {args.epochs or 30} epochs)"
+        epochs = _epochs(args.epochs, name)
+        model_dir = ensure_demo_model(d / "model", path, seed=args.seed, epochs=epochs, log=log)
+        model_label = f"toy GPT-2 (demo recipe, {epochs or 30} epochs)"
     seconds["train_model"] = time.perf_counter() - t0
     eng_path = d / f"engine-{model_dir.name}.parquet"  # the engine's part, cached: text signals are cheap
     settings = QualitySettings()
-    spec = EngineSpec(str(model_dir), "mlp", "cpu", "fp32", 8, args.max_length, args.seed)
+    spec = EngineSpec(str(model_dir), args.layers, "cpu", "fp32", 8, args.max_length, args.seed)
     if eng_path.exists() and not args.recompute:
         cached = pl.read_parquet(eng_path)
         engine_signals = [DocumentSignals(r["id"], r["self_influence"], r["loss"], r["n_targets"], [],
@@ -394,8 +404,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", nargs="+", default=["demo", "templated", "python", "prose"])
     ap.add_argument("--model", default=None, help="a model directory to audit instead of training the toy model")
-    ap.add_argument("--epochs", type=int, default=None, help="toy model epochs (default: the demo recipe's 30)")
+    ap.add_argument("--epochs", default=None, help="toy model epochs, N or corpus=N,corpus=N (default: the demo "
+                                                    "recipe's 30)")
     ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--layers", default="mlp", help="tracked layers (a preset or a regular expression)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--base-docs", type=int, default=0, help="the first N documents of each corpus only (0: all)")
     ap.add_argument("--recompute", action="store_true", help="recompute the engine signals even if cached")
@@ -418,7 +430,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in results:
         rec = r["recall"]
 
-        def f(k: str) -> str:
+        def f(k: str, rec: dict = rec) -> str:
             return f"{rec[k]['recall']:.2f}" if k in rec and rec[k]["n"] else "-"
         print(f"{r['corpus']:<10} {r['role']:<9} {r['documents']:>5} {r['flagged_fraction']:>8.1%} "
               f"{f('gibberish'):>9} {f('exact_duplicate'):>9} {f('near_duplicate'):>8} "

@@ -15,17 +15,20 @@ zlib entropy      ``8 ln 2 · len(zlib(text)) / targets``: nats per token a gene
 token rarity      mean ``-log p_unigram(token)`` over the targets, unigram counts of this corpus       memorised,
                                                                                                       low_quality
 compression       ``len(zlib(text)) / len(text)``: random strings do not compress, boilerplate does   low_quality
-MinHash           Jaccard similarity of character 5-gram sets within sentences (datasketch LSH), and   near_duplicate
-                  exact text hashes
+char surprisal    mean surprisal of the UTF-8 byte pairs under this corpus's byte-bigram counts        low_quality
+tokens per char   ``n_tokens / len(text)``: text the tokenizer was not built for falls apart            low_quality
+MinHash           Jaccard similarity of character 5-gram sets within sentences (datasketch LSH), exact  near_duplicate
+                  text hashes, and a signature of the distinctive shingles (held by few documents)
 ================  ==================================================================================  ==============
 
 At convergence a memorised document has almost no gradient left, so its self-influence is among the
 *lowest*: memorisation is found by its loss being far below what its text needs (zlib entropy, unigram rarity),
 not by self-influence. Each issue's score is in [0, 1] (higher = more severe): for the z-based issues
-``z / (z + cutoff)`` of the largest robust z-score (median and MAD, Iglewicz & Hoaglin's modified z) of its
-signals, so a score of 0.5 is the flag's cutoff; for ``near_duplicate`` the largest Jaccard similarity to
-another document, flagged from the threshold up. Every member of a duplicate group is flagged (as Datalab does);
-``duplicate_group`` is the group's smallest id.
+``z / (z + cutoff)`` of the largest robust z-score over this corpus (median and MAD, Iglewicz & Hoaglin's modified
+z) of its signals, so a score of 0.5 is the cut-off; for ``near_duplicate`` the similarity with the threshold at 0.5.
+Of the documents above a cut-off, at most ``max_flagged`` of the corpus is flagged, most severe first. Copies form
+groups: the first document of a group (corpus order) is kept and ``duplicate_group`` names it; the others are
+flagged.
 
 Plain functions (the CLI, the bench and the flow's tasks call them) and, at the bottom, the Prefect tasks of the
 flow's quality mode (``mode: quality``).
@@ -56,10 +59,11 @@ ABOUT: dict[str, str] = {
                  "rarity): learned by rote rather than from regularities shared with other documents, as "
                  "training-data extraction attacks find them. Near-zero gradient: self-influence does not see them.",
     "near_duplicate": "Documents that are (near) copies of others (Jaccard similarity of character 5-grams "
-                      "within sentences, MinHash LSH): they count several times in training and in every "
-                      "influence ranking.",
-    "low_quality": "Text unlike language: incompressible character strings (junk, encodings, keyboard mash), "
-                   "tokens that are rare in this corpus, or extremely repetitive text.",
+                      "within sentences, MinHash LSH, sharing their distinctive text, not just boilerplate): they "
+                      "count several times in training and in every influence ranking. The first of each group "
+                      "is kept; the others are flagged.",
+    "low_quality": "Text unlike the rest of the corpus: character noise, markup debris, encoding garbage, "
+                   "incompressible strings, tokens that are rare here, or extremely repetitive text.",
 }
 REPORT_SCHEMA: dict[str, Any] = {
     "id": pl.String, "self_influence": pl.Float64, "loss": pl.Float64,

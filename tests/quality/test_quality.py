@@ -190,6 +190,7 @@ def test_cli_bad_flags_get_one_line_and_no_output(crafted, tmp_path, monkeypatch
     cases = [
         (base + ["--out", str(tmp_path / "r.csv")], "must be a .parquet file"),
         (base + ["--out", str(out), "--near-duplicate-threshold", "1.5"], "--near-duplicate-threshold 1.5"),
+        (base + ["--out", str(out), "--max-flagged", "1.5"], "--max-flagged 1.5"),
         (base + ["--out", str(out), "--strategy", "nope"], "--strategy 'nope'"),
         (["quality", "--model", str(crafted["model"]), "--train", str(tmp_path / "missing.jsonl"), "--out",
           str(out)], "missing.jsonl"),
