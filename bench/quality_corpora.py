@@ -362,7 +362,7 @@ def run_corpus(name: str, args, log) -> dict:
         model_label = f"toy GPT-2 (demo recipe, {epochs or 30} epochs)"
     seconds["train_model"] = time.perf_counter() - t0
     eng_path = d / f"engine-{model_dir.name}.parquet"  # the engine's part, cached: text signals are cheap
-    settings = QualitySettings()
+    settings = QualitySettings() if args.max_flagged is None else QualitySettings(max_flagged=args.max_flagged)
     spec = EngineSpec(str(model_dir), args.layers, "cpu", "fp32", 8, args.max_length, args.seed)
     if eng_path.exists() and not args.recompute:
         cached = pl.read_parquet(eng_path)
@@ -414,6 +414,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out-dir", type=Path, default=REPO / ".influence-audit" / "bench-quality-corpora")
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--max-flagged", type=float, default=None,
+                    help="the largest share of the corpus flagged (default: the CLI's)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch

@@ -383,15 +383,16 @@ def test_review_flow_pause_resume(audit: Audit) -> None:
             from prefect.input.actions import read_flow_run_input
             from prefect.input.run_input import keyset_from_paused_state
 
-            from tasks.review.decisions import audit_summary, submit_review
+            from tasks.review.decisions import audit_summary
+            from tasks.review.runs import submit_decisions
 
             desc = read_flow_run_input(keyset_from_paused_state(run.state)["description"], flow_run_id=run.id)
             decided = audit_summary(audit.home, audit.audit_id)["decided"]
             assert f"({decided} decided," in desc and "The top 3 candidates of each query are shown" in desc
             assert desc.count("| 4 | `") == 0 and desc.count("| 3 | `") == audit.candidates["query_id"].n_unique()
             q2, t2 = _pair(audit, 1)
-            submit_review(audit.home, audit.audit_id, "gil", [{"query_id": q2, "train_id": t2,
-                                                               "verdict": "not-culprit"}])
+            submit_decisions(audit.home, audit.audit_id, "gil", [{"query_id": q2, "train_id": t2,
+                                                                  "verdict": "not-culprit"}])
             desc = read_flow_run_input(keyset_from_paused_state(run.state)["description"], flow_run_id=run.id)
             after = audit_summary(audit.home, audit.audit_id)["decided"]
             assert f"({after} decided," in desc and "| not-culprit (gil) |" in desc, desc[:600]
