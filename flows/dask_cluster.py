@@ -40,12 +40,7 @@ class PinnedLocalCluster(LocalCluster):
         kwargs.setdefault("memory_limit", "auto")
         super().__init__(n_workers=0, **kwargs)
         self.scale(len(self._envs))
-        self.sync(self._wait_all)
-
-    async def _wait_all(self) -> None:
-        await self._correct_state()
-        if self.scheduler_comm is not None:
-            await self.scheduler_comm.wait_for_workers(n_workers=len(self._envs))
+        self.sync(self._correct_state)  # starts the workers and waits until each has started
 
     def new_worker_spec(self) -> dict[Any, Any]:
         i = len(self.worker_spec)
