@@ -50,13 +50,14 @@ def worker_envs(n_workers: int, devices: Sequence[str]) -> list[dict[str, str]]:
 def local_cluster(n: int | None, devices: Sequence[str], *, cuda_cluster_class: str | None = None
                   ) -> tuple[str | None, dict[str, Any]]:
     """The cluster class and keyword arguments of ``--dask local[:N]``: ``N`` single-threaded worker processes (2
-    without devices when not given; one per visible device with them), worker ``i`` pinned to device ``i``
+    without devices when not given; one per visible device with them) reporting to the flow's Prefect API, worker
+    ``i`` pinned to device ``i``
     (dask-cuda's ``LocalCUDACluster`` when ``cuda_cluster_class`` names it, else
     :class:`flows.dask_cluster.PinnedLocalCluster`)."""
     n = n if n is not None else (len(devices) or 2)
     kwargs: dict[str, Any] = {"n_workers": n, "threads_per_worker": 1, "dashboard_address": None}
     if not devices:
-        return None, kwargs | {"processes": True}
+        return "flows.dask_cluster.PinnedLocalCluster", kwargs | {"processes": True, "worker_envs": worker_envs(n, [])}
     if cuda_cluster_class:
         return cuda_cluster_class, kwargs | {"CUDA_VISIBLE_DEVICES": ",".join(devices)}
     return "flows.dask_cluster.PinnedLocalCluster", kwargs | {"processes": True, "worker_envs": worker_envs(n, devices)}
@@ -88,8 +89,7 @@ def task_runner_for(dask: str | None, *, cluster_class: str | None = None,
                 "n_workers": n or 2, "threads_per_worker": 1, "processes": True, "dashboard_address": None})
         devices = visible_devices() if devices is None else list(devices)
         cls, kwargs = local_cluster(n, devices, cuda_cluster_class=_dask_cuda())
-        return DaskTaskRunner(cluster_class=cls, cluster_kwargs=kwargs | scratch) if cls else \
-            DaskTaskRunner(cluster_kwargs=kwargs | scratch)
+        return DaskTaskRunner(cluster_class=cls, cluster_kwargs=kwargs | scratch)
     if "://" not in dask:
         raise UserError(f"--dask {dask!r}: use local, local:N or a scheduler address such as tcp://host:8786")
     return DaskTaskRunner(address=dask)

@@ -60,8 +60,8 @@ def score(out_path: OutFileOpt,
 
 @takes("model", "data", "audit", "factors", "runtime", "queries", "sampling", "search", "verify", "quality",
        "output")
-def audit(dask: Annotated[str | None, typer.Option(help="Run mapped stages on Dask: local, local:N or "
-                                                       "tcp://host:port")] = None,
+def audit(dask: Annotated[str | None, typer.Option(help="Run mapped stages on Dask: local (one worker per visible "
+                                                       "GPU, pinned; 2 on a CPU), local:N or tcp://host:port")] = None,
           dask_cluster_class: Annotated[str | None, typer.Option(help="e.g. dask_cuda.LocalCUDACluster for GPUs")]
           = None, opts: Opts = None) -> None:
     """Run the full audit flow: validate, sample, fit, score, merge, validate, record in MLflow, open review."""

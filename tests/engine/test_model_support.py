@@ -97,6 +97,22 @@ def test_one_group_per_call_joins_into_the_grouped_fit_exactly():
         eng.fit_covariance(docs, layers=["nope"])
 
 
+def test_groups_fitted_from_two_threads_at_once_do_not_see_each_others_layers():
+    """The default runner maps (shard, group) pairs over threads of one process, on one engine: each group's runner
+    hooks its own layers of the shared model, so their passes must not overlap (they share the engine's lock)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    docs = random_examples(8)
+    eng = InfluenceEngine(tiny_gpt2(), None, layers="all", precision="fp64", device_memory_budget=18_000)
+    groups = [list(g) for g in eng.layer_groups()]
+    alone = [eng.fit_covariance(docs, layers=g) for g in groups]
+    with ThreadPoolExecutor(len(groups)) as pool:
+        together = list(pool.map(lambda g: eng.fit_covariance(docs, layers=g), groups * 3))
+    for a, b in zip(alone * 3, together, strict=True):
+        assert list(a.specs) == list(b.specs) and a.n_tokens == b.n_tokens
+        assert all(torch.equal(a.A[n], b.A[n]) and torch.equal(a.S[n], b.S[n]) for n in a.specs)
+
+
 def test_presets_mean_the_same_on_every_family():
     """OPT's fc1/fc2 under the decoder layer and GPT-J's fc_in/fc_out are its MLP; routers and the head never count;
     a family without names falls back to the decoder blocks' structure."""

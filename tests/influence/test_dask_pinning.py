@@ -26,7 +26,8 @@ def test_worker_i_is_pinned_to_device_i():
     assert worker_envs(2, ["0", "1"]) == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
     assert worker_envs(3, ["4", "6"]) == [{"CUDA_VISIBLE_DEVICES": d} for d in ("4", "6", "4")]  # round robin
     cls, kw = local_cluster(None, [])
-    assert cls is None and kw["n_workers"] == 2 and kw["threads_per_worker"] == 1 and "worker_envs" not in kw
+    assert cls == "flows.dask_cluster.PinnedLocalCluster" and kw["worker_envs"] == [{}, {}]
+    assert kw["n_workers"] == 2 and kw["threads_per_worker"] == 1
     cls, kw = local_cluster(None, [str(i) for i in range(8)])  # local: one worker per visible device
     assert cls == "flows.dask_cluster.PinnedLocalCluster" and kw["n_workers"] == 8
     assert [e["CUDA_VISIBLE_DEVICES"] for e in kw["worker_envs"]] == [str(i) for i in range(8)]
@@ -40,22 +41,24 @@ def test_task_runner_pins_local_workers_when_devices_are_visible(monkeypatch):
     assert r.cluster_class == "flows.dask_cluster.PinnedLocalCluster"
     assert r.cluster_kwargs["worker_envs"] == [{"CUDA_VISIBLE_DEVICES": "3"}, {"CUDA_VISIBLE_DEVICES": "5"}]
     r = task_runner_for("local", devices=[])
-    assert r.cluster_class is None and r.cluster_kwargs["n_workers"] == 2
+    assert r.cluster_kwargs["worker_envs"] == [{}, {}] and r.cluster_kwargs["n_workers"] == 2
     with pytest.raises(UserError, match="at least one worker"):
         task_runner_for("local:0", devices=[])
 
 
 @pytest.mark.slow
-def test_pinned_local_cluster_gives_each_worker_its_own_device(tmp_path):
+def test_pinned_local_cluster_gives_each_worker_its_own_device(tmp_path, monkeypatch):
     from distributed import Client
 
     from flows.dask_cluster import PinnedLocalCluster
 
     envs = worker_envs(2, ["0", "1"])
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4321/api")  # the flow's API, handed to every worker
     with PinnedLocalCluster(worker_envs=envs, threads_per_worker=1, processes=True, dashboard_address=None,
                             local_directory=str(tmp_path)) as cluster, Client(cluster) as client:
-        seen = client.run(lambda: (os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("OMP_NUM_THREADS")))
+        seen = client.run(lambda: (os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("OMP_NUM_THREADS"),
+                                   os.environ.get("PREFECT_API_URL")))
         assert sorted(v[0] for v in seen.values()) == ["0", "1"]
-        assert {v[1] for v in seen.values()} == {"1"}  # still one thread per worker
+        assert {v[1:] for v in seen.values()} == {("1", "http://127.0.0.1:4321/api")}  # one thread per worker
         names = {w["name"]: w for w in client.scheduler_info()["workers"].values()}
         assert sorted(names) == [0, 1]
