@@ -171,10 +171,10 @@ class IndexOptions(_Group):
     @field_validator("sketch")
     @classmethod
     def _sketch(cls, v: str) -> str:  # influence_engine.index.parse_sketch_spec's grammar (without importing torch)
-        if not re.fullmatch(r"\s*(off|none|top\s*:\s*[1-9]\d*|[1-9]\d*\s*[xX]\s*[1-9]\d*|(eigen|pca)\s*:\s*[1-9]\d*"
+        if not re.fullmatch(r"\s*(off|none|(top|lowrank)\s*:\s*[1-9]\d*|[1-9]\d*\s*[xX]\s*[1-9]\d*|(eigen|pca)\s*:\s*[1-9]\d*"
                             r"(\s*[xX]\s*[1-9]\d*)?)\s*", v, flags=re.IGNORECASE):
-            raise ValueError("give top:M (coordinates kept, e.g. top:4096), OUTxIN such as 16x16 (a random sketch), "
-                             "eigen:OUTxIN, pca:OUTxIN, or off")
+            raise ValueError("give top:M (coordinates kept, e.g. top:4096), lowrank:R, OUTxIN such as 16x16 (a random "
+                             "sketch), eigen:OUTxIN, pca:OUTxIN, or off")
         return v
 
 

@@ -45,6 +45,7 @@ def test_sketch_specs():
     assert parse_sketch_spec("PCA:4x6") == ("pca", (4, 6))
     assert parse_sketch_spec("off") is None
     assert parse_sketch_spec("top:4096") == ("top", (4096, 0))
+    assert parse_sketch_spec("lowrank:8") == ("lowrank", (8, 0))
     for bad in ("16", "eigen:", "pca:0x3", "svd:4x4", "top:0", "top:4x4"):
         with pytest.raises(UserError, match="--sketch"):
             parse_sketch_spec(bad)
@@ -59,6 +60,22 @@ def test_full_rank_top_sketch_gives_the_exact_scores(setup, tmp_path):
     assert index.width == total
     np.testing.assert_allclose(_scores(index, eng, queries, factors), ref, rtol=1e-10, atol=1e-10 * np.abs(ref).max())
     assert _index(tmp_path / "small", eng, docs, factors, "top:37").width == 37
+
+
+def test_full_rank_lowrank_index_gives_the_exact_scores(setup, tmp_path):
+    """Every singular triplet kept (rank 9 covers the tiny model's layers): the factored score is the exact one;
+    at rank 1 it is the product of the leading triplets, searched like the rest."""
+    eng, docs, queries, factors, ref = setup
+    index = _index(tmp_path / "ix", eng, docs, factors, "lowrank:9")
+    assert index.width == 9 * sum(s.out_features + s.a_dim for s in eng.specs.values())
+    rows = torch.from_numpy(np.concatenate([index.rows(p.name) for p in index.parts()]))
+    got = index.scores(rows, index.query_vectors(eng, queries, factors)).T.numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-9 * np.abs(ref).max())
+    scores, ids = index.search(index.query_vectors(eng, queries, factors), top_k=4)
+    order = np.argsort(-ref, axis=1)[:, :4]
+    assert ids == [[docs[j].id for j in row] for row in order]
+    one = _index(tmp_path / "one", eng, docs, factors, "lowrank:1")
+    assert not one.orthonormal
 
 
 def test_top_sketch_keeps_the_coordinates_of_largest_score_energy(setup):
