@@ -83,9 +83,12 @@ def parse_sketch_spec(text: str | None) -> tuple[str, tuple[int, int]] | None:
     ``off``/``none``/empty -> None (no sketch: exact scores)."""
     if text is None or str(text).strip().lower() in ("", "off", "none", "0"):
         return None
-    m = re.fullmatch(r"\s*(top|lowrank)\s*:\s*(\d+)\s*", str(text), re.IGNORECASE)
-    if m and int(m.group(2)) >= 1:
-        return m.group(1).lower(), (int(m.group(2)), 0)
+    m = re.fullmatch(r"\s*top\s*:\s*(\d+)\s*", str(text), re.IGNORECASE)
+    if m and int(m.group(1)) >= 1:
+        return "top", (int(m.group(1)), 0)
+    m = re.fullmatch(r"\s*lowrank\s*:\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", str(text), re.IGNORECASE)
+    if m and int(m.group(1)) >= 1 and 1 <= int(m.group(2) or m.group(1)) <= int(m.group(1)):
+        return "lowrank", (int(m.group(1)), int(m.group(2) or m.group(1)))
     m = re.fullmatch(r"\s*(?:(random|eigen|pca)\s*:\s*)?(\d+)\s*(?:[xX]\s*(\d+))?\s*", str(text), re.IGNORECASE)
     if not m or (m.group(1) is None and m.group(3) is None) or int(m.group(2)) < 1 or (
             m.group(3) is not None and int(m.group(3)) < 1):
@@ -105,8 +108,10 @@ def parse_sketch(text: str | None) -> tuple[int, int] | None:
 def sketch_name(kind: str, size: tuple[int, int] | None) -> str:
     if size is None:
         return "off"
-    if kind in ("top", "lowrank"):
-        return f"{kind}:{size[0]}"
+    if kind == "top":
+        return f"top:{size[0]}"
+    if kind == "lowrank":
+        return f"lowrank:{size[0]}" + ("" if size[1] == size[0] else f"x{size[1]}")
     return f"{size[0]}x{size[1]}" if kind == "random" else f"{kind}:{size[0]}x{size[1]}"
 
 
@@ -720,14 +725,15 @@ class GradientIndex:
         spec = parse_sketch_spec(self.meta["sketch"])
         if spec is None or spec[0] != "lowrank":
             return X @ qv.T
-        r = spec[1][0]
+        r, rq = spec[1]  # the documents' rank, the queries' (their leading triplets)
         B, Q = X.shape[0], qv.shape[0]
         out = X.new_zeros(B, Q)
         for lay in self.meta["layers"]:
             o, i, at = lay["out"], lay["in"], lay["offset"]
             du, dv = X[:, at:at + r * o].reshape(B * r, o), X[:, at + r * o:at + r * (o + i)].reshape(B * r, i)
-            qu, qw = qv[:, at:at + r * o].reshape(Q * r, o), qv[:, at + r * o:at + r * (o + i)].reshape(Q * r, i)
-            out += ((du @ qu.T) * (dv @ qw.T)).view(B, r, Q, r).sum(dim=(1, 3))
+            qu = qv[:, at:at + r * o].reshape(Q, r, o)[:, :rq].reshape(Q * rq, o)
+            qw = qv[:, at + r * o:at + r * (o + i)].reshape(Q, r, i)[:, :rq].reshape(Q * rq, i)
+            out += ((du @ qu.T) * (dv @ qw.T)).view(B, r, Q, rq).sum(dim=(1, 3))
         return out
 
     def query_vectors(self, eng: Any, queries: Sequence[Example], factors: Factors,
