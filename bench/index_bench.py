@@ -113,7 +113,7 @@ def build(eng: InfluenceEngine, docs: list[Example], factors, sketch: str, root:
 
 
 def all_index_scores(index: GradientIndex, qv: torch.Tensor) -> np.ndarray:
-    out = [torch.from_numpy(np.array(index.rows(p.name))).float() @ qv.float().T for p in index.parts()]
+    out = [index.scores(torch.from_numpy(np.array(index.rows(p.name))).float(), qv.float()) for p in index.parts()]
     return torch.cat(out).T.double().numpy()
 
 

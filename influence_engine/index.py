@@ -75,7 +75,7 @@ def store_dtype(precision: str, choice: str = "auto") -> str:
 
 
 # ------------------------------------------------------------------------------------------------- sketch
-SKETCH_KINDS = ("random", "eigen", "pca", "top")
+SKETCH_KINDS = ("random", "eigen", "pca", "top", "lowrank")
 
 
 def parse_sketch_spec(text: str | None) -> tuple[str, tuple[int, int]] | None:
@@ -87,6 +87,9 @@ def parse_sketch_spec(text: str | None) -> tuple[str, tuple[int, int]] | None:
     m = re.fullmatch(r"\s*top\s*:\s*(\d+)\s*", str(text), re.IGNORECASE)
     if m and int(m.group(1)) >= 1:
         return "top", (int(m.group(1)), 0)
+    m = re.fullmatch(r"\s*lowrank\s*:\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", str(text), re.IGNORECASE)
+    if m and int(m.group(1)) >= 1 and 1 <= int(m.group(2) or m.group(1)) <= int(m.group(1)):
+        return "lowrank", (int(m.group(1)), int(m.group(2) or m.group(1)))
     m = re.fullmatch(r"\s*(?:(random|eigen|pca)\s*:\s*)?(\d+)\s*(?:[xX]\s*(\d+))?\s*", str(text), re.IGNORECASE)
     if not m or (m.group(1) is None and m.group(3) is None) or int(m.group(2)) < 1 or (
             m.group(3) is not None and int(m.group(3)) < 1):
@@ -108,6 +111,8 @@ def sketch_name(kind: str, size: tuple[int, int] | None) -> str:
         return "off"
     if kind == "top":
         return f"top:{size[0]}"
+    if kind == "lowrank":
+        return f"lowrank:{size[0]}" + ("" if size[1] == size[0] else f"x{size[1]}")
     return f"{size[0]}x{size[1]}" if kind == "random" else f"{kind}:{size[0]}x{size[1]}"
 
 
@@ -160,6 +165,8 @@ class Sketch:
         energy (:func:`score_energy`)."""
         if kind not in SKETCH_KINDS:
             raise UserError(f"sketch kind {kind!r}: choose {', '.join(SKETCH_KINDS)}")
+        if kind == "lowrank" and size is not None:
+            return cls(size, seed, dict.fromkeys(specs), dict.fromkeys(specs), kind)
         if kind == "top" and size is not None:
             if energy is None:
                 raise ValueError("a top sketch needs the coordinates' score energy")
@@ -204,6 +211,8 @@ class Sketch:
         """The stored block's shape for this layer."""
         if self.keep is not None:
             return 1, len(self.keep[spec.name])
+        if self.kind == "lowrank" and self.size is not None:
+            return self.size[0], spec.out_features + spec.a_dim
         o, i = self.out[spec.name], self.inp[spec.name]
         return (spec.out_features if o is None else o.shape[0], spec.a_dim if i is None else i.shape[0])
 
@@ -239,6 +248,7 @@ class IndexAccumulator(BaseAccumulator):
             op["S_out"] = None if sketch.out[n] is None else sketch.out[n].to(device, dtype)
             op["S_in"] = None if sketch.inp[n] is None else sketch.inp[n].to(device, dtype)
             op["keep"] = None if sketch.keep is None else sketch.keep[n].to(device)
+            op["rank"] = sketch.size[0] if sketch.kind == "lowrank" and sketch.size is not None else None
             self.ops[n] = op
         self._pending: dict[str, torch.Tensor] = {}
 
@@ -282,6 +292,19 @@ class IndexAccumulator(BaseAccumulator):
         if self.probes is not None:
             p = torch.einsum("bij,pij->bp", W, self.probes[spec.name]).double()
             self._probe = p if self._probe is None else self._probe + p
+        if op["rank"] is not None:  # the R leading singular triplets: rows (σ u)^T then v^T, zero-padded to R
+            r = op["rank"]
+            U, sv, Vh = torch.linalg.svd(W, full_matrices=False)
+            k = min(r, sv.shape[1])
+            us = (U[:, :, :k] * sv[:, None, :k]).transpose(1, 2)
+            v = Vh[:, :k, :]
+            if k < r:
+                us = torch.cat([us, us.new_zeros(us.shape[0], r - k, us.shape[2])], 1)
+                v = torch.cat([v, v.new_zeros(v.shape[0], r - k, v.shape[2])], 1)
+            kept = sv[:, :k].double().square().sum(1)
+            self._norms = (torch.stack([full, kept], 1) if self._norms is None
+                           else self._norms + torch.stack([full, kept], 1))
+            return torch.cat([us.flatten(1), v.flatten(1)], dim=1)
         if op["keep"] is not None:
             W = W.flatten(1)[:, op["keep"]]
         if op["S_out"] is not None:
@@ -518,7 +541,8 @@ class GradientIndex:
         offset = 0
         for s in eng.specs.values():
             rows, cols = sk.shape(s)
-            layers.append({"name": s.name, "rows": rows, "cols": cols, "offset": offset})
+            layers.append({"name": s.name, "rows": rows, "cols": cols, "offset": offset, "out": s.out_features,
+                           "in": s.a_dim})
             offset += rows * cols
         settings = factors.settings
         meta = {"format_version": FORMAT_VERSION, "strategy": factors.strategy,
@@ -676,7 +700,7 @@ class GradientIndex:
             if not path.exists():
                 return None
             exact.append(np.load(path))
-            approx.append((torch.from_numpy(np.array(self.rows(p.name), dtype=np.float64)) @ qv.T).numpy())
+            approx.append(self.scores(torch.from_numpy(np.array(self.rows(p.name), dtype=np.float64)), qv).numpy())
         E, A = np.concatenate(exact).T, np.concatenate(approx).T
         n = E.shape[1]
         kk = min(k, n)
@@ -696,6 +720,23 @@ class GradientIndex:
         return sum(p.stat().st_size for p in (self.directory / "parts").glob("*") if p.is_file())
 
     # -- search
+    def scores(self, X: torch.Tensor, qv: torch.Tensor) -> torch.Tensor:
+        """Index scores (B, Q) of stored rows ``X`` (B, width) against query vectors ``qv`` (Q, width): their inner
+        product, or for a ``lowrank`` index ``Σ_layers Σ_jk (x_j·u_k)(y_j·v_k)`` over both sides' factors."""
+        spec = parse_sketch_spec(self.meta["sketch"])
+        if spec is None or spec[0] != "lowrank":
+            return X @ qv.T
+        r, rq = spec[1]  # the documents' rank, the queries' (their leading triplets)
+        B, Q = X.shape[0], qv.shape[0]
+        out = X.new_zeros(B, Q)
+        for lay in self.meta["layers"]:
+            o, i, at = lay["out"], lay["in"], lay["offset"]
+            du, dv = X[:, at:at + r * o].reshape(B * r, o), X[:, at + r * o:at + r * (o + i)].reshape(B * r, i)
+            qu = qv[:, at:at + r * o].reshape(Q, r, o)[:, :rq].reshape(Q * rq, o)
+            qw = qv[:, at + r * o:at + r * (o + i)].reshape(Q, r, i)[:, :rq].reshape(Q * rq, i)
+            out += ((du @ qu.T) * (dv @ qw.T)).view(B, r, Q, rq).sum(dim=(1, 3))
+        return out
+
     def query_vectors(self, eng: Any, queries: Sequence[Example], factors: Factors,
                       stats: dict[str, np.ndarray] | None = None) -> torch.Tensor:
         """The queries' vectors (Q, width): their gradients (completion given prompt) rotated, scaled by
@@ -719,7 +760,7 @@ class GradientIndex:
             all_ids += self.ids(part.name)
             for s in range(0, rows.shape[0], block):
                 X = torch.from_numpy(np.array(rows[s:s + block])).to(device, dt)  # a copy: read-only map
-                topk.push(X @ qv.T, torch.arange(base + s, base + s + X.shape[0]))
+                topk.push(self.scores(X, qv), torch.arange(base + s, base + s + X.shape[0]))
         if topk.values is None:
             return np.zeros((len(qv), 0)), [[] for _ in range(len(qv))]
         idx = topk.index.cpu().numpy()
@@ -729,6 +770,9 @@ class GradientIndex:
                      hnsw_m: int = 32, ef_search: int = 256) -> tuple[np.ndarray, list[list[str]]]:
         """Approximate top ``top_k`` with a FAISS HNSW inner-product index over every part (built on first use
         and kept in the index directory as ``faiss-hnsw.index``; optional extra ``faiss-cpu``)."""
+        if str(self.meta["sketch"]).startswith("lowrank"):
+            raise UserError("--search faiss: not with a lowrank index (its scores are not one inner product)",
+                            hint="use --search exact")
         try:
             import faiss
         except ImportError:

@@ -51,7 +51,7 @@ def flag_of(model: type[BaseModel], name: str) -> str:
 DEFAULT_DAMPING = "auto:0.0001"  # chosen by the paired LDS gain over kronfluence on both benchmarks (issue 25)
 DEFAULT_FISHER = "empirical"
 # chosen on the demo and the held-out corpus (docs/performance.md, the index section; issue 23)
-DEFAULT_SKETCH = "top:4096"
+DEFAULT_SKETCH = "lowrank:4x2"
 
 
 class _Group(BaseModel):
@@ -171,10 +171,11 @@ class IndexOptions(_Group):
     @field_validator("sketch")
     @classmethod
     def _sketch(cls, v: str) -> str:  # influence_engine.index.parse_sketch_spec's grammar (without importing torch)
-        if not re.fullmatch(r"\s*(off|none|top\s*:\s*[1-9]\d*|[1-9]\d*\s*[xX]\s*[1-9]\d*|(eigen|pca)\s*:\s*[1-9]\d*"
-                            r"(\s*[xX]\s*[1-9]\d*)?)\s*", v, flags=re.IGNORECASE):
-            raise ValueError("give top:M (coordinates kept, e.g. top:4096), OUTxIN such as 16x16 (a random sketch), "
-                             "eigen:OUTxIN, pca:OUTxIN, or off")
+        n, nxn = r"[1-9]\d*", r"[1-9]\d*\s*[xX]\s*[1-9]\d*"
+        kinds = rf"off|none|top\s*:\s*{n}|lowrank\s*:\s*({nxn}|{n})|{nxn}|(eigen|pca)\s*:\s*({nxn}|{n})"
+        if not re.fullmatch(rf"\s*({kinds})\s*", v, flags=re.IGNORECASE):
+            raise ValueError("give lowrank:R[xQ] (each layer at rank R, queries at Q), top:M (coordinates kept), "
+                             "OUTxIN such as 16x16 (a random sketch), eigen:OUTxIN, pca:OUTxIN, or off")
         return v
 
 

@@ -39,7 +39,7 @@ class IndexOptions:
     """How an index is built and searched: ``sketch`` (``OUTxIN`` per layer, or ``off``), stored ``dtype``
     (``auto``: fp64 for fp64 passes, else fp16), ``search`` (``exact`` or ``faiss``)."""
 
-    sketch: str = "16x16"
+    sketch: str = "lowrank:4x2"  # tasks/options.py's DEFAULT_SKETCH
     dtype: str = "auto"
     search: str = "exact"
     probes: int = 8

@@ -119,6 +119,6 @@ def test_refused_values_name_their_flag():
         build_group(FactorOptions, {"damping": "lots"})
     with pytest.raises(UserError, match=r"^--verify -1: must be >= 0"):
         build_group(VerifyOptions, {"verify_k": -1})
-    with pytest.raises(UserError, match=r"^--sketch 'big': give top:M"):
+    with pytest.raises(UserError, match=r"^--sketch 'big': give lowrank:R"):
         build_group(IndexOptions, {"sketch": "big"}, partial=True)
     assert isinstance(build_group(FactorOptions, {}), BaseModel)

@@ -33,8 +33,10 @@ def test_index_audit_matches_exact_scoring_and_is_reused(demo_model, demo_data, 
     assert a["train_id"].to_list() == b["train_id"].to_list()
     assert b["score"].to_numpy() == pytest.approx(a["score"].to_numpy(), rel=1e-9, abs=1e-12)
     manifest = json.loads((Path(by_index["candidates"]).parent / "manifest.json").read_text())
-    parts = sorted((Path(manifest["index"]) / "parts").glob("*.npy"))
+    parts = sorted(p for p in (Path(manifest["index"]) / "parts").glob("*.npy")
+                   if not p.name.endswith((".norms.npy", ".probe.npy")))  # rows; beside them norms and probe scores
     assert len(parts) == 3 and manifest["stages"]["build_index"] == "done"
+    assert manifest["index_probe_recall"]["recall_at_10"] == 1.0  # sketch off: the index finds its probes' top 10
     mtimes = [p.stat().st_mtime_ns for p in parts]
 
     again = influence_audit(_params(demo_model, demo_data, home, precision="fp64", query_rank=0, use_index=True,

@@ -45,7 +45,9 @@ def test_sketch_specs():
     assert parse_sketch_spec("PCA:4x6") == ("pca", (4, 6))
     assert parse_sketch_spec("off") is None
     assert parse_sketch_spec("top:4096") == ("top", (4096, 0))
-    for bad in ("16", "eigen:", "pca:0x3", "svd:4x4", "top:0", "top:4x4"):
+    assert parse_sketch_spec("lowrank:8") == ("lowrank", (8, 8))
+    assert parse_sketch_spec("lowrank:4x2") == ("lowrank", (4, 2))
+    for bad in ("16", "eigen:", "pca:0x3", "svd:4x4", "top:0", "top:4x4", "lowrank:2x3"):
         with pytest.raises(UserError, match="--sketch"):
             parse_sketch_spec(bad)
 
@@ -59,6 +61,36 @@ def test_full_rank_top_sketch_gives_the_exact_scores(setup, tmp_path):
     assert index.width == total
     np.testing.assert_allclose(_scores(index, eng, queries, factors), ref, rtol=1e-10, atol=1e-10 * np.abs(ref).max())
     assert _index(tmp_path / "small", eng, docs, factors, "top:37").width == 37
+
+
+def test_full_rank_lowrank_index_gives_the_exact_scores(setup, tmp_path):
+    """Every singular triplet kept (rank 9 covers the tiny model's layers): the factored score is the exact one;
+    at rank 1 it is the product of the leading triplets, searched like the rest."""
+    eng, docs, queries, factors, ref = setup
+    index = _index(tmp_path / "ix", eng, docs, factors, "lowrank:9")
+    assert index.width == 9 * sum(s.out_features + s.a_dim for s in eng.specs.values())
+    rows = torch.from_numpy(np.concatenate([index.rows(p.name) for p in index.parts()]))
+    got = index.scores(rows, index.query_vectors(eng, queries, factors)).T.numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-9 * np.abs(ref).max())
+    scores, ids = index.search(index.query_vectors(eng, queries, factors), top_k=4)
+    order = np.argsort(-ref, axis=1)[:, :4]
+    assert ids == [[docs[j].id for j in row] for row in order]
+    one = _index(tmp_path / "one", eng, docs, factors, "lowrank:3x1")
+    assert not one.orthonormal
+    r1 = one.scores(torch.from_numpy(np.concatenate([one.rows(p.name) for p in one.parts()])),
+                    one.query_vectors(eng, queries, factors)).T.numpy()
+    # by hand: each layer's whitened gradient W (one.sketch off); the query's leading triplet, the documents' three
+    full = GradientIndex.create(tmp_path / "full", eng, factors, sketch=None, dtype="fp64")
+    full.build_part("all", eng, docs, factors)
+    from influence_engine.index import layer_blocks
+    wd = layer_blocks(eng.specs, torch.from_numpy(np.array(full.rows("all"))))
+    wq = layer_blocks(eng.specs, full.query_vectors(eng, queries, factors))
+
+    def trunc(W, k):
+        U, sv, Vh = torch.linalg.svd(W, full_matrices=False)
+        return (U[..., :k] * sv[..., None, :k]) @ Vh[..., :k, :]
+    by_hand = sum(trunc(wq[n], 1).flatten(1) @ trunc(wd[n], 3).flatten(1).T for n in eng.specs).numpy()
+    np.testing.assert_allclose(r1, by_hand, rtol=1e-8, atol=1e-10 * np.abs(by_hand).max())
 
 
 def test_top_sketch_keeps_the_coordinates_of_largest_score_energy(setup):
