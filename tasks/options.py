@@ -234,7 +234,7 @@ class QualityOptions(_Group):
     cutoff: float = option(3.5, gt=0, help="Robust z-score from which an issue is flagged")
     near_duplicate_threshold: float = option(0.7, gt=0, le=1, help="Similarity (character 5-grams) from which "
                                                                    "documents are near duplicates")
-    max_flagged: float = option(0.1, ge=0, le=1, help="Largest share of the corpus flagged, most severe first "
+    max_flagged: float = option(0.15, ge=0, le=1, help="Largest share of the corpus flagged, most severe first "
                                                       "(1: every document above a cut-off)")
     hot_spots: int = option(10, ge=0, help="Token positions kept per document in the per-token report (0: all)")
 

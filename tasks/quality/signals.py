@@ -104,7 +104,7 @@ class QualitySettings:
 
     cutoff: float = 3.5
     near_duplicate_threshold: float = 0.7
-    max_flagged: float = 0.1
+    max_flagged: float = 0.15
     candidate_threshold: float = 0.5  # LSH candidates from here: similarities below the flag still score
     num_perm: int = 128
     shingle: int = 5

@@ -232,7 +232,7 @@ def test_a_dirty_corpus_gets_its_worst_first_and_at_most_the_bounded_share():
     bump = np.zeros(n)
     bump[noisy] = np.linspace(2.0, 5.0, len(noisy))  # char surprisal 2.5 + bump: z from ~20 up
     signals = signals.with_columns(pl.Series("char_surprisal", signals["char_surprisal"].to_numpy() + bump))
-    report = build_report(signals, QualitySettings())
+    report = build_report(signals, QualitySettings(max_flagged=0.1))
     flagged_ids = report.filter(pl.col("low_quality"))["id"].to_list()
     assert len(flagged_ids) == 10 and report.select(pl.any_horizontal(list(ISSUE_TYPES))).to_series().sum() == 10
     worst = [f"d{i:03d}" for i in sorted(noisy, key=lambda i: -bump[i])[:10]]
