@@ -7,7 +7,6 @@ Agg canvas (no pyplot state); files are written atomically.
 
 from __future__ import annotations
 
-import html
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,7 +17,7 @@ import polars as pl
 from matplotlib.figure import Figure
 
 from influence_engine.atomic import atomic_path
-from tasks.influence.report import _CSS, _placeholder, _save
+from tasks.influence.report import _CSS, _placeholder, _save, _templates
 from tasks.quality.signals import ABOUT, ISSUE_TYPES, above_cutoff, duplicate_groups, issue_reason, snippet, summary
 
 __all__ = ["plot_loss_vs_self_influence", "plot_self_influence", "render_quality_html", "terminal_report"]
@@ -80,26 +79,11 @@ def plot_loss_vs_self_influence(report: pl.DataFrame, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
-
-
 def _num(x: Any) -> str:
     if x is None:
         return ""
     x = float(x)
     return f"{x:.4g}" if math.isfinite(x) else str(x)
-
-
-def _summary_html(report: pl.DataFrame) -> str:
-    s = summary(report).sort("num_issues", descending=True, maintain_order=True)
-    rows = "".join(f'<tr><td><a href="#{_e(r["issue_type"])}">{_e(r["issue_type"])}</a></td>'
-                   f'<td class="num">{r["num_issues"]}</td><td class="num">{r["mean_score"]:.3f}</td></tr>'
-                   for r in s.iter_rows(named=True))
-    return ("<h2>Summary</h2><p>Here is a summary of the issues found in the training data "
-            f"({_e(_flag_line(report))}). Scores are in [0, 1], higher = more severe; an issue's cut-off (score "
-            "0.5) is set against this corpus.</p><table><thead><tr><th>issue type</th><th>num issues</th>"
-            f"<th>mean score</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
 def _flag_line(report: pl.DataFrame) -> str:
@@ -113,70 +97,41 @@ def _flag_line(report: pl.DataFrame) -> str:
     return line
 
 
-def _groups_html(report: pl.DataFrame, texts: Mapping[str, str]) -> str:
-    groups = duplicate_groups(report)
-    if groups.height == 0:
-        return ""
-    out = ["<h3>Duplicate groups</h3>", f"<p>{groups.height} groups of copies ({int(groups['size'].sum())} "
-           "documents; the first member of each is kept, the others are flagged). Largest first:</p>",
-           "<table><thead><tr><th>kept</th><th>documents</th><th>similarity</th><th>members</th><th>text</th>"
-           "</tr></thead><tbody>"]
-    for r in groups.head(TOP_GROUPS).iter_rows(named=True):
-        out.append(f'<tr><td>{_e(r["group"])}</td><td class="num">{r["size"]}</td>'
-                   f'<td class="num">{r["similarity"]:.2f}</td><td>{_e(", ".join(r["members"]))}</td>'
-                   f'<td>{_e(snippet(texts.get(r["group"], ""), 160))}</td></tr>')
-    out.append("</tbody></table>")
-    return "\n".join(out)
-
-
-def _hot_html(hot: Mapping[str, list[tuple[str, float]]], doc_id: str) -> str:
-    spots = hot.get(doc_id, [])[:HOT_SHOWN]
-    return ", ".join(f"<code>{_e(tok.strip() or repr(tok))}</code> {100 * share:.0f}%" for tok, share in spots)
-
-
-def _issue_html(report: pl.DataFrame, issue: str, texts: Mapping[str, str],
-                hot: Mapping[str, list[tuple[str, float]]]) -> str:
-    flagged = report.filter(pl.col(issue))
+def _issue(report: pl.DataFrame, issue: str, texts: Mapping[str, str],
+           hot: Mapping[str, list[tuple[str, float]]]) -> dict[str, Any]:
+    """One issue type's section of the page: its count, quality, most severe documents and (near duplicates) the
+    duplicate groups."""
     top = report.sort([f"{issue}_score", "id"], descending=[True, False]).head(TOP_PER_ISSUE)
-    out = [f'<section id="{_e(issue)}"><h2>{_e(issue)} issues</h2>',
-           f'<p><b>About this issue:</b> {_e(ABOUT[issue])}</p>',
-           f"<p>Number of documents with this issue: <b>{flagged.height}</b>. Overall data quality in terms of "
-           f"this issue (1 - mean score): <b>{1 - float(report[f'{issue}_score'].mean() or 0.0):.3f}</b>.</p>",
-           "<p>Documents representing the most severe instances of this issue:</p>",
-           "<table><thead><tr><th>id</th><th>flagged</th><th>score</th><th>self-influence</th><th>loss</th>"
-           "<th>why</th><th>hot spots (share of self-influence)</th><th>text</th></tr></thead><tbody>"]
-    for r in top.iter_rows(named=True):
-        why = issue_reason(r["reason"], issue) if r[issue] else ""
-        out.append(f'<tr><td>{_e(r["id"])}</td><td>{"yes" if r[issue] else "no"}</td>'
-                   f'<td class="num">{r[f"{issue}_score"]:.3f}</td><td class="num">{_num(r["self_influence"])}</td>'
-                   f'<td class="num">{_num(r["loss"])}</td><td>{_e(why)}</td><td>{_hot_html(hot, r["id"])}</td>'
-                   f'<td>{_e(snippet(texts.get(r["id"], ""), 240))}</td></tr>')
-    out.append("</tbody></table>")
+    rows = [{"id": r["id"], "flagged": bool(r[issue]), "score": r[f"{issue}_score"],
+             "self_influence": _num(r["self_influence"]), "loss": _num(r["loss"]),
+             "why": issue_reason(r["reason"], issue) if r[issue] else "",
+             "hot": [(tok.strip() or repr(tok), share) for tok, share in hot.get(r["id"], [])[:HOT_SHOWN]],
+             "text": snippet(texts.get(r["id"], ""), 240)} for r in top.iter_rows(named=True)]
+    groups = None
     if issue == "near_duplicate":
-        out.append(_groups_html(report, texts))
-    out.append("</section>")
-    return "\n".join(out)
+        g = duplicate_groups(report)
+        if g.height:
+            groups = {"count": g.height, "documents": int(g["size"].sum()),
+                      "rows": [{**r, "text": snippet(texts.get(r["group"], ""), 160)}
+                               for r in g.head(TOP_GROUPS).iter_rows(named=True)]}
+    return {"name": issue, "about": ABOUT[issue], "flagged": int(report[issue].sum()),
+            "quality": 1 - float(report[f"{issue}_score"].mean() or 0.0), "rows": rows, "groups": groups}
 
 
 def render_quality_html(report: pl.DataFrame, path: str | Path, *, title: str, meta: Mapping[str, str],
                         texts: Mapping[str, str], hot_spots: pl.DataFrame | None = None) -> Path:
     """One self-contained HTML page (inline CSS, no scripts or links): a ``meta`` table, the summary by issue
     type, then per issue type (most issues first) what it means, its count and its top documents, each with its
-    text and its hot spots (the tokens holding most of its self-influence, from ``hot_spots``)."""
+    text and its hot spots (the tokens holding most of its self-influence, from ``hot_spots``). Rendered with
+    Jinja2 (``templates/quality.html.j2``, the audit report's environment), every value escaped."""
     hot: dict[str, list[tuple[str, float]]] = {}
     if hot_spots is not None:
         for r in hot_spots.sort(["id", "rank"]).iter_rows(named=True):
             hot.setdefault(r["id"], []).append((r["token"], r["share"]))
-    meta_rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in meta.items())
-    order = summary(report).sort("num_issues", descending=True, maintain_order=True)["issue_type"].to_list()
-    page = "\n".join([
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
-        f'<header><h1>{_e(title)}</h1><table class="meta"><tbody>{meta_rows}</tbody></table></header>',
-        _summary_html(report),
-        *[_issue_html(report, t, texts, hot) for t in order],
-        "</body></html>", ""])
+    s = summary(report).sort("num_issues", descending=True, maintain_order=True)
+    page = _templates().get_template("quality.html.j2").render(
+        title=title, meta={str(k): str(v) for k, v in meta.items()}, css=_CSS, flag_line=_flag_line(report),
+        summary=list(s.iter_rows(named=True)), issues=[_issue(report, t, texts, hot) for t in s["issue_type"]])
     target = Path(path)
     with atomic_path(target) as tmp:
         tmp.write_text(page, encoding="utf-8")

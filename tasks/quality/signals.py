@@ -384,13 +384,7 @@ def near_duplicate_groups(ids: Sequence[str], hashes: Sequence[str], minhashes: 
     from datasketch import LeanMinHash, MinHashLSH
 
     n = len(ids)
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
+    edges: list[tuple[int, int]] = []  # pairs at the threshold: the groups are their connected components
 
     best = [0.0] * n
     nearest: list[str | None] = [None] * n
@@ -400,7 +394,7 @@ def near_duplicate_groups(ids: Sequence[str], hashes: Sequence[str], minhashes: 
             if sim > best[a] or (sim == best[a] and nearest[a] is not None and ids[b] < nearest[a]):
                 best[a], nearest[a] = sim, ids[b]
         if sim >= settings.near_duplicate_threshold:
-            parent[find(i)] = find(j)
+            edges.append((i, j))
 
     def lean(values: Sequence[int]) -> LeanMinHash:
         return LeanMinHash(seed=settings.seed, hashvalues=np.asarray(values, dtype=np.uint64), scheme=MINHASH_SCHEME)
@@ -430,9 +424,14 @@ def near_duplicate_groups(ids: Sequence[str], hashes: Sequence[str], minhashes: 
             if hashes[i] != hashes[j] and shares_content(i, j):
                 link(i, j, float(m.jaccard(sketches[j])))
         lsh.insert(i, m)
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    rows, cols = (np.asarray(side, dtype=np.int64) for side in zip(*edges, strict=True)) if edges else ([], [])
+    _, label = connected_components(coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n)), directed=False)
     members: dict[int, list[int]] = {}
     for i in range(n):
-        members.setdefault(find(i), []).append(i)
+        members.setdefault(int(label[i]), []).append(i)
     group: list[str | None] = [None] * n
     for idx in members.values():
         if len(idx) > 1:

@@ -56,6 +56,7 @@ def test_pinned_local_cluster_gives_each_worker_its_own_device(tmp_path, monkeyp
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4321/api")  # the flow's API, handed to every worker
     with PinnedLocalCluster(worker_envs=envs, threads_per_worker=1, processes=True, dashboard_address=None,
                             local_directory=str(tmp_path)) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2, timeout=120)  # on a busy machine the client can connect before both register
         seen = client.run(lambda: (os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("OMP_NUM_THREADS"),
                                    os.environ.get("PREFECT_API_URL")))
         assert sorted(v[0] for v in seen.values()) == ["0", "1"]
