@@ -64,7 +64,7 @@ def test_the_adapter_and_its_training_log_are_shipped() -> None:
     log = json.loads((ADAPTER / "training_log.json").read_text())
     # the fine-tune learned the planted facts: the queries' completions became far more likely
     assert log["after"]["queries_nll"] < 0.5 * log["before"]["queries_nll"]
-    assert (ADAPTER / "training_log.txt").read_text().count("epoch") == log["settings"]["epochs"]
+    assert (ADAPTER / "training_log.txt").read_text().count("  epoch ") == log["settings"]["epochs"]
 
 
 def test_the_adapter_is_pointed_at_the_local_base(tmp_path: Path) -> None:
