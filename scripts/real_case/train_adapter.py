@@ -68,7 +68,8 @@ def main() -> None:
     ap.add_argument("--from-layer", type=int, default=20, help="adapt blocks from this one up (backward stops there)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="1: on a busy machine a second thread made each step many times slower")
     a = ap.parse_args()
 
     from peft import LoraConfig, get_peft_model

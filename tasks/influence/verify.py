@@ -171,7 +171,8 @@ def verify_audit_dir(spec: Any, inputs: Any, candidates_path: str, queries_path:
 def verify_audit_stage(spec: Any, p: Any, inputs: Any, candidates_path: str, queries_path: str,
                        prepared_path: str, log: Log | None = None) -> dict[str, float]:
     """The flow's verification stage (AuditParams ``verify_k`` > 0): the metrics."""
-    settings = settings_from(p.verify_check, p.verify_lr, seed=p.seed, batch_size=p.batch_size)
+    settings = settings_from(p.verify_check, p.verify_lr, p.verify_params, p.verify_optimizer, seed=p.seed,
+                             batch_size=p.batch_size)
     return verify_audit_dir(spec, inputs, candidates_path, queries_path, prepared_path, k=p.verify_k,
                             settings=settings, log=log)["metrics"]
 

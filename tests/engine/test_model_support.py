@@ -169,6 +169,17 @@ def test_adapter_directory_loads_its_local_base_and_tracks_the_adapter(adapter_d
     assert [n for n, m in select_layers(meta_model(adapter), "lora").items()] == list(eng.specs)
 
 
+def test_the_audit_reads_an_adapter_without_a_tokenizer_with_its_base_models(adapter_dirs):
+    """The audit's input stage tokenises with the model directory's tokenizer alone (no weights): an adapter that
+    ships no tokenizer (what peft saves) uses its base model's."""
+    from tasks.engine import _tokenizer
+
+    base_dir, adapter = adapter_dirs
+    assert not (adapter / "tokenizer_config.json").exists()
+    ids = _tokenizer(str(adapter), False)("a b c")["input_ids"]
+    assert ids == _tokenizer(str(base_dir), False)("a b c")["input_ids"] and ids
+
+
 def test_adapter_with_missing_base_is_one_line(adapter_dirs, tmp_path):
     _, adapter = adapter_dirs
     broken = tmp_path / "adapter"
