@@ -144,7 +144,10 @@ def test_ekfac_and_kfac_on_a_real_layer_equal_their_explicit_construction(real, 
     ref_k = np.array([((U_S.T @ G[q.id] @ U_A).reshape(-1) @ X).numpy() for q in qs])
     got_k = eng.score(docs, eng.prepare_queries(qs, eng.fit_factors(docs, "kfac", damping=damping), rank=0),
                       top_k=0).all_scores
-    np.testing.assert_allclose(got_k, ref_k, rtol=1e-7, atol=1e-10 * np.abs(ref_k).max())
+    # The dense damped system at auto:1e-4 is ill-conditioned (cond ~ 1e4-1e6): with torch's 2 threads a score
+    # near zero moved by 2e-10 of the largest (seen: 7.3e-8 on 327); 1e-9 of the largest keeps a 4x margin and
+    # is still ~1e5 times tighter than any fp32 path.
+    np.testing.assert_allclose(got_k, ref_k, rtol=1e-7, atol=1e-9 * np.abs(ref_k).max())
 
 
 def test_one_pass_keeping_tokens_on_real_widths_equals_three_passes(real):
