@@ -66,10 +66,10 @@ def verify_candidates(eng: InfluenceEngine, *, audit_dir: str | Path, candidates
     emit: Log = log or (lambda _m: None)
     audit_dir = Path(audit_dir)
     summary_path = audit_dir / SUMMARY
-    wanted = {"k": k, "settings": settings.to_json()}
+    request = {"k": k, "settings": settings.to_json()}
     if summary_path.exists():
         old = json.loads(summary_path.read_text())
-        if old.get("request") == wanted and "verified" in pl.read_parquet_schema(candidates_path):
+        if old.get("request") == request and "verified" in pl.read_parquet_schema(candidates_path):
             emit("verification: reusing the finished check")
             return old
     t0 = time.perf_counter()
@@ -95,14 +95,14 @@ def verify_candidates(eng: InfluenceEngine, *, audit_dir: str | Path, candidates
                    for q in q_ids for d in baseline]
 
     # what is measured: each candidate against the queries it is a candidate for, each random document against all
-    wanted: dict[str, set[str]] = {d: set(q_ids) for d in baseline}
+    measured: dict[str, set[str]] = {d: set(q_ids) for d in baseline}
     for q, d in zip(top["query_id"], top["train_id"], strict=True):
-        wanted.setdefault(d, set()).add(q)
-    n_pairs = sum(len(v) for v in wanted.values())
+        measured.setdefault(d, set()).add(q)
+    n_pairs = sum(len(v) for v in measured.values())
     emit(f"verification: {settings.check} ({settings.optimizer if settings.check == 'tail-patch' else 'L-BFGS'}, "
          f"{settings.params} parameters) on {len(docs)} documents x {len(qs)} queries ({n_pairs} pairs)")
     deltas = Verifier(eng.model, device=eng.device, pad_id=eng.pad_id, tracked=eng.tracked,
-                      settings=settings).run(docs, qs, train_sample=sample, n_train=len(train_ids), pairs=wanted)
+                      settings=settings).run(docs, qs, train_sample=sample, n_train=len(train_ids), pairs=measured)
     di = {d: i for i, d in enumerate(deltas.doc_ids)}
     qi = {q: i for i, q in enumerate(deltas.query_ids)}
 
@@ -133,7 +133,7 @@ def verify_candidates(eng: InfluenceEngine, *, audit_dir: str | Path, candidates
     joined = cands.join(pairs.filter(pl.col("kind") == "candidate").select("query_id", "train_id", *VERIFY_COLUMNS),
                         on=["query_id", "train_id"], how="left")
     write_parquet_atomic(joined, candidates_path)
-    summary = {"request": wanted, "metrics": metrics, "settings": deltas.settings, "k": k, "checked_at": at,
+    summary = {"request": request, "metrics": metrics, "settings": deltas.settings, "k": k, "checked_at": at,
                "random_documents": baseline, "noise_thresholds": thresholds, "n_documents_checked": len(docs)}
     write_json_atomic(summary_path, summary)
     emit(f"verification: verified_at_10 {metrics['verified_at_10']:.2f} vs random "
