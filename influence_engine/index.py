@@ -336,12 +336,14 @@ class CovarianceAccumulator(IndexAccumulator):
                         torch.zeros(s.a_dim, s.a_dim, dtype=torch.float64, device=device)) for n, s in specs.items()}
         self.n = 0
 
-    def _finish(self, spec: LayerSpec, R: torch.Tensor) -> torch.Tensor:
-        op = self.ops[spec.name]
+    def _whitened(self, spec: LayerSpec, R: torch.Tensor) -> torch.Tensor:
+        """The batch's rotated gradients whitened as the index stores them, in float64."""
         W = R.to(self.dtype)
-        if op["whiten"] is not None:
-            W = W * op["whiten"]
-        W = W.double()
+        whiten = self.ops[spec.name]["whiten"]
+        return (W if whiten is None else W * whiten).double()
+
+    def _finish(self, spec: LayerSpec, R: torch.Tensor) -> torch.Tensor:
+        W = self._whitened(spec, R)
         c_out, c_in = self.cov[spec.name]
         c_out += torch.einsum("bij,bkj->ik", W, W)
         c_in += torch.einsum("bij,bik->jk", W, W)
@@ -374,11 +376,8 @@ class EnergyAccumulator(CovarianceAccumulator):
         self.n = 0
 
     def _finish(self, spec: LayerSpec, R: torch.Tensor) -> torch.Tensor:
-        op = self.ops[spec.name]
-        W = R.to(self.dtype)
-        if op["whiten"] is not None:
-            W = W * op["whiten"]
-        self.energy[spec.name] += W.double().square().sum(0)
+        W = self._whitened(spec, R)
+        self.energy[spec.name] += W.square().sum(0)
         return W.new_zeros(W.shape[0], 0)
 
 
