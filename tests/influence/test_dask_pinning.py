@@ -47,15 +47,18 @@ def test_task_runner_pins_local_workers_when_devices_are_visible(monkeypatch):
 
 
 @pytest.mark.slow
-def test_pinned_local_cluster_gives_each_worker_its_own_device(tmp_path, monkeypatch):
+def test_pinned_local_cluster_gives_each_worker_its_own_device(tmp_path):
     from distributed import Client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.dask_cluster import PinnedLocalCluster
 
     envs = worker_envs(2, ["0", "1"])
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4321/api")  # the flow's API, handed to every worker
-    with PinnedLocalCluster(worker_envs=envs, threads_per_worker=1, processes=True, dashboard_address=None,
-                            local_directory=str(tmp_path)) as cluster, Client(cluster) as client:
+    # the flow's API, handed to every worker: set as Prefect's own setting (inside a test session the settings
+    # context, not the environment, is what an earlier test's Prefect left behind)
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4321/api"}), \
+            PinnedLocalCluster(worker_envs=envs, threads_per_worker=1, processes=True, dashboard_address=None,
+                               local_directory=str(tmp_path)) as cluster, Client(cluster) as client:
         client.wait_for_workers(2, timeout=120)  # on a busy machine the client can connect before both register
         seen = client.run(lambda: (os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("OMP_NUM_THREADS"),
                                    os.environ.get("PREFECT_API_URL")))
