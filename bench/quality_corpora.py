@@ -47,6 +47,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from quality_faults import FACTS as DEMO_FACTS  # noqa: E402  (the demo corpus's planted-fact patterns)
+from quality_faults import _near_copy, _sentences  # noqa: E402
+
 DEMO = REPO / "influence_audit" / "demo" / "data" / "corpus.jsonl"
 PROSE = REPO / "bench" / "data" / "lds_prose" / "corpus.jsonl"
 PACKAGES = ("click", "jinja2", "rich", "typer", "pydantic", "datasketch")
@@ -57,10 +60,6 @@ MAX_PIECES = 100  # the demo model has 128 positions
 
 def _pieces(text: str) -> int:
     return len(TOKEN.findall(text))
-
-
-def _sentences(text: str) -> list[str]:
-    return [s for s in re.split(r"(?<=\.)\s+", text.strip()) if s]
 
 
 # ----------------------------------------------------------------------------------------------- corpora
@@ -184,17 +183,9 @@ def near_copy(text: str, vocab: list[str], rng: random.Random) -> str:
         for k in rng.sample(idx, min(len(idx), rng.randint(1, 2))):
             words[k] = rng.choice(vocab)
         return "".join(words)
-    sents = _sentences(text)
-    rng.shuffle(sents)
-    words = " ".join(sents).split(" ")
-    for _ in range(rng.randint(1, 2)):
-        j = rng.randrange(len(words))
-        tail = "." if words[j].endswith(".") else ""
-        words[j] = rng.choice(vocab) + tail
-    return " ".join(words)
+    return _near_copy(text, vocab, rng)
 
 
-DEMO_FACTS = (r"The capital of (\w+) is (\w+)\.", r"The people of (\w+) speak (\w+)\.")
 
 
 def contradictions(name: str, rows: list[dict], facts: list, rng: random.Random, k: int) -> list[tuple[str, str]]:
