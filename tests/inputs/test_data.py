@@ -336,11 +336,15 @@ def garbage_line(draw: st.DrawFn, index: int, valid_ids: list[str]) -> bytes:
     """One malformed line (it may, for random bytes, turn out blank)."""
     choice = draw(st.sampled_from(["json_value", "missing_key", "wrong_type", "bytes", "non_utf8",
                                    "blank_field", "duplicate_id"]))
+    # A row without an id is malformed only once the file has rows with ids: a file with no id at all is valid,
+    # its ids derived from where rows live (`FILE#ROW`, docs/pipeline.md).
     if choice == "json_value":
-        value = draw(JSON_VALUES.filter(lambda v: not isinstance(v, dict) or "id" not in v))
+        value = draw(JSON_VALUES.filter(lambda v: not isinstance(v, dict) or ("id" not in v and (
+            bool(valid_ids) or "text" not in v))))
         return json.dumps(value).encode()
     if choice == "missing_key":
-        return json.dumps(draw(st.sampled_from([{"id": f"g{index}"}, {"text": "t"}, {}]))).encode()
+        no_id = [{"text": "t"}] if valid_ids else []
+        return json.dumps(draw(st.sampled_from([{"id": f"g{index}"}, *no_id, {}]))).encode()
     if choice == "wrong_type":
         bad = draw(NON_STRINGS)
         obj = draw(st.sampled_from([{"id": bad, "text": "t"}, {"id": f"g{index}", "text": bad}]))
