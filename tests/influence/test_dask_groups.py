@@ -1,6 +1,6 @@
 """Layer groups across Dask workers: when --device-memory-gb splits the tracked layers into groups, the factor
-passes are mapped over (shard, group) pairs, both workers fit partials (whether two overlap in time is reported, not asserted), and the audit
-equals the one-process, one-group audit within RUNNER_TOLERANCE (fp32 and fp64)."""
+passes are mapped over (shard, group) pairs and both workers fit partials (whether two overlap in time is printed,
+not asserted); the audit equals the one-process, one-group audit within RUNNER_TOLERANCE (fp32)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ def _meta(path) -> dict:
         return json.loads(fh.metadata()["meta"])
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp64"])
+# fp32 only (the suite's time budget): runner equality at fp64 is tests/inputs/test_sources_flow.py; a grouping
+# error (a layer missed, a partial counted twice) is far above the fp32 tolerance
+@pytest.mark.parametrize("precision", ["fp32"])
 def test_layer_groups_fit_on_both_workers_and_equal_one_process(precision, demo_model, demo_data, tmp_path):
     train = tmp_path / "train.jsonl"  # 96 of the demo's documents: two shards of 48
     train.write_text("".join((demo_data / "corpus.jsonl").read_text().splitlines(keepends=True)[:96]))

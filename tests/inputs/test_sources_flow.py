@@ -87,7 +87,8 @@ def test_chat_rows_through_the_audit(world, api, tmp_path):
     assert cands["snippet"][0].startswith("user: the cat sat | assistant: ")
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp64"])
+# fp64 only: the fp32 comparison of the same two runners is tests/influence/test_dask.py (the suite's time budget)
+@pytest.mark.parametrize("precision", ["fp64"])
 def test_two_dask_workers_over_a_sharded_directory_match_the_jsonl_audit(world, tmp_path, precision):
     from flows.runners import run_audit
     from tasks.influence.candidates import compare_candidates
