@@ -105,7 +105,7 @@ def run_ours(a: argparse.Namespace) -> dict:
     else:
         cov = eng.fit_covariance(docs)
     clock.lap("covariance")
-    basis = eigendecompose(cov, eng.device)
+    basis = eigendecompose(cov, eng.device, dtype={"fp32": torch.float32, "fp64": torch.float64}[a.eigh])
     clock.lap("eigen")
     lam = eng.fit_lambda(docs, basis, cache=cache)
     factors = eng.finalize(settings, basis=basis, lambdas=lam, covariance=cov)
@@ -121,7 +121,8 @@ def run_ours(a: argparse.Namespace) -> dict:
     scores = np.asarray(result.all_scores, dtype=np.float64)
     if a.scores:
         np.save(a.scores, scores)
-    return {"side": "ours", "passes": a.passes, "fisher": a.fisher, "seed": a.seed, "query_rank": a.query_rank,
+    return {"side": "ours", "passes": a.passes, "eigh": a.eigh, "fisher": a.fisher, "seed": a.seed,
+            "query_rank": a.query_rank,
             "damping": a.damping, "stages": clock.seconds, "fit_score_seconds": round(sum(
                 v for k, v in clock.seconds.items() if k in ("covariance", "eigen", "lambda", "queries", "score")), 3),
             "peak_rss_mib": round(peak_mib(), 1), "docs": len(docs), "tokens": sum(len(e.input_ids) for e in docs),
@@ -351,6 +352,8 @@ def main() -> None:
             s.add_argument("--passes", type=int, default=1, choices=[1, 3])
             s.add_argument("--damping", default="auto:0.0001")
             s.add_argument("--profile")
+            s.add_argument("--eigh", default="fp64", choices=["fp32", "fp64"],
+                           help="what eigh runs in (the engine: float64)")
     w = sub.add_parser("whole")
     w.add_argument("--out", required=True)
     w.add_argument("--runs", type=int, default=2)

@@ -445,8 +445,9 @@ class InfluenceEngine:
         tokens_per_doc = float(np.mean([len(e.input_ids) for e in examples])) if n else 1.0
         acc = ScoreAccumulator(queries, self.device, self.dtype, tokens_per_doc,
                                gemm_dtype=self.runner.gemm_dtype(self.precision), on_batch=push,
-                               paths={name: "gradient" for name in self.specs} if cache is not None else None)
-        if cache is not None:
+                               paths={name: "gradient" for name in self.specs}
+                               if isinstance(cache, GradientCache) else None)
+        if cache is not None:  # kept tokens go through forward/backward as a pass would: each layer's own path
             self._replay(examples, cache, "true", acc, progress)
             paths = {name: "cached" for name in self.specs}
         else:

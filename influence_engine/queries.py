@@ -88,7 +88,7 @@ def _orthonormal(Y: torch.Tensor, failed: list[torch.Tensor] | None = None) -> t
     return Y
 
 
-def low_rank(P: torch.Tensor, rank: int, *, oversample: int | None = None, power_iterations: int = 10,
+def low_rank(P: torch.Tensor, rank: int, *, oversample: int | None = None, power_iterations: int = 4,
              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-``rank`` factors ``U, V`` with ``U V^T ≈ P`` (in ``P``'s dtype and on its device; singular values
     in ``U``, ``V`` orthonormal).
@@ -98,7 +98,8 @@ def low_rank(P: torch.Tensor, rank: int, *, oversample: int | None = None, power
     for the leading directions, several times faster on CPUs. Larger ones a randomized SVD (Halko et al.
     2011): a seeded sketch of ``k`` directions (``oversample`` defaults to ``rank + 16``) refined by
     ``power_iterations`` subspace iterations, so the error over the best rank-``rank`` approximation shrinks
-    like ``(σ_{k+1}/σ_rank)^(2q+1)``. All of it is
+    like ``(σ_{k+1}/σ_rank)^(2q+1)``: with ``k = 2 rank + 16`` four are plenty (ten took 77% of the query
+    preparation on a real model, 29 s for 8 queries on 90 layers, for top-10 lists equal to four's). All of it is
     batched GEMMs, fast on GPUs (whose dense SVDs are slow); the last, ``k x k`` step goes through a Gram
     matrix in float64 on the CPU. The sketch is shared by all queries, so each query's factors do not depend
     on how queries are batched."""
