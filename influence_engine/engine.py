@@ -362,7 +362,8 @@ class InfluenceEngine:
                            damping=settings.damping_value, meta=meta | (extra_meta or {}))
         # everything that uses them computes in this engine's dtype: float32 factors outside fp64 mode halve
         # the bytes stored, loaded and moved to the device (eigendecomposition and damping stay float64)
-        factors.tensors = {n: {k: v.to(self.dtype) for k, v in t.items()} for n, t in factors.tensors.items()}
+        for n, t in factors.tensors.items():  # layer by layer: never a second copy of every layer at once
+            factors.tensors[n] = {k: v.to(self.dtype) for k, v in t.items()}
         return factors
 
     def fit_factors(self, examples: Sequence[Example], strategy: FactorSettings | str = "ekfac", *,
@@ -383,6 +384,7 @@ class InfluenceEngine:
             cov, gc = self.fit_covariance_cached(examples, progress, keep=keep) if cache else (
                 self.fit_covariance(examples, progress), None)
             basis = eigendecompose(cov, self.device, self.device_memory_budget)
+            cov = cov.counts_only()  # the sums are spent: free them before the next pass
         if kind.lambdas:
             lam = self.fit_lambda(examples, basis if kind.lambda_basis else None, progress, cache=gc)
         factors = self.finalize(settings, basis=basis, lambdas=lam, covariance=cov)

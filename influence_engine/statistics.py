@@ -75,6 +75,11 @@ class CovariancePartial:
         """Tokens layer ``name`` saw: the normaliser of its ``A``."""
         return self.tokens.get(name, self.n_tokens)
 
+    def counts_only(self) -> CovariancePartial:
+        """The counts without the sums: what is left to keep once the sums are eigendecomposed (on a real
+        model's 90 MLP layers the float64 sums are 1.9 GB)."""
+        return CovariancePartial(self.specs, {}, {}, self.n_tokens, self.n_docs, dict(self.tokens))
+
     @classmethod
     def zeros(cls, specs: dict[str, LayerSpec], device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.float64) -> CovariancePartial:
