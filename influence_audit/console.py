@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from tasks.reporting import PassRate
+
 __all__ = ["REPORT", "Bar", "absolute", "err", "out"]
 
 err = Console(stderr=True)
@@ -30,6 +32,7 @@ class Bar:
                                  transient=True, disable=not self.terminal or total < 1)
         self.task = self.progress.add_task(label, total=total, rate="")
         self.t0 = self.last = time.perf_counter()
+        self.rate = PassRate(self.t0)
         self.done = self.tokens = 0
         self.said = False
 
@@ -46,12 +49,12 @@ class Bar:
     def __call__(self, docs: int, tokens: int) -> None:
         now = time.perf_counter()
         self.done, self.tokens = docs, tokens
-        rate = tokens / max(now - self.t0, 1e-9)
-        self.progress.update(self.task, completed=docs, rate=f"{rate:,.0f} tok/s")
+        rate = self.rate(docs, tokens, now)
+        self.progress.update(self.task, completed=docs, rate=rate)
         if not self.terminal and now - self.last >= PLAIN_EVERY_S and docs < self.total:
             self.last, self.said = now, True
-            err.print(f"{self.label}: {docs:,} of {self.total:,} documents, {rate:,.0f} tokens/s, "
-                      f"{now - self.t0:.0f} s", highlight=False, soft_wrap=True)
+            err.print(f"{self.label}: {docs:,} of {self.total:,} documents, {rate}, {now - self.t0:.0f} s",
+                      highlight=False, soft_wrap=True)
 
 
 class Reporter:

@@ -287,3 +287,15 @@ def test_long_stages_report_progress_lines_off_a_terminal():
     quiet = Every(said.append, "x", 10, every_s=3600.0)
     quiet(5, 10)
     assert len(said) == 1
+
+
+def test_a_second_pass_reports_its_own_rate():
+    """The factor fit's stage runs two passes with a pause between them (the eigendecomposition): the second
+    pass's tokens/s counts from its own first report, not from the stage's start."""
+    from tasks.reporting import PassRate
+
+    rate = PassRate(t0=0.0)
+    assert rate(50, 1000, 10.0) == "100 tokens/s"
+    assert rate(100, 2000, 20.0) == "100 tokens/s"  # first pass done
+    assert rate(10, 200, 80.0) == "a new pass"  # 60 s of eigendecomposition before this report
+    assert rate(60, 1200, 90.0) == "100 tokens/s"  # (1200 - 200) / (90 - 80), not 1200 / 90
