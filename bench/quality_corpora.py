@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from quality_faults import FACTS as DEMO_FACTS  # noqa: E402  (the demo corpus's planted-fact patterns)
-from quality_faults import _near_copy, _sentences  # noqa: E402
+from quality_faults import _near_copy, _sentences, id_maker  # noqa: E402
 
 DEMO = REPO / "influence_audit" / "demo" / "data" / "corpus.jsonl"
 PROSE = REPO / "bench" / "data" / "lds_prose" / "corpus.jsonl"
@@ -223,14 +223,7 @@ def contradictions(name: str, rows: list[dict], facts: list, rng: random.Random,
 
 def plant(name: str, rows: list[dict], facts: list, seed: int, counts: dict[str, int]) -> tuple[list[dict], dict]:
     rng = random.Random(seed + 1)
-    taken = {r["id"] for r in rows}
-
-    def new_id() -> str:
-        while True:
-            i = f"doc-{rng.randrange(10_000, 99_999):05d}"
-            if i not in taken:
-                taken.add(i)
-                return i
+    new_id = id_maker(rng, {r["id"] for r in rows})
 
     words = sorted({w for r in rows for w in re.findall(r"[A-Za-z]{3,}", r["text"])})
     planted: list[dict] = []

@@ -70,10 +70,8 @@ def _near_copy(text: str, vocab: list[str], rng: random.Random) -> str:
     return " ".join(words)
 
 
-def plant_faults(rows: list[dict], seed: int = 0) -> tuple[list[dict], dict[str, list[str]], dict[str, str]]:
-    """The faulted corpus (faults at random positions), the fault ids per type, and for copies their source."""
-    rng = random.Random(seed)
-    taken = {r["id"] for r in rows}
+def id_maker(rng: random.Random, taken: set[str]):
+    """A function giving fresh ``doc-NNNNN`` ids (drawn from ``rng``) that no row in ``taken`` has, each once."""
 
     def new_id() -> str:
         while True:
@@ -81,6 +79,14 @@ def plant_faults(rows: list[dict], seed: int = 0) -> tuple[list[dict], dict[str,
             if i not in taken:
                 taken.add(i)
                 return i
+
+    return new_id
+
+
+def plant_faults(rows: list[dict], seed: int = 0) -> tuple[list[dict], dict[str, list[str]], dict[str, str]]:
+    """The faulted corpus (faults at random positions), the fault ids per type, and for copies their source."""
+    rng = random.Random(seed)
+    new_id = id_maker(rng, {r["id"] for r in rows})
 
     vocab = sorted({w for r in rows for w in re.findall(r"[a-z]{3,}", r["text"])})
     sentences = [s for r in rows for s in _sentences(r["text"])
