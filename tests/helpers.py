@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -70,3 +71,8 @@ def fp64_engine(model, **kw) -> InfluenceEngine:
     """An engine in float64 on the MLP layers (unless told otherwise), for exact comparisons."""
     kw.setdefault("layers", "mlp")
     return InfluenceEngine(model, None, precision="fp64", **kw)
+
+
+def exact_scores(eng, docs, queries, factors) -> np.ndarray:
+    """Every (query, document) score with exact (rank-0) queries: the reference sketched and indexed scores meet."""
+    return eng.score(docs, eng.prepare_queries(queries, factors, rank=0), top_k=0).all_scores

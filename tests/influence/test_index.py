@@ -6,16 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import fp64_engine, random_examples, tiny_gpt2
+from helpers import exact_scores, fp64_engine, random_examples, tiny_gpt2
 
 from influence_engine import UserError
 from influence_engine.errors import FactorMismatchError
 from influence_engine.index import GradientIndex, Sketch, check_strategy, index_vectors, parse_sketch
 from influence_engine.strategies import STRATEGIES, Strategy
-
-
-def _exact(eng, docs, queries, factors) -> np.ndarray:
-    return eng.score(docs, eng.prepare_queries(queries, factors, rank=0), top_k=0).all_scores
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +33,7 @@ def test_unsketched_index_scores_equal_exact_scores(setup, strategy, tmp_path):
     assert rows.dtype == np.float64
     q = index.query_vectors(eng, queries, factors)
     got = q.numpy() @ rows.T
-    ref = _exact(eng, docs, queries, factors)
+    ref = exact_scores(eng, docs, queries, factors)
     np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-10 * np.abs(ref).max())
     scores, ids = index.search(q, top_k=4)
     order = np.argsort(-ref, axis=1)[:, :4]
@@ -59,7 +55,7 @@ def test_sketched_scores_are_unbiased(setup):
     within 4 standard errors for every pair, and much smaller than a single sketch's error."""
     eng, docs, queries = setup
     factors = eng.fit_factors(docs, "ekfac")
-    ref = _exact(eng, docs, queries, factors)
+    ref = exact_scores(eng, docs, queries, factors)
     ests = []
     for seed in range(100):
         sk = Sketch.make(eng.specs, (4, 4), seed=seed)
@@ -78,7 +74,7 @@ def test_fp16_index_keeps_the_ranking(setup, tmp_path):
     index.build_part("all", eng, docs, factors)
     assert index.rows("all").dtype == np.float16
     got = index.query_vectors(eng, queries, factors).float().numpy() @ index.rows("all").astype(np.float32).T
-    ref = _exact(eng, docs, queries, factors)
+    ref = exact_scores(eng, docs, queries, factors)
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-3 * np.abs(ref).max())
 
 

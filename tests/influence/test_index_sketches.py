@@ -6,15 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import fp64_engine, random_examples, tiny_gpt2
+from helpers import exact_scores, fp64_engine, random_examples, tiny_gpt2
 
 from influence_engine import Example, UserError
 from influence_engine.index import GradientIndex, Sketch, parse_sketch_spec, whitened_covariances
 from tasks.influence.index import IndexOptions, QueryTimes, open_index, prune_candidates, search_and_refine, spread
-
-
-def _exact(eng, docs, queries, factors) -> np.ndarray:
-    return eng.score(docs, eng.prepare_queries(queries, factors, rank=0), top_k=0).all_scores
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +19,7 @@ def setup():
     docs = random_examples(23, seed=6)
     queries = random_examples(4, prefix="q", prompt=True, seed=7)
     factors = eng.fit_factors(docs, "ekfac")
-    return eng, docs, queries, factors, _exact(eng, docs, queries, factors)
+    return eng, docs, queries, factors, exact_scores(eng, docs, queries, factors)
 
 
 def _index(path, eng, docs, factors, sketch, dtype="fp64", parts=2):
@@ -200,7 +196,7 @@ def test_probe_recall_is_measured_at_build_and_probes_are_scored_exactly(setup, 
     index.build_part("a", eng, docs[:10], factors)
     index.build_part("b", eng, docs[10:], factors)
     exact = np.concatenate([np.load(tmp_path / "off" / "parts" / f"{p}.probe.npy") for p in "ab"])
-    np.testing.assert_allclose(exact.T, _exact(eng, docs, probes, factors), rtol=1e-10)
+    np.testing.assert_allclose(exact.T, exact_scores(eng, docs, probes, factors), rtol=1e-10)
     rec = index.probe_recall(k=10, within=(15,))
     assert rec == {"probes": 4, "documents": 23, "k": 10, "recall_at_10": 1.0, "top10_within_15": 1.0}
     assert GradientIndex.open(tmp_path / "off").meta["probe_recall"] == rec
