@@ -52,8 +52,31 @@ def keeps_tokens(specs: dict[str, LayerSpec], n_docs: int, n_tokens: int, gemm_i
     return 2 * token_cache_bytes(specs, n_tokens, itemsize, sets) <= cache_bytes(specs, n_docs, gemm_itemsize, sets)
 
 
+class _Kept:
+    """What both caches share: their documents (``ids``), the tensors they hold (:meth:`_tensor_sets`) and the
+    refusal to stand in for a pass over other documents."""
+
+    ids: list[str]
+
+    def _tensor_sets(self) -> list[dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for s in self._tensor_sets() for t in s.values())
+
+    def check_covers(self, ids: Sequence[str]) -> None:
+        """Refuse to stand in for a pass over other documents than those it holds."""
+        if sorted(ids) != sorted(self.ids):
+            raise UserError(f"the gradient cache holds {len(self.ids)} other documents than the {len(ids)} "
+                            f"asked for", hint="build the cache from the same documents")
+
+
 @dataclass
-class GradientCache:
+class GradientCache(_Kept):
     """Each document's gradient per tracked layer, ``(N, out, a_dim)``, rows in ``ids`` order: ``true``
     from the data's labels (for scores) and ``sampled`` from labels drawn from the model (for the eigenvalue
     correction; ``None`` with the empirical Fisher, where the two are the same). Replayed through the
@@ -64,13 +87,8 @@ class GradientCache:
     true: dict[str, torch.Tensor]
     sampled: dict[str, torch.Tensor] | None = None
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def nbytes(self) -> int:
-        sets = [self.true] + ([self.sampled] if self.sampled is not None else [])
-        return sum(t.numel() * t.element_size() for s in sets for t in s.values())
+    def _tensor_sets(self) -> list[dict[str, torch.Tensor]]:
+        return [self.true] + ([self.sampled] if self.sampled is not None else [])
 
     def fisher_gradients(self) -> dict[str, torch.Tensor]:
         return self.sampled if self.sampled is not None else self.true
@@ -80,12 +98,6 @@ class GradientCache:
         """The stored gradients of ``objective`` (``true`` or ``fisher``) through ``acc``, as a pass would."""
         grads = self.true if objective == "true" else self.fisher_gradients()
         runner.replay(self.ids, grads, acc, precision, tokens, progress)
-
-    def check_covers(self, ids: Sequence[str]) -> None:
-        """Refuse to stand in for a pass over other documents than those it holds."""
-        if sorted(ids) != sorted(self.ids):
-            raise UserError(f"the gradient cache holds {len(self.ids)} other documents than the {len(ids)} "
-                            f"asked for", hint="build the cache from the same documents")
 
     def save(self, path: str | Path) -> None:
         tensors = {f"true/{n}": t for n, t in self.true.items()}
@@ -142,7 +154,7 @@ class CachingCovarianceAccumulator(CovarianceAccumulator):
 
 
 @dataclass
-class TokenCache:
+class TokenCache(_Kept):
     """What a pass hands the accumulators, kept per token: every tracked layer's inputs ``a_t`` and output
     gradients ``g_t`` (``true`` from the data's labels; ``sampled`` from labels drawn from the model, ``None``
     with the empirical Fisher), packed ``(tokens, width)`` with documents in ``ids`` order, ``lengths`` tokens
@@ -158,15 +170,8 @@ class TokenCache:
     true: dict[str, torch.Tensor]
     sampled: dict[str, torch.Tensor] | None = None
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def nbytes(self) -> int:
-        sets = [self.a, self.true] + ([self.sampled] if self.sampled is not None else [])
-        return sum(t.numel() * t.element_size() for s in sets for t in s.values())
-
-    check_covers = GradientCache.check_covers
+    def _tensor_sets(self) -> list[dict[str, torch.Tensor]]:
+        return [self.a, self.true] + ([self.sampled] if self.sampled is not None else [])
 
     def replay(self, runner, objective: str, acc, precision: str, tokens: Sequence[int] | None = None,
                progress=None) -> None:
