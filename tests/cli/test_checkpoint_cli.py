@@ -1,6 +1,6 @@
 """``score --checkpoint``: each document's score is the mean of its scores on the model and on every checkpoint
-(float64, against separate runs), top-k taken on the mean; each checkpoint's factors stored under its own
-fingerprint; a checkpoint with another tokenizer is refused in one line."""
+(float64, against separate runs, within the fp64 runner tolerance), top-k taken on the mean; each checkpoint's
+factors stored under its own fingerprint; a checkpoint with another tokenizer is refused in one line."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import numpy as np
 import polars as pl
 import pytest
 from reliability_support import build_model, corpus, queries, run_in_process, write_jsonl
+
+from tasks.influence.candidates import RUNNER_TOLERANCE
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,10 @@ def test_scores_over_checkpoints_are_the_mean_of_each_models_scores(world):
     assert "averaged over 3 checkpoints" in err
     mean = sum(singles) / 3
     got = _matrix(both)
-    np.testing.assert_allclose(got, mean, rtol=1e-9, atol=1e-12 * np.abs(mean).max())
+    # each model's factors are fitted twice (alone and in the averaged run): equal within the fp64 runner tolerance
+    # of each query's largest |score| (a checkpoint missed or weighted wrongly moves scores by O(1) of it)
+    limit = RUNNER_TOLERANCE["fp64"] * np.abs(mean).max(axis=1, keepdims=True)
+    assert (np.abs(got - mean) <= limit).all(), np.abs(got - mean).max() / np.abs(mean).max()
     stored = sorted(p.parent.name for p in (factors / "checkpoints").glob("*/factors.json"))
     assert len(stored) == 2 and (factors / "factors.json").exists()
     fingerprints = {json.loads((factors / "checkpoints" / s / "factors.json").read_text())["settings"]
