@@ -213,7 +213,7 @@ def real_case_params(home: Path, strategy: str, seed: int, adapter: Path | None 
     step on the adapter's weights (what the fine-tune trained)."""
     from importlib import resources
 
-    from tasks.real_case import real_case_model
+    from tasks.inputs.real_case import real_case_model
 
     pkg = resources.files("influence_audit.real_case")
     err.print("the real-model case: SmolLM2-135M-Instruct + the shipped LoRA adapter (the base model is built from "

@@ -22,7 +22,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from scripts.real_case import make_rows  # noqa: E402  (the generator is not part of the runtime package)
-from tasks.real_case import GGUF_MEMBER, GGUF_NAME, adapter_for, real_gguf  # noqa: E402
+from tasks.inputs.real_case import GGUF_MEMBER, GGUF_NAME, adapter_for, real_gguf  # noqa: E402
 
 PKG = Path(__file__).resolve().parents[2] / "influence_audit" / "real_case"
 DATA, ADAPTER = PKG / "data", PKG / "adapter"
