@@ -13,6 +13,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# Under pytest-xdist (scripts/test.sh runs two workers) each worker gets its own Prefect home, so the in-process
+# flows' temporary servers never share one sqlite database.
+if (_worker := os.environ.get("PYTEST_XDIST_WORKER")) and os.environ.get("PREFECT_HOME"):
+    os.environ["PREFECT_HOME"] = f"{os.environ['PREFECT_HOME']}-{_worker}"
 # Tests are grouped as the code is (engine, inputs, influence, quality, record, review, ops, cli); support modules
 # (helpers, servers, ...) sit here, and a few tests share fixtures across groups by module name.
 _TESTS = Path(__file__).parent
@@ -28,11 +32,20 @@ DEMO_DATA = Path(__file__).resolve().parents[1] / "influence_audit" / "demo" / "
 def demo_model(tmp_path_factory) -> Path:
     """The demo's tiny GPT-2, trained on the shipped corpus (cached across sessions when
     INFLUENCE_AUDIT_TEST_CACHE names a directory)."""
+    from filelock import FileLock
+
     from influence_audit.demo.model import ensure_demo_model
 
     cache = os.environ.get("INFLUENCE_AUDIT_TEST_CACHE")
-    root = Path(cache) if cache else tmp_path_factory.mktemp("demo-model")
-    return ensure_demo_model(root, seed=0, log=None)
+    if cache:
+        root = Path(cache)
+    elif os.environ.get("PYTEST_XDIST_WORKER"):  # one model for all workers (their base temp dirs share a parent)
+        root = tmp_path_factory.getbasetemp().parent / "demo-model"
+    else:
+        root = tmp_path_factory.mktemp("demo-model")
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / ".lock")):
+        return ensure_demo_model(root, seed=0, log=None)
 
 
 @pytest.fixture(scope="session")
