@@ -6,7 +6,7 @@ derived from its options (:func:`tasks.options.engine_spec`).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,9 +34,16 @@ class EngineSpec:
     trust_remote_code: bool = False
     device_memory_gb: float | None = None  # for factors on the device (None: 80% of a GPU's free memory)
     fisher: str = "sampled"
+    threads: int | None = None  # torch's CPU threads in the process that builds the engine (None: torch's own)
 
     def engine(self) -> InfluenceEngine:
-        return _engine(self)
+        """The engine (one per process and spec); with ``threads``, torch's thread count in this process first."""
+        if self.threads is not None:
+            import torch
+
+            if torch.get_num_threads() != self.threads:
+                torch.set_num_threads(self.threads)
+        return _engine(replace(self, threads=None))
 
     def tokenizer(self):  # noqa: ANN201 (a transformers tokenizer)
         """The model's tokenizer alone (no weights), cached per process: what the per-shard input stage needs."""

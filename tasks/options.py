@@ -131,6 +131,10 @@ class RuntimeOptions(_Group):
         None, gt=0, help="GiB of device memory the factors may take; beyond it layers are fitted in groups, and a "
                          "layer that alone exceeds it is refused before any pass (default: 80% of a GPU's free "
                          "memory; none on a CPU)")
+    threads: int | None = option(
+        None, ge=1, help="CPU threads torch uses in each process that computes (default: torch's own, one per "
+                         "core); 1 is often faster on a shared or busy machine. Never changes what is computed "
+                         "beyond the last bits of a sum")
 
 
 class QueryOptions(_Group):
@@ -333,6 +337,7 @@ class _EngineGroups(Protocol):  # FactorOptions + RuntimeOptions + ModelOptions.
     fisher: str
     trust_remote_code: bool
     device_memory_gb: float | None
+    threads: int | None
 
 
 def engine_spec(p: _EngineGroups, model_dir: str) -> EngineSpec:
@@ -341,7 +346,8 @@ def engine_spec(p: _EngineGroups, model_dir: str) -> EngineSpec:
     from tasks.engine import EngineSpec
 
     return EngineSpec(model_dir, layers_for(model_dir, p.layers), p.device, p.precision, p.batch_size,
-                      p.max_length, p.seed, p.on_long, p.trust_remote_code, p.device_memory_gb, p.fisher)
+                      p.max_length, p.seed, p.on_long, p.trust_remote_code, p.device_memory_gb, p.fisher,
+                      p.threads)
 
 
 def factor_settings(p: FactorOptions, inputs: FingerprintedInputs) -> FactorSettings:

@@ -21,7 +21,7 @@ def run_params(p: AuditParams, inputs: Inputs | None) -> dict[str, Any]:
     params = {"model": p.model, "strategy": p.strategy, "layers": p.layers, "damping": p.damping, "fisher": p.fisher,
               "query_rank": p.query_rank, "top_k": p.top_k, "seed": p.seed, "precision": p.precision,
               "max_length": p.max_length, "n_queries": p.n_queries or "all", "sampling": p.sampling,
-              "train": ",".join(p.train), "queries": p.queries}
+              "train": ",".join(p.train), "queries": p.queries, "threads": p.threads or "torch default"}
     if p.checkpoint:
         params["checkpoints"] = ",".join(p.checkpoint)
     if inputs is not None:
