@@ -14,9 +14,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # Under pytest-xdist (scripts/test.sh runs two workers) each worker gets its own Prefect home, so the in-process
-# flows' temporary servers never share one sqlite database.
-if (_worker := os.environ.get("PYTEST_XDIST_WORKER")) and os.environ.get("PREFECT_HOME"):
-    os.environ["PREFECT_HOME"] = f"{os.environ['PREFECT_HOME']}-{_worker}"
+# flows' temporary servers never share one sqlite database, and computes with one torch thread (its subprocesses
+# too): two workers with two threads each on two cores spin against each other (the fast set took twice the CPU).
+if _worker := os.environ.get("PYTEST_XDIST_WORKER"):
+    if os.environ.get("PREFECT_HOME"):
+        os.environ["PREFECT_HOME"] = f"{os.environ['PREFECT_HOME']}-{_worker}"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Tests are grouped as the code is (engine, inputs, influence, quality, record, review, ops, cli); support modules
 # (helpers, servers, ...) sit here, and a few tests share fixtures across groups by module name.
 _TESTS = Path(__file__).parent
