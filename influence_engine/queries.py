@@ -132,12 +132,35 @@ def low_rank(P: torch.Tensor, rank: int, *, oversample: int | None = None, power
     return (left * s, right) if wide else (right * s, left)
 
 
-def _compressed(R: torch.Tensor, rank: int, kind: Strategy, t: dict[str, torch.Tensor]) -> LayerQueries:
+def score_weights(eigen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column weights ``w_S, w_A`` with ``w_S w_S^T ⊗ w_A w_A^T`` ≈ the corrected eigenvalues ``Λ`` as a
+    Kronecker product (``Λ_ij ≈ r_i c_j`` from its row and column sums; floored at 1e-12 of the largest).
+
+    With the empirical Fisher, ``Λ_ij`` is the mean square of the training documents' gradients along eigen-direction
+    ``(i, j)``, so ``Σ Λ_ij E_ij²`` is the mean squared error a compression error ``E`` (in the eigenbasis) puts on
+    the scores of those documents. A plain best rank-r fit of the preconditioned query spends its rank where the
+    query is large, which at small damping is where ``Λ`` is small (``1 / (Λ + λ)``) and the documents' gradients
+    barely reach; fitting ``w_S R w_A`` instead spends it where scores feel it."""
+    e = eigen.double().clamp(min=0)
+    r, c = e.sum(1), e.sum(0)
+    r, c = r + 1e-12 * r.max().clamp(min=1e-300), c + 1e-12 * c.max().clamp(min=1e-300)
+    return r.sqrt().to(eigen.dtype), c.sqrt().to(eigen.dtype)
+
+
+def _compressed(R: torch.Tensor, rank: int, kind: Strategy, t: dict[str, torch.Tensor],
+                weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> LayerQueries:
     """``P = unrotate(R)`` (``Q_S R Q_A^T``, or ``R`` itself without a basis), kept whole or at rank ``rank``,
     on ``R``'s device and in its dtype. Orthogonal rotations keep singular values, so ``P``'s best rank-r
-    factors are the rotated factors of ``R``: the compression never needs ``P`` itself."""
+    factors are the rotated factors of ``R``: the compression never needs ``P`` itself. With ``weights``
+    (:func:`score_weights`), the rank-r fit is the best one for ``w_S R w_A`` (weighted by what the scores feel),
+    unweighted after."""
     if rank and rank < min(R.shape[-2:]):
-        U, V = low_rank(R, rank)
+        if weights is None:
+            U, V = low_rank(R, rank)
+        else:
+            w_s, w_a = weights
+            U, V = low_rank(w_s[:, None] * R * w_a[None, :], rank)
+            U, V = U / w_s[:, None], V / w_a[:, None]
         if kind.rotated:
             U, V = t["Q_S"] @ U, t["Q_A"] @ V
         return LayerQueries(U=U, V=V)
@@ -149,8 +172,9 @@ def _check_rank(rank: int) -> None:
         raise UserError(f"--query-rank {rank}: must be 0 (exact) or a positive rank")
 
 
-def _meta(factors: Factors, rank: int) -> dict[str, Any]:
-    meta = {"strategy": factors.strategy, "rank": rank, "factors_model": factors.meta.get("model_fingerprint")}
+def _meta(factors: Factors, rank: int, weighted: bool = False) -> dict[str, Any]:
+    meta = {"strategy": factors.strategy, "rank": rank, "factors_model": factors.meta.get("model_fingerprint"),
+            "compression": ("score-weighted" if weighted else "plain") if rank else "exact"}
     return json.loads(json.dumps(meta))
 
 
@@ -168,6 +192,11 @@ class QueryAccumulator(BaseAccumulator):
         self.keep_factors = keep_factors  # False when one batch holds every query: free each layer after use
         self._on_device: dict[str, dict[str, torch.Tensor]] = {}
         self._pending: dict[str, LayerQueries] = {}
+        # EK-FAC with the empirical Fisher: its eigenvalues are the training gradients' own second moments, so the
+        # rank-r fit is weighted by them (score_weights); otherwise the plain best rank-r fit
+        settings = factors.settings
+        self.weighted = bool(self.kind.lambdas and self.kind.rotated and settings is not None
+                             and settings.fisher == "empirical")
 
     def _factor_tensors(self, name: str, device: torch.device) -> dict[str, torch.Tensor]:
         """The layer's factors on the compute device (cast there, not on the host), kept for later batches
@@ -198,7 +227,12 @@ class QueryAccumulator(BaseAccumulator):
             R = self.kind.rotate(t, per_document_gradient(a, g))
         R = self.kind.scale(t, self.factors.damping[spec.name], R)
         check_finite(spec.name, "preconditioned query gradient", R)
-        self._pending[spec.name] = _compressed(R, self.rank, self.kind, t)
+        weights = None
+        if self.weighted and self.rank and self.rank < min(R.shape[-2:]):
+            weights = t.get("_weights")
+            if weights is None:
+                weights = t["_weights"] = score_weights(t[self.kind.eigen_key])
+        self._pending[spec.name] = _compressed(R, self.rank, self.kind, t, weights)
 
     def end_batch(self, ctx: PassContext) -> None:
         for name, lq in self._pending.items():
@@ -219,4 +253,5 @@ class QueryAccumulator(BaseAccumulator):
                 layers[name] = LayerQueries(full=torch.stack([r[0] for r in rows]))
             else:
                 layers[name] = LayerQueries(U=torch.stack([r[0] for r in rows]), V=torch.stack([r[1] for r in rows]))
-        return PreparedQueries(list(ids), dict(self.factors.specs), layers, _meta(self.factors, self.rank))
+        meta = _meta(self.factors, self.rank, self.weighted)
+        return PreparedQueries(list(ids), dict(self.factors.specs), layers, meta)
