@@ -133,8 +133,8 @@ def low_rank(P: torch.Tensor, rank: int, *, oversample: int | None = None, power
 
 
 def score_weights(eigen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column weights ``w_S, w_A`` with ``w_S w_S^T ⊗ w_A w_A^T`` ≈ the corrected eigenvalues ``Λ`` as a
-    Kronecker product (``Λ_ij ≈ r_i c_j`` from its row and column sums; floored at 1e-12 of the largest).
+    """Row and column weights ``w_S, w_A`` with ``w_S[i]² w_A[j]² ∝ r_i c_j ≈ Λ_ij``: the corrected eigenvalues as
+    a Kronecker product of their row and column sums ``r, c`` (each floored at 1e-12 of its largest).
 
     With the empirical Fisher, ``Λ_ij`` is the mean square of the training documents' gradients along eigen-direction
     ``(i, j)``, so ``Σ Λ_ij E_ij²`` is the mean squared error a compression error ``E`` (in the eigenbasis) puts on
@@ -197,6 +197,7 @@ class QueryAccumulator(BaseAccumulator):
         settings = factors.settings
         self.weighted = bool(self.kind.lambdas and self.kind.rotated and settings is not None
                              and settings.fisher == "empirical")
+        self._weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _factor_tensors(self, name: str, device: torch.device) -> dict[str, torch.Tensor]:
         """The layer's factors on the compute device (cast there, not on the host), kept for later batches
@@ -229,9 +230,9 @@ class QueryAccumulator(BaseAccumulator):
         check_finite(spec.name, "preconditioned query gradient", R)
         weights = None
         if self.weighted and self.rank and self.rank < min(R.shape[-2:]):
-            weights = t.get("_weights")
+            weights = self._weights.get(spec.name)
             if weights is None:
-                weights = t["_weights"] = score_weights(t[self.kind.eigen_key])
+                weights = self._weights[spec.name] = score_weights(t[self.kind.eigen_key])
         self._pending[spec.name] = _compressed(R, self.rank, self.kind, t, weights)
 
     def end_batch(self, ctx: PassContext) -> None:
