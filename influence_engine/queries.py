@@ -174,7 +174,7 @@ def _check_rank(rank: int) -> None:
 
 def _meta(factors: Factors, rank: int, weighted: bool = False) -> dict[str, Any]:
     meta = {"strategy": factors.strategy, "rank": rank, "factors_model": factors.meta.get("model_fingerprint"),
-            "compression": ("score-weighted" if weighted else "plain") if rank else "exact"}
+            "compression": "exact" if not rank else "score-weighted" if weighted else "plain"}
     return json.loads(json.dumps(meta))
 
 
@@ -195,7 +195,7 @@ class QueryAccumulator(BaseAccumulator):
         # EK-FAC with the empirical Fisher: its eigenvalues are the training gradients' own second moments, so the
         # rank-r fit is weighted by them (score_weights); otherwise the plain best rank-r fit
         settings = factors.settings
-        self.weighted = bool(self.kind.lambdas and self.kind.rotated and settings is not None
+        self.weighted = bool(rank and self.kind.lambdas and self.kind.rotated and settings is not None
                              and settings.fisher == "empirical")
         self._weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -229,10 +229,10 @@ class QueryAccumulator(BaseAccumulator):
         R = self.kind.scale(t, self.factors.damping[spec.name], R)
         check_finite(spec.name, "preconditioned query gradient", R)
         weights = None
-        if self.weighted and self.rank and self.rank < min(R.shape[-2:]):
-            weights = self._weights.get(spec.name)
-            if weights is None:
-                weights = self._weights[spec.name] = score_weights(t[self.kind.eigen_key])
+        if self.weighted:  # per layer, once (_compressed uses them only where it compresses)
+            if spec.name not in self._weights:
+                self._weights[spec.name] = score_weights(t[self.kind.eigen_key])
+            weights = self._weights[spec.name]
         self._pending[spec.name] = _compressed(R, self.rank, self.kind, t, weights)
 
     def end_batch(self, ctx: PassContext) -> None:
