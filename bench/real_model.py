@@ -55,8 +55,8 @@ def model_dir() -> str:
     return str(real_model_dir())
 
 
-def rows(name: str) -> list[dict]:
-    return [json.loads(line) for line in (DATA / name).read_text().splitlines() if line.strip()]
+def rows(name: str, root: Path = DATA) -> list[dict]:
+    return [json.loads(line) for line in (root / name).read_text().splitlines() if line.strip()]
 
 
 def peak_mib() -> float:
@@ -347,40 +347,38 @@ def run_lowrank(a: argparse.Namespace) -> dict:
 
 def run_compression(a: argparse.Namespace) -> dict:
     """Rank-R queries against exact ones from the same factors (one fit): the engine's compression (score-weighted
-    with the empirical Fisher) and the plain best rank-R fit, each scored against every document; per-query
-    Spearman and top-10 overlap against the exact scores, and the seconds each preparation took. ``--model`` and
-    ``--data`` (a directory with corpus.jsonl and queries.jsonl) take another model, e.g. the demo's."""
+    with the empirical Fisher) and the plain best rank-R fit of the same preconditioned queries, each scored against
+    every document; per-query Spearman and top-10 overlap against the exact scores. ``--model`` and ``--data`` (a
+    directory with corpus.jsonl and queries.jsonl) take another model, e.g. the demo's."""
     import numpy as np
 
     from influence_engine import InfluenceEngine
-    from influence_engine.queries import QueryAccumulator
+    from influence_engine.queries import LayerQueries, PreparedQueries, _compressed
 
     mdir = a.model or model_dir()
-    data = Path(a.data) if a.data else None
-    docs_rows = [json.loads(x) for x in (data / "corpus.jsonl").read_text().splitlines() if x.strip()] \
-        if data else rows("docs.jsonl")
-    query_rows = [json.loads(x) for x in (data / "queries.jsonl").read_text().splitlines() if x.strip()] \
-        if data else rows("queries.jsonl")
+    docs_rows, query_rows = (rows("corpus.jsonl", Path(a.data)), rows("queries.jsonl", Path(a.data))) if a.data \
+        else (rows("docs.jsonl"), rows("queries.jsonl"))
     eng = InfluenceEngine.from_pretrained(mdir, layers=a.layers, device="cpu", precision="fp32", batch_size=8,
                                           max_length=a.max_length, fisher=a.fisher)
     docs, qs = eng.encode(docs_rows, where="train"), eng.encode(query_rows, where="queries")
     factors = eng.fit_factors(docs, eng.factor_settings("ekfac", a.damping))
-    out: dict = {}
-    scores = {}
-    for name, rank, plain in (("engine", a.rank, False), ("plain", a.rank, True), ("exact", 0, False)):
-        if plain:  # the plain best rank-R fit, whatever the Fisher
-            QueryAccumulator.weighted = property(lambda self: False, lambda self, v: None)
-        t = time.perf_counter()
-        prepared = eng.prepare_queries(qs, factors, rank=rank)
-        out[f"{name}_prepare_seconds"] = round(time.perf_counter() - t, 2)
-        out[f"{name}_compression"] = prepared.meta["compression"]
-        scores[name] = np.asarray(eng.score(docs, prepared, top_k=0).all_scores, dtype=np.float64)
-        if plain:
-            del QueryAccumulator.weighted
-    return out | {"model_dir": mdir, "fisher": a.fisher, "damping": a.damping, "layers": a.layers,
-                  "n_layers": len(eng.specs), "rank": a.rank, "docs": len(docs), "queries": len(qs),
-                  "engine_vs_exact": agreement(scores["engine"], scores["exact"]),
-                  "plain_vs_exact": agreement(scores["plain"], scores["exact"])}
+    t = time.perf_counter()
+    engine = eng.prepare_queries(qs, factors, rank=a.rank)
+    seconds = round(time.perf_counter() - t, 2)
+    exact = eng.prepare_queries(qs, factors, rank=0)
+    plain: dict[str, LayerQueries] = {}  # the plain best rank-R fit of each exact preconditioned query
+    for name, lq in exact.layers.items():
+        tensors = {k: v.to(lq.full.dtype) for k, v in factors.tensors[name].items()}
+        R = factors.kind.rotate(tensors, lq.full)
+        plain[name] = _compressed(R, a.rank, factors.kind, tensors)
+    plain_queries = PreparedQueries(exact.ids, exact.specs, plain, exact.meta | {"compression": "plain"})
+    scores = {k: np.asarray(eng.score(docs, p, top_k=0).all_scores, dtype=np.float64)
+              for k, p in (("engine", engine), ("plain", plain_queries), ("exact", exact))}
+    return {"model_dir": mdir, "fisher": a.fisher, "damping": a.damping, "layers": a.layers,
+            "n_layers": len(eng.specs), "rank": a.rank, "docs": len(docs), "queries": len(qs),
+            "engine_compression": engine.meta["compression"], "engine_prepare_seconds": seconds,
+            "engine_vs_exact": agreement(scores["engine"], scores["exact"]),
+            "plain_vs_exact": agreement(scores["plain"], scores["exact"])}
 
 
 def run_compare(paths: list[str]) -> dict:
